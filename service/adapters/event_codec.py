@@ -1,0 +1,122 @@
+"""Domain events as CloudEvents 1.0 (structured JSON) on the contract's topics.
+
+The event ``id`` is derived from the upstream trigger and the event type, so
+the same effect always carries the same id, even if it is written again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from service.domain.credit_note import CreditNote, JournalLine, derived_id
+from service.domain.events import (
+    CreditNoteIssued,
+    CreditNoteRejected,
+    CreditNoteVoided,
+    Event,
+    InvoicePaid,
+    InvoiceState,
+    RefundRequested,
+)
+from service.settings import Topics
+
+SOURCE = "/credit-notes"
+CONTENT_TYPE = "application/cloudevents+json"
+
+
+@dataclass(frozen=True)
+class OutgoingEvent:
+    id: str
+    topic: str
+    key: str | None
+    type: str
+    cloudevent: dict[str, Any]
+
+
+def encode(event: Event, topics: Topics, now: datetime | None = None) -> OutgoingEvent:
+    topic, type_, key, data = _describe(event, topics)
+    event_id = derived_id("evt", event.trigger, type_)
+    cloudevent = {
+        "specversion": "1.0",
+        "id": event_id,
+        "source": SOURCE,
+        "type": type_,
+        "time": (now or datetime.now(UTC)).isoformat().replace("+00:00", "Z"),
+        "datacontenttype": "application/json",
+        "data": data,
+    }
+    if key is not None:
+        cloudevent["subject"] = key
+    return OutgoingEvent(event_id, topic, key, type_, cloudevent)
+
+
+def _describe(event: Event, topics: Topics) -> tuple[str, str, str | None, dict[str, Any]]:
+    if isinstance(event, CreditNoteIssued):
+        return (topics.credit_note_events, "credit_note.issued", event.invoice_id,
+                credit_note_data(event.credit_note, event.invoice))
+    if isinstance(event, CreditNoteVoided):
+        note = event.credit_note
+        return (topics.credit_note_events, "credit_note.voided", note.invoice_id, {
+            "id": note.id, "number": note.number, "invoice_id": note.invoice_id,
+            "total": note.total, "status": note.status.value,
+            "journal": journal_data(note.void_journal),
+            "trigger": _trigger(event.trigger), "invoice": _invoice(event.invoice),
+        })
+    if isinstance(event, CreditNoteRejected):
+        return (topics.credit_note_events, "credit_note.rejected", event.invoice_id, {
+            "trigger": _trigger(event.trigger), "invoice_id": event.invoice_id,
+            "reason": event.reason, "message": event.message,
+        })
+    if isinstance(event, InvoicePaid):
+        return (topics.invoice_events, "invoice.paid", event.invoice_id, {
+            "invoice_id": event.invoice_id, "paid_by": "credit_note",
+            "credit_note_id": event.credit_note_id, "amount_remaining": 0,
+        })
+    return (topics.refund_requests, "refund.requested", event.invoice_id, refund_data(event))
+
+
+def credit_note_data(note: CreditNote, invoice: InvoiceState | None) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": note.id, "number": note.number, "invoice_id": note.invoice_id,
+        "customer_id": note.customer_id, "currency": note.currency, "status": note.status.value,
+        "type": note.type.value, "reason": note.reason.value,
+        "subtotal": note.subtotal, "tax": note.tax, "total": note.total,
+        "pre_payment_amount": note.pre_payment_amount,
+        "post_payment_amount": note.post_payment_amount,
+        "refund_amount": note.refund_amount, "credit_amount": note.credit_amount,
+        "out_of_band_amount": note.out_of_band_amount,
+        "lines": [
+            {"invoice_line_id": line.invoice_line_id, "description": line.description,
+             "quantity": line.quantity, "unit_amount": line.unit_amount,
+             "tax_rate_bps": line.tax_rate_bps, "amount": line.net, "tax": line.tax,
+             "total": line.total}
+            for line in note.lines
+        ],
+        "journal": journal_data(note.journal),
+        "trigger": _trigger(note.trigger),
+        "policy": note.policy, "memo": note.memo, "metadata": note.metadata,
+    }
+    if invoice is not None:
+        data["invoice"] = _invoice(invoice)
+    return data
+
+
+def refund_data(event: RefundRequested) -> dict[str, Any]:
+    return {"id": event.id, "invoice_id": event.invoice_id, "customer_id": event.customer_id,
+            "credit_note_id": event.credit_note_id, "amount": event.amount,
+            "currency": event.currency}
+
+
+def journal_data(journal: tuple[JournalLine, ...]) -> list[dict[str, Any]]:
+    return [{"account": line.account.value, "debit": line.debit, "credit": line.credit}
+            for line in journal]
+
+
+def _trigger(trigger: Any) -> dict[str, str]:
+    return {"source": trigger.source, "id": trigger.id, "type": trigger.type}
+
+
+def _invoice(state: InvoiceState) -> dict[str, Any]:
+    return {"amount_remaining": state.amount_remaining, "status": state.status}

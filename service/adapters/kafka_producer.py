@@ -1,0 +1,75 @@
+"""The one Kafka producer the service writes with (outbox relay and dead letters).
+
+aiokafka directly rather than FastStream's publisher, because dead letters must
+go out with the original headers unchanged (FastStream adds its own), and the
+relay wants the send futures to pipeline a batch. ``acks="all"``; idempotence
+is off because not every Kafka-protocol broker supports it (ordering then
+relies on one in-flight request per partition, which aiokafka keeps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from service.settings import Settings
+
+
+def connection_options(settings: Settings) -> dict[str, Any]:
+    """Security options shared by every Kafka client (no silent plaintext fall-back)."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_security_protocol in {"SSL", "SASL_SSL"}:
+        context = ssl.create_default_context(
+            cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None)
+        if settings.kafka_ssl_certfile:
+            context.load_cert_chain(
+                str(settings.kafka_ssl_certfile),
+                str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None)
+        options["ssl_context"] = context
+    if settings.kafka_security_protocol.startswith("SASL"):
+        assert settings.kafka_sasl_password is not None  # checked by Settings
+        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        options["sasl_plain_username"] = settings.kafka_sasl_username
+        options["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+    return options
+
+
+Header = tuple[str, bytes]
+
+
+class KafkaProducer:
+    def __init__(self, settings: Settings) -> None:
+        self._producer = AIOKafkaProducer(
+            **connection_options(settings),
+            acks="all",
+            enable_idempotence=False,
+            linger_ms=2,
+            max_request_size=max(settings.max_message_bytes * 2, 1_048_576),
+            request_timeout_ms=30_000,
+        )
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def send(self, topic: str, value: bytes | None, key: bytes | None = None,
+                   headers: Sequence[Header] = (), timestamp_ms: int | None = None) -> None:
+        """Send one record and wait until the broker acknowledges it."""
+        await self._producer.send_and_wait(topic, value=value, key=key, headers=list(headers),
+                                           timestamp_ms=timestamp_ms)
+
+    async def send_all(self, records: Sequence[tuple[str, bytes | None, bytes,
+                                                      Sequence[Header]]]) -> None:
+        """Send records in order, pipelined; returns once the broker acked every one."""
+        futures = [await self._producer.send(topic, value=value, key=key, headers=list(headers))
+                   for topic, key, value, headers in records]
+        await asyncio.gather(*futures)

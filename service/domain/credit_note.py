@@ -1,0 +1,158 @@
+"""The credit note: an immutable document that credits part of one invoice.
+
+Once issued, only ``memo`` and ``metadata`` may change, and a credit note may
+become ``void`` (keeping its number). Its journal is balanced by construction:
+debits are the net and the tax, credits are the parts of the total.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from service.domain.commands import Trigger
+
+
+class CreditNoteType(StrEnum):
+    PRE_PAYMENT = "pre_payment"
+    POST_PAYMENT = "post_payment"
+    MIXED = "mixed"
+
+
+class CreditNoteStatus(StrEnum):
+    ISSUED = "issued"
+    VOID = "void"
+
+
+class Reason(StrEnum):
+    DUPLICATE = "duplicate"
+    FRAUDULENT = "fraudulent"
+    ORDER_CHANGE = "order_change"
+    PRODUCT_UNSATISFACTORY = "product_unsatisfactory"
+    SERVICE_CREDIT = "service_credit"
+    SUBSCRIPTION_CHANGE = "subscription_change"
+    SUBSCRIPTION_CANCELLATION = "subscription_cancellation"
+    OTHER = "other"
+
+
+class Account(StrEnum):
+    CONTRA_REVENUE = "contra_revenue"
+    SALES_TAX_PAYABLE = "sales_tax_payable"
+    ACCOUNTS_RECEIVABLE = "accounts_receivable"
+    REFUNDS_PAYABLE = "refunds_payable"
+    CUSTOMER_CREDIT_BALANCE = "customer_credit_balance"
+    OUT_OF_BAND_SETTLEMENT = "out_of_band_settlement"
+
+
+@dataclass(frozen=True)
+class JournalLine:
+    account: Account
+    debit: int = 0
+    credit: int = 0
+
+    def reversed(self) -> JournalLine:
+        return JournalLine(self.account, debit=self.credit, credit=self.debit)
+
+
+@dataclass(frozen=True)
+class CreditNoteLine:
+    """One credited line: of an invoice line (``invoice_line_id``) or custom."""
+
+    description: str
+    net: int
+    tax: int
+    tax_rate_bps: int
+    invoice_line_id: str | None = None
+    quantity: int | None = None
+    unit_amount: int | None = None
+
+    @property
+    def total(self) -> int:
+        return self.net + self.tax
+
+
+@dataclass(frozen=True)
+class CreditNote:
+    id: str
+    number: str
+    sequence: int
+    invoice_id: str
+    customer_id: str
+    currency: str
+    reason: Reason
+    lines: tuple[CreditNoteLine, ...]
+    pre_payment_amount: int
+    refund_amount: int
+    credit_amount: int
+    out_of_band_amount: int
+    trigger: Trigger
+    refund_id: str | None = None
+    policy: str | None = None
+    memo: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    status: CreditNoteStatus = CreditNoteStatus.ISSUED
+
+    @property
+    def subtotal(self) -> int:
+        return sum(line.net for line in self.lines)
+
+    @property
+    def tax(self) -> int:
+        return sum(line.tax for line in self.lines)
+
+    @property
+    def total(self) -> int:
+        return self.subtotal + self.tax
+
+    @property
+    def post_payment_amount(self) -> int:
+        return self.total - self.pre_payment_amount
+
+    @property
+    def type(self) -> CreditNoteType:
+        if self.post_payment_amount == 0:
+            return CreditNoteType.PRE_PAYMENT
+        if self.pre_payment_amount == 0:
+            return CreditNoteType.POST_PAYMENT
+        return CreditNoteType.MIXED
+
+    @property
+    def journal(self) -> tuple[JournalLine, ...]:
+        """Debit what was credited (net, tax); credit where it went."""
+        entries = (
+            JournalLine(Account.CONTRA_REVENUE, debit=self.subtotal),
+            JournalLine(Account.SALES_TAX_PAYABLE, debit=self.tax),
+            JournalLine(Account.ACCOUNTS_RECEIVABLE, credit=self.pre_payment_amount),
+            JournalLine(Account.REFUNDS_PAYABLE, credit=self.refund_amount),
+            JournalLine(Account.CUSTOMER_CREDIT_BALANCE, credit=self.credit_amount),
+            JournalLine(Account.OUT_OF_BAND_SETTLEMENT, credit=self.out_of_band_amount),
+        )
+        return tuple(entry for entry in entries if entry.debit or entry.credit)
+
+    @property
+    def void_journal(self) -> tuple[JournalLine, ...]:
+        """The exact reverse of the issue journal."""
+        return tuple(entry.reversed() for entry in self.journal)
+
+    def voided(self) -> CreditNote:
+        return replace(self, status=CreditNoteStatus.VOID)
+
+
+def credit_note_number(invoice_number: str, sequence: int) -> str:
+    """``ACME-0042-CN-01``: per invoice, gapless, at least two digits."""
+    return f"{invoice_number}-CN-{sequence:02d}"
+
+
+_NAMESPACE = uuid.UUID("6c1f3a52-8d0e-4b7c-9f51-2f1d6a0c7e11")
+
+
+def derived_id(prefix: str, trigger: Trigger, purpose: str = "") -> str:
+    """A stable id for an effect of ``trigger``: the same trigger always yields the same id.
+
+    Ids derived from the upstream ``source`` + ``id`` make a redelivered event
+    collide with its first effect instead of creating a second one.
+    """
+    name = f"{trigger.source}\n{trigger.id}\n{purpose}"
+    return f"{prefix}_{uuid.uuid5(_NAMESPACE, name).hex[:24]}"

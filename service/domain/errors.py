@@ -1,0 +1,136 @@
+"""The service's errors, each with a stable machine code (the ``reason`` on the wire).
+
+::
+
+    CreditNoteError
+    ├── Rejection               a business rule says no: published as credit_note.rejected
+    │   ├── InvoiceVoid                   invoice_void
+    │   ├── CurrencyMismatch              currency_mismatch
+    │   ├── ExceedsCreditableAmount       exceeds_creditable_amount
+    │   ├── NothingLeftToCredit           nothing_left_to_credit
+    │   ├── ExceedsRefundableAmount       exceeds_refundable_amount
+    │   ├── SettlementMismatch            settlement_mismatch
+    │   ├── UnknownInvoiceLine            unknown_invoice_line
+    │   ├── CreditMethodConflict          credit_method_conflict
+    │   ├── NotVoidable                   not_voidable
+    │   └── AlreadyVoid                   already_void
+    └── Undeliverable           the message cannot be processed: dead-lettered with its reason
+        ├── InvalidMessage                invalid_message
+        ├── MessageTooLarge               message_too_large
+        ├── UnsupportedType               unsupported_type
+        ├── InvoiceNotFound               invoice_not_found  (retried for a while first)
+        ├── CreditNoteNotFound            credit_note_not_found  (retried for a while first)
+        ├── InvoiceTotalMismatch          invoice_total_mismatch
+        ├── InvoiceConflict               invoice_conflict
+        ├── InvalidInvoiceTransition      invalid_invoice_transition
+        └── PaymentRefused                payment_refused
+
+Messages say what is wrong in words an operator can act on; they never carry
+payload data or personal data (they end up in dead-letter headers and logs).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class CreditNoteError(Exception):
+    """Base of every error the service raises on purpose."""
+
+    code: ClassVar[str] = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Rejection(CreditNoteError):
+    """A business rule refuses the request; nothing changes but a rejection event."""
+
+    code = "rejected"
+
+
+class InvoiceVoid(Rejection):
+    code = "invoice_void"
+
+
+class CurrencyMismatch(Rejection):
+    code = "currency_mismatch"
+
+
+class ExceedsCreditableAmount(Rejection):
+    code = "exceeds_creditable_amount"
+
+
+class NothingLeftToCredit(Rejection):
+    code = "nothing_left_to_credit"
+
+
+class ExceedsRefundableAmount(Rejection):
+    code = "exceeds_refundable_amount"
+
+
+class SettlementMismatch(Rejection):
+    code = "settlement_mismatch"
+
+
+class UnknownInvoiceLine(Rejection):
+    code = "unknown_invoice_line"
+
+
+class CreditMethodConflict(Rejection):
+    code = "credit_method_conflict"
+
+
+class NotVoidable(Rejection):
+    code = "not_voidable"
+
+
+class AlreadyVoid(Rejection):
+    code = "already_void"
+
+
+class Undeliverable(CreditNoteError):
+    """The message itself cannot be processed; it goes to its dead-letter topic."""
+
+    code = "undeliverable"
+    #: Whether waiting may cure it (the invoice may simply not have arrived yet).
+    retryable: ClassVar[bool] = False
+
+
+class InvalidMessage(Undeliverable):
+    code = "invalid_message"
+
+
+class MessageTooLarge(Undeliverable):
+    code = "message_too_large"
+
+
+class UnsupportedType(Undeliverable):
+    code = "unsupported_type"
+
+
+class InvoiceNotFound(Undeliverable):
+    code = "invoice_not_found"
+    retryable = True
+
+
+class CreditNoteNotFound(Undeliverable):
+    code = "credit_note_not_found"
+    retryable = True
+
+
+class InvoiceTotalMismatch(Undeliverable):
+    code = "invoice_total_mismatch"
+
+
+class InvoiceConflict(Undeliverable):
+    code = "invoice_conflict"
+
+
+class InvalidInvoiceTransition(Undeliverable):
+    code = "invalid_invoice_transition"
+
+
+class PaymentRefused(Undeliverable):
+    code = "payment_refused"

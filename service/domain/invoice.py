@@ -1,0 +1,215 @@
+"""The invoice as this service knows it: priced lines plus what has been credited.
+
+The invoice is the aggregate: every credit note is issued or voided under its
+lock, and it keeps the running figures the caps are checked against. Its
+original lines and totals never change after finalization; only the credited
+amounts, the payments and the status do.
+
+Order of an invoice (RULES.md): line items, discounts, pre-tax total, taxes,
+customer balance applied, credit notes, new amount due::
+
+    total            = subtotal - discount + tax
+    amount_due       = total - customer_balance_applied
+    amount_remaining = amount_due - amount_paid - pre-payment credits
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from service.domain import errors, money
+from service.domain.commands import Discount, DraftLine, FinalizeInvoice, ServicePeriod
+from service.domain.events import Event
+
+
+class InvoiceStatus(StrEnum):
+    OPEN = "open"
+    PAID = "paid"
+    UNCOLLECTIBLE = "uncollectible"
+    VOID = "void"
+
+
+class CreditMethod(StrEnum):
+    """How a line has been credited; once chosen, a line keeps to it."""
+
+    QUANTITY = "quantity"
+    AMOUNT = "amount"
+
+
+@dataclass
+class InvoiceLine:
+    id: str
+    position: int
+    description: str
+    quantity: int
+    unit_amount: int
+    tax_rate_bps: int
+    period: ServicePeriod | None
+    discount: int
+    tax: int
+    credited_net: int = 0
+    credited_tax: int = 0
+    credited_quantity: int = 0
+    credit_method: CreditMethod | None = None
+
+    @property
+    def amount(self) -> int:
+        return self.quantity * self.unit_amount
+
+    @property
+    def net(self) -> int:
+        """The line after its share of the invoice discounts, before tax."""
+        return self.amount - self.discount
+
+    @property
+    def remaining_net(self) -> int:
+        return self.net - self.credited_net
+
+    @property
+    def remaining_tax(self) -> int:
+        return self.tax - self.credited_tax
+
+    @property
+    def remaining_gross(self) -> int:
+        return self.remaining_net + self.remaining_tax
+
+
+@dataclass
+class Invoice:
+    id: str
+    number: str
+    customer_id: str
+    currency: str
+    status: InvoiceStatus
+    lines: list[InvoiceLine]
+    subtotal: int
+    discount: int
+    tax: int
+    total: int
+    customer_balance_applied: int
+    amount_paid: int
+    pre_payment_credited: int = 0
+    post_payment_credited: int = 0
+    refunded: int = 0
+    credit_note_count: int = 0
+    events: list[Event] = field(default_factory=list, compare=False, repr=False)
+
+    @property
+    def amount_due(self) -> int:
+        return self.total - self.customer_balance_applied
+
+    @property
+    def amount_remaining(self) -> int:
+        return self.amount_due - self.amount_paid - self.pre_payment_credited
+
+    @property
+    def credited_total(self) -> int:
+        """The sum of all non-void credit notes on this invoice."""
+        return self.pre_payment_credited + self.post_payment_credited
+
+    @property
+    def creditable(self) -> int:
+        """What may still be credited before the credit notes reach the total."""
+        return self.total - self.credited_total
+
+    @property
+    def refundable(self) -> int:
+        """Cash actually collected and not yet refunded (balance applied is not cash)."""
+        return self.amount_paid - self.refunded
+
+    def line(self, line_id: str) -> InvoiceLine:
+        for line in self.lines:
+            if line.id == line_id:
+                return line
+        raise errors.UnknownInvoiceLine(f"the invoice has no line {line_id!r}")
+
+    def record_payment(self, amount: int, currency: str) -> None:
+        if currency != self.currency:
+            raise errors.PaymentRefused("the payment's currency differs from the invoice's")
+        if self.status is not InvoiceStatus.OPEN:
+            raise errors.PaymentRefused(f"a payment cannot be recorded on a {self.status} invoice")
+        if amount > self.amount_remaining:
+            raise errors.PaymentRefused("the payment is larger than the amount remaining")
+        self.amount_paid += amount
+        if self.amount_remaining == 0:
+            self.status = InvoiceStatus.PAID
+
+    def void(self) -> None:
+        self._transition(InvoiceStatus.VOID, allowed_from={InvoiceStatus.OPEN,
+                                                           InvoiceStatus.UNCOLLECTIBLE})
+
+    def mark_uncollectible(self) -> None:
+        self._transition(InvoiceStatus.UNCOLLECTIBLE, allowed_from={InvoiceStatus.OPEN})
+
+    def _transition(self, target: InvoiceStatus, allowed_from: set[InvoiceStatus]) -> None:
+        if self.status is target:
+            return
+        if self.status not in allowed_from:
+            raise errors.InvalidInvoiceTransition(
+                f"an invoice cannot go from {self.status} to {target}"
+            )
+        self.status = target
+
+
+def discount_total(subtotal: int, discounts: tuple[Discount, ...]) -> int:
+    """All invoice-level discounts as one amount, never more than the subtotal."""
+    total = 0
+    for discount in discounts:
+        if discount.percent_off_bps is not None:
+            total += money.basis_points(subtotal, discount.percent_off_bps)
+        if discount.amount_off is not None:
+            total += discount.amount_off
+    return min(total, subtotal)
+
+
+def finalize_invoice(command: FinalizeInvoice) -> Invoice:
+    """Price a finalized invoice as RULES.md says, refusing a differing stated total."""
+    if not command.lines:
+        raise errors.InvalidMessage("an invoice needs at least one line")
+    if len({line.id for line in command.lines}) != len(command.lines):
+        raise errors.InvalidMessage("invoice line ids must be unique")
+    subtotal = sum(line.quantity * line.unit_amount for line in command.lines)
+    discount = discount_total(subtotal, command.discounts)
+    shares = money.allocate(discount, [line.quantity * line.unit_amount for line in command.lines])
+    lines = [_price_line(position, draft, share)
+             for position, (draft, share) in enumerate(zip(command.lines, shares, strict=True))]
+    tax = sum(line.tax for line in lines)
+    total = subtotal - discount + tax
+    if command.stated_total is not None and command.stated_total != total:
+        raise errors.InvoiceTotalMismatch(
+            f"the stated total differs from the computed total {total}"
+        )
+    if command.customer_balance_applied > total:
+        raise errors.InvalidMessage("customer_balance_applied exceeds the invoice total")
+    if command.amount_paid > total - command.customer_balance_applied:
+        raise errors.InvalidMessage("amount_paid exceeds the amount due")
+    return Invoice(
+        id=command.invoice_id,
+        number=command.number,
+        customer_id=command.customer_id,
+        currency=command.currency,
+        status=InvoiceStatus(command.status),
+        lines=lines,
+        subtotal=subtotal,
+        discount=discount,
+        tax=tax,
+        total=total,
+        customer_balance_applied=command.customer_balance_applied,
+        amount_paid=command.amount_paid,
+    )
+
+
+def _price_line(position: int, draft: DraftLine, discount: int) -> InvoiceLine:
+    net = draft.quantity * draft.unit_amount - discount
+    return InvoiceLine(
+        id=draft.id,
+        position=position,
+        description=draft.description,
+        quantity=draft.quantity,
+        unit_amount=draft.unit_amount,
+        tax_rate_bps=draft.tax_rate_bps,
+        period=draft.period,
+        discount=discount,
+        tax=money.basis_points(net, draft.tax_rate_bps),
+    )

@@ -1,0 +1,318 @@
+"""Issuing and voiding credit notes: every rule of RULES.md that moves money.
+
+Both functions run under the invoice's lock. They check everything first and
+raise a :class:`~service.domain.errors.Rejection` before touching the invoice,
+so a refused request changes nothing; only when every check passes do they
+update the invoice's credited figures and record the events.
+
+Where each rule lives:
+
+- caps (invoice total, each line's net and tax, refundable cash): ``_price_*``,
+  ``_cap_to_invoice`` and ``_settle``;
+- discount and tax shares, rounding, the final sweep: ``_price_quantity``,
+  ``_price_amount``, ``_spread`` (all via :mod:`service.domain.money`);
+- the pre/post-payment split and settlement: ``issue_credit_note`` and ``_settle``;
+- open-to-paid, numbering, journal: ``_apply`` and :mod:`credit_note`;
+- void rules: ``void_credit_note``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.domain import errors, money
+from service.domain.commands import (
+    CustomLine,
+    InvoiceLineByAmount,
+    InvoiceLineByQuantity,
+    IssueCreditNote,
+    OnExcess,
+    Settlement,
+    SettlementSplit,
+    VoidCreditNote,
+)
+from service.domain.credit_note import (
+    CreditNote,
+    CreditNoteLine,
+    CreditNoteStatus,
+    Reason,
+    credit_note_number,
+    derived_id,
+)
+from service.domain.events import (
+    CreditNoteIssued,
+    CreditNoteVoided,
+    InvoicePaid,
+    InvoiceState,
+    RefundRequested,
+)
+from service.domain.invoice import CreditMethod, Invoice, InvoiceLine, InvoiceStatus
+
+
+@dataclass(frozen=True)
+class _Credit:
+    """One priced line of a credit note, and what it takes from its invoice line."""
+
+    line: CreditNoteLine
+    invoice_line: InvoiceLine | None = None
+    quantity: int = 0
+    method: CreditMethod | None = None
+
+
+def issue_credit_note(invoice: Invoice, command: IssueCreditNote) -> CreditNote:
+    """Issue a credit note on ``invoice`` or raise a Rejection, changing nothing."""
+    if invoice.status is InvoiceStatus.VOID:
+        raise errors.InvoiceVoid("credit notes cannot be issued on a void invoice")
+    if command.currency is not None and command.currency != invoice.currency:
+        raise errors.CurrencyMismatch(
+            f"the command is in {command.currency} but the invoice is in {invoice.currency}"
+        )
+    try:
+        reason = Reason(command.reason)
+    except ValueError:
+        raise errors.InvalidMessage(f"unknown credit note reason {command.reason!r}") from None
+
+    credits = _price(invoice, command)
+    total = sum(credit.line.total for credit in credits)
+    if total <= 0:
+        raise errors.NothingLeftToCredit("nothing is left to credit on this invoice")
+    if total > invoice.creditable:
+        credits = _cap_to_invoice(invoice, command, credits, total)
+        total = sum(credit.line.total for credit in credits)
+        if total <= 0:
+            raise errors.NothingLeftToCredit("nothing is left to credit on this invoice")
+
+    pre_payment = min(total, invoice.amount_remaining)
+    refund, balance, out_of_band = _settle(invoice, command.settlement, total - pre_payment)
+    sequence = invoice.credit_note_count + 1
+    note = CreditNote(
+        id=derived_id("cn", command.trigger),
+        number=credit_note_number(invoice.number, sequence),
+        sequence=sequence,
+        invoice_id=invoice.id,
+        customer_id=invoice.customer_id,
+        currency=invoice.currency,
+        reason=reason,
+        lines=tuple(credit.line for credit in credits),
+        pre_payment_amount=pre_payment,
+        refund_amount=refund,
+        credit_amount=balance,
+        out_of_band_amount=out_of_band,
+        trigger=command.trigger,
+        refund_id=derived_id("rf", command.trigger) if refund else None,
+        policy=command.policy,
+        memo=command.memo,
+        metadata=dict(command.metadata),
+    )
+    _apply(invoice, note, credits)
+    return note
+
+
+def void_credit_note(invoice: Invoice, note: CreditNote, command: VoidCreditNote) -> CreditNote:
+    """Void a wholly pre-payment credit note of an open invoice, restoring what it took."""
+    if note.status is CreditNoteStatus.VOID:
+        raise errors.AlreadyVoid(f"credit note {note.number} is already void")
+    if invoice.status is not InvoiceStatus.OPEN:
+        raise errors.NotVoidable(
+            f"credit note {note.number} cannot be voided: its invoice is {invoice.status}"
+        )
+    if note.post_payment_amount > 0:
+        raise errors.NotVoidable(
+            f"credit note {note.number} cannot be voided: part of it was post-payment"
+        )
+    for line in note.lines:
+        if line.invoice_line_id is None:
+            continue
+        invoice_line = invoice.line(line.invoice_line_id)
+        invoice_line.credited_net -= line.net
+        invoice_line.credited_tax -= line.tax
+        if invoice_line.credit_method is CreditMethod.QUANTITY and line.quantity:
+            invoice_line.credited_quantity -= line.quantity
+        if invoice_line.credited_net == 0 and invoice_line.credited_tax == 0:
+            invoice_line.credit_method = None
+            invoice_line.credited_quantity = 0
+    invoice.pre_payment_credited -= note.total
+    voided = note.voided()
+    invoice.events.append(CreditNoteVoided(voided, _state(invoice), command.trigger))
+    return voided
+
+
+def _price(invoice: Invoice, command: IssueCreditNote) -> list[_Credit]:
+    if command.amount is not None:
+        return _price_line_less(invoice, command.amount, command.on_excess)
+    ids = [line.invoice_line_id for line in command.lines if not isinstance(line, CustomLine)]
+    if len(ids) != len(set(ids)):
+        raise errors.InvalidMessage("an invoice line may appear only once in a credit note")
+    credits: list[_Credit] = []
+    for request in command.lines:
+        if isinstance(request, InvoiceLineByQuantity):
+            credit = _price_quantity(invoice.line(request.invoice_line_id), request.quantity,
+                                     command.on_excess)
+        elif isinstance(request, InvoiceLineByAmount):
+            credit = _price_amount(invoice.line(request.invoice_line_id), request.amount,
+                                   command.on_excess)
+        else:
+            credit = _price_custom(request)
+        if credit is not None:
+            credits.append(credit)
+    return credits
+
+
+def _price_quantity(line: InvoiceLine, quantity: int, on_excess: OnExcess) -> _Credit | None:
+    """A quantity of a line, carrying its discount share and its tax in proportion."""
+    if line.credit_method is CreditMethod.AMOUNT:
+        raise errors.CreditMethodConflict(
+            f"line {line.id} was credited by amount and can only be credited by amount"
+        )
+    left = line.quantity - line.credited_quantity
+    if quantity > left:
+        _refuse_excess(on_excess, f"line {line.id} has {left} left to credit")
+        quantity = left
+    if quantity == 0 or line.remaining_gross == 0:
+        return None
+    if quantity == left:  # the final sweep: exactly what is left, net and tax
+        net, tax = line.remaining_net, line.remaining_tax
+    else:
+        net = money.proportion(line.net, quantity, line.quantity)
+        if net > line.remaining_net:
+            _refuse_excess(on_excess, f"line {line.id} has {line.remaining_net} left to credit")
+            net = line.remaining_net
+        tax = _tax_share(line, net)
+    return _Credit(
+        CreditNoteLine(description=line.description, net=net, tax=tax,
+                       tax_rate_bps=line.tax_rate_bps, invoice_line_id=line.id,
+                       quantity=quantity, unit_amount=line.unit_amount),
+        invoice_line=line, quantity=quantity, method=CreditMethod.QUANTITY,
+    )
+
+
+def _price_amount(line: InvoiceLine, amount: int, on_excess: OnExcess) -> _Credit | None:
+    """A net amount of a line; its tax is added in proportion."""
+    if line.credit_method is CreditMethod.QUANTITY:
+        raise errors.CreditMethodConflict(
+            f"line {line.id} was credited by quantity and can only be credited by quantity"
+        )
+    if amount > line.remaining_net:
+        _refuse_excess(on_excess, f"line {line.id} has {line.remaining_net} net left to credit")
+        amount = line.remaining_net
+    if amount == 0:
+        return None
+    return _Credit(
+        CreditNoteLine(description=line.description, net=amount, tax=_tax_share(line, amount),
+                       tax_rate_bps=line.tax_rate_bps, invoice_line_id=line.id),
+        invoice_line=line, method=CreditMethod.AMOUNT,
+    )
+
+
+def _tax_share(line: InvoiceLine, net: int) -> int:
+    """Credited tax = line tax * credited net / line net; exhausting the net takes all tax left."""
+    if net == line.remaining_net:
+        return line.remaining_tax
+    return min(money.proportion(line.tax, net, line.net), line.remaining_tax)
+
+
+def _price_custom(request: CustomLine) -> _Credit:
+    net = request.quantity * request.unit_amount
+    return _Credit(CreditNoteLine(
+        description=request.description, net=net,
+        tax=money.basis_points(net, request.tax_rate_bps), tax_rate_bps=request.tax_rate_bps,
+        quantity=request.quantity, unit_amount=request.unit_amount,
+    ))
+
+
+def _price_line_less(invoice: Invoice, gross: int, on_excess: OnExcess) -> list[_Credit]:
+    """A gross amount (tax included) spread over the lines by what is left on each."""
+    left = min(invoice.creditable, sum(line.remaining_gross for line in invoice.lines))
+    if left == 0:
+        raise errors.NothingLeftToCredit("nothing is left to credit on this invoice")
+    if gross > left:
+        _refuse_excess(on_excess, f"the invoice has {left} left to credit")
+        gross = left
+    return _spread(invoice.lines, gross)
+
+
+def _spread(lines: list[InvoiceLine], gross: int) -> list[_Credit]:
+    """Largest-remainder shares of ``gross``, each split into net and tax by what is left."""
+    shares = money.allocate(gross, [line.remaining_gross for line in lines])
+    credits = []
+    for line, share in zip(lines, shares, strict=True):
+        if share == 0:
+            continue
+        net, tax = money.allocate(share, [line.remaining_net, line.remaining_tax])
+        credits.append(_Credit(
+            CreditNoteLine(description=line.description, net=net, tax=tax,
+                           tax_rate_bps=line.tax_rate_bps, invoice_line_id=line.id),
+            invoice_line=line,
+        ))
+    return credits
+
+
+def _cap_to_invoice(invoice: Invoice, command: IssueCreditNote, credits: list[_Credit],
+                    total: int) -> list[_Credit]:
+    """Keep the sum of credit notes within the invoice total (custom lines can cross it)."""
+    _refuse_excess(command.on_excess,
+                   f"the credit of {total} exceeds the {invoice.creditable} left to credit")
+    lines = [credit.invoice_line for credit in credits if credit.invoice_line is not None]
+    return _spread(lines, min(invoice.creditable, sum(line.remaining_gross for line in lines)))
+
+
+def _refuse_excess(on_excess: OnExcess, message: str) -> None:
+    if on_excess is OnExcess.REJECT:
+        raise errors.ExceedsCreditableAmount(f"the request asks for more than is left: {message}")
+
+
+def _settle(invoice: Invoice, settlement: SettlementSplit | Settlement,
+            post_payment: int) -> tuple[int, int, int]:
+    """Split the post-payment part into (refund, customer balance, out of band)."""
+    if isinstance(settlement, SettlementSplit):
+        parts = (settlement.refund_amount, settlement.credit_amount,
+                 settlement.out_of_band_amount)
+        if sum(parts) != post_payment:
+            raise errors.SettlementMismatch(
+                f"refund, credit and out-of-band amounts must add up to the post-payment "
+                f"amount {post_payment}"
+            )
+        if settlement.refund_amount > invoice.refundable:
+            raise errors.ExceedsRefundableAmount(
+                f"at most {invoice.refundable} of collected cash can be refunded"
+            )
+        return parts
+    if settlement is Settlement.REFUND:
+        refund = min(post_payment, invoice.refundable)
+        return refund, post_payment - refund, 0
+    if settlement is Settlement.OUT_OF_BAND:
+        return 0, 0, post_payment
+    return 0, post_payment, 0
+
+
+def _apply(invoice: Invoice, note: CreditNote, credits: list[_Credit]) -> None:
+    for credit in credits:
+        line = credit.invoice_line
+        if line is None:
+            continue
+        line.credited_net += credit.line.net
+        line.credited_tax += credit.line.tax
+        line.credited_quantity += credit.quantity
+        if credit.method is not None:
+            line.credit_method = credit.method
+    invoice.pre_payment_credited += note.pre_payment_amount
+    invoice.post_payment_credited += note.post_payment_amount
+    invoice.refunded += note.refund_amount
+    invoice.credit_note_count = note.sequence
+    became_paid = (invoice.status is InvoiceStatus.OPEN and note.pre_payment_amount > 0
+                   and invoice.amount_remaining == 0)
+    if became_paid:
+        invoice.status = InvoiceStatus.PAID
+    invoice.events.append(CreditNoteIssued(note, _state(invoice)))
+    if became_paid:
+        invoice.events.append(InvoicePaid(invoice.id, note.id, note.trigger))
+    if note.refund_id is not None:
+        invoice.events.append(RefundRequested(
+            id=note.refund_id, invoice_id=invoice.id, customer_id=invoice.customer_id,
+            credit_note_id=note.id, amount=note.refund_amount, currency=note.currency,
+            trigger=note.trigger,
+        ))
+
+
+def _state(invoice: Invoice) -> InvoiceState:
+    return InvoiceState(amount_remaining=invoice.amount_remaining, status=invoice.status.value)

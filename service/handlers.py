@@ -1,0 +1,194 @@
+"""Application handlers: one async function per command, each reading like its rule.
+
+A handler runs inside a transaction the caller opened on the unit of work, so
+a batch of messages can share one transaction (:func:`apply_batch`). Each
+message first claims its ``source`` + ``id`` in the processed-message ledger;
+a message already claimed has no second effect. A business refusal becomes a
+``credit_note.rejected`` event; an :class:`~service.domain.errors.Undeliverable`
+error undoes that message's savepoint and goes back to the caller for the
+dead-letter topic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+from service.domain import errors, issuing
+from service.domain.commands import (
+    Command,
+    FinalizeInvoice,
+    IssueCreditNote,
+    MarkInvoiceUncollectible,
+    RecordPayment,
+    Trigger,
+    VoidCreditNote,
+    VoidInvoice,
+)
+from service.domain.credit_note import CreditNote
+from service.domain.events import CreditNoteRejected, Event
+from service.domain.invoice import Invoice, finalize_invoice
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Where a command came from: kept in the processed-message ledger."""
+
+    topic: str
+    partition: int | None = None
+    offset: int | None = None
+
+
+@dataclass(frozen=True)
+class Message:
+    command: Command
+    delivery: Delivery
+
+
+class Outcome(StrEnum):
+    APPLIED = "applied"
+    REJECTED = "rejected"
+    DUPLICATE = "duplicate"
+
+
+class UnitOfWork(Protocol):
+    """What handlers need from storage; PostgreSQL implements it in ``adapters``."""
+
+    def transaction(self) -> AbstractAsyncContextManager[None]: ...
+    def savepoint(self) -> AbstractAsyncContextManager[None]: ...
+    async def claim(self, trigger: Trigger, delivery: Delivery) -> bool: ...
+    async def record_outcome(self, trigger: Trigger, outcome: str) -> None: ...
+    async def lock_invoices(self, invoice_ids: Sequence[str]) -> None: ...
+    async def get_invoice_for_update(self, invoice_id: str) -> Invoice | None: ...
+    async def add_invoice(self, invoice: Invoice) -> None: ...
+    async def save_invoice(self, invoice: Invoice) -> None: ...
+    async def get_credit_note(self, credit_note_id: str) -> CreditNote | None: ...
+    async def add_credit_note(self, note: CreditNote) -> None: ...
+    async def save_voided_credit_note(self, note: CreditNote, trigger: Trigger) -> None: ...
+    async def add_events(self, events: Sequence[Event]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Result:
+    message: Message
+    outcome: Outcome | None = None
+    error: errors.Undeliverable | None = None
+
+
+async def apply_batch(messages: Sequence[Message], uow: UnitOfWork) -> list[Result]:
+    """Apply messages in one transaction, each in its own savepoint.
+
+    Invoices are locked up front in a stable order, so two batches touching
+    the same invoices never deadlock.
+    """
+    results: list[Result] = []
+    async with uow.transaction():
+        await uow.lock_invoices(sorted({_invoice_of(m.command) for m in messages} - {""}))
+        for message in messages:
+            try:
+                async with uow.savepoint():
+                    outcome = await handle(message, uow)
+            except errors.Undeliverable as error:
+                results.append(Result(message, error=error))
+            else:
+                results.append(Result(message, outcome=outcome))
+    return results
+
+
+async def handle(message: Message, uow: UnitOfWork) -> Outcome:
+    command = message.command
+    if not await uow.claim(command.trigger, message.delivery):
+        return Outcome.DUPLICATE
+    try:
+        await _HANDLERS[type(command)](command, uow)
+    except errors.Rejection as rejection:
+        await uow.add_events([CreditNoteRejected(
+            trigger=command.trigger, invoice_id=_invoice_of(command) or None,
+            reason=rejection.code, message=rejection.message,
+        )])
+        await uow.record_outcome(command.trigger, f"rejected:{rejection.code}")
+        return Outcome.REJECTED
+    return Outcome.APPLIED
+
+
+async def issue_credit_note(command: IssueCreditNote, uow: UnitOfWork) -> None:
+    invoice = await _locked_invoice(uow, command.invoice_id)
+    note = issuing.issue_credit_note(invoice, command)
+    await uow.add_credit_note(note)
+    await uow.save_invoice(invoice)
+    await uow.add_events(invoice.events)
+
+
+async def void_credit_note(command: VoidCreditNote, uow: UnitOfWork) -> None:
+    found = await uow.get_credit_note(command.credit_note_id)
+    if found is None:
+        raise errors.CreditNoteNotFound("no credit note has this id")
+    invoice = await _locked_invoice(uow, found.invoice_id)
+    note = await uow.get_credit_note(command.credit_note_id)  # re-read under the lock
+    assert note is not None  # credit notes are never deleted
+    voided = issuing.void_credit_note(invoice, note, command)
+    await uow.save_voided_credit_note(voided, command.trigger)
+    await uow.save_invoice(invoice)
+    await uow.add_events(invoice.events)
+
+
+async def finalize(command: FinalizeInvoice, uow: UnitOfWork) -> None:
+    invoice = finalize_invoice(command)
+    existing = await uow.get_invoice_for_update(command.invoice_id)
+    if existing is None:
+        await uow.add_invoice(invoice)
+    elif not _same_document(existing, invoice):
+        raise errors.InvoiceConflict("a different invoice with this id was finalized before")
+
+
+async def record_payment(command: RecordPayment, uow: UnitOfWork) -> None:
+    invoice = await _locked_invoice(uow, command.invoice_id)
+    invoice.record_payment(command.amount, command.currency)
+    await uow.save_invoice(invoice)
+
+
+async def void_invoice(command: VoidInvoice, uow: UnitOfWork) -> None:
+    invoice = await _locked_invoice(uow, command.invoice_id)
+    invoice.void()
+    await uow.save_invoice(invoice)
+
+
+async def mark_uncollectible(command: MarkInvoiceUncollectible, uow: UnitOfWork) -> None:
+    invoice = await _locked_invoice(uow, command.invoice_id)
+    invoice.mark_uncollectible()
+    await uow.save_invoice(invoice)
+
+
+_HANDLERS: dict[type, Callable[[Any, UnitOfWork], Awaitable[None]]] = {
+    IssueCreditNote: issue_credit_note,
+    VoidCreditNote: void_credit_note,
+    FinalizeInvoice: finalize,
+    RecordPayment: record_payment,
+    VoidInvoice: void_invoice,
+    MarkInvoiceUncollectible: mark_uncollectible,
+}
+
+
+async def _locked_invoice(uow: UnitOfWork, invoice_id: str) -> Invoice:
+    invoice = await uow.get_invoice_for_update(invoice_id)
+    if invoice is None:
+        raise errors.InvoiceNotFound("the invoice has not been received (yet)")
+    return invoice
+
+
+def _invoice_of(command: Command) -> str:
+    return "" if isinstance(command, VoidCreditNote) else command.invoice_id
+
+
+def _same_document(a: Invoice, b: Invoice) -> bool:
+    """The parts of an invoice that never change after finalization."""
+    def key(invoice: Invoice) -> tuple[object, ...]:
+        return (invoice.number, invoice.customer_id, invoice.currency, invoice.total,
+                [(line.id, line.quantity, line.unit_amount, line.tax_rate_bps, line.discount)
+                 for line in invoice.lines])
+    return key(a) == key(b)
+
+

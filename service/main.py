@@ -1,0 +1,154 @@
+"""The composition root: builds the pool, the broker, the pipeline and the relay.
+
+Nothing is created at import time; :class:`Service` is built from a
+:class:`~service.settings.Settings` and runs until its ``stopping`` event is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Mapping
+
+import asyncpg
+import structlog
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+from faststream.security import (
+    BaseSecurity,
+    SASLPlaintext,
+    SASLScram256,
+    SASLScram512,
+)
+
+from service.adapters import migrations
+from service.adapters.kafka_producer import KafkaProducer, connection_options
+from service.adapters.outbox_relay import OutboxRelay
+from service.adapters.unit_of_work import PostgresUnitOfWork
+from service.entrypoints.consumer import Backoff, Pipeline
+from service.entrypoints.dead_letters import DeadLetterWriter
+from service.entrypoints.http import HealthServer
+from service.entrypoints.translators import Translator, translators
+from service.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+class Service:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.ready = asyncio.Event()
+        self.http_port: int | None = None
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        settings = self.settings
+        pool = await asyncpg.create_pool(settings.database_url, min_size=1,
+                                         max_size=settings.database_pool_size)
+        producer = KafkaProducer(settings)
+        broker = KafkaBroker(security=broker_security(settings),
+                             graceful_timeout=settings.shutdown_timeout_seconds,
+                             enable_idempotence=False, logger=None,
+                             bootstrap_servers=settings.kafka_bootstrap_servers)
+        table = translators(settings.topics)
+        pipeline = Pipeline(
+            unit_of_work=lambda: PostgresUnitOfWork(pool, settings.topics),
+            table=table,
+            dead_letters=DeadLetterWriter(producer, settings.consumer_group,
+                                          settings.service_version),
+            backoff=Backoff(settings.retry_initial_backoff_seconds,
+                            settings.retry_max_backoff_seconds),
+            not_found_retry_s=settings.not_found_retry_seconds,
+            max_message_bytes=settings.max_message_bytes,
+        )
+        subscribe_all(broker, table, pipeline, settings)
+        relay = OutboxRelay(settings.database_url, pool, producer,
+                            batch_size=settings.outbox_batch_size,
+                            poll_seconds=settings.outbox_poll_seconds,
+                            max_backoff_seconds=settings.retry_max_backoff_seconds)
+
+        async def readiness() -> tuple[bool, str]:
+            try:
+                async with pool.acquire() as connection:
+                    pending = await migrations.pending(connection, settings.migrations_dir)
+                if pending:
+                    return False, f"migrations pending: {', '.join(pending)}"
+                if not await broker.ping(timeout=2):
+                    return False, "broker unreachable"
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                return False, "database unreachable"
+            return True, "ready"
+
+        async def metrics() -> str:
+            row = await pool.fetchrow(
+                "SELECT count(*) AS backlog, coalesce(extract(epoch FROM now() - min(created_at)),"
+                " 0) AS oldest FROM outbox WHERE published_at IS NULL")
+            assert row is not None
+            return ("# TYPE creditnotes_outbox_backlog gauge\n"
+                    f"creditnotes_outbox_backlog {row['backlog']}\n"
+                    "# TYPE creditnotes_outbox_oldest_unpublished_seconds gauge\n"
+                    f"creditnotes_outbox_oldest_unpublished_seconds {float(row['oldest'])}\n")
+
+        http = HealthServer(settings.http_port, readiness, metrics)
+        relay_task: asyncio.Task[None] | None = None
+        try:
+            await producer.start()
+            await http.start()
+            self.http_port = http.port
+            await broker.start()
+            relay_task = asyncio.create_task(relay.run(stopping), name="outbox-relay")
+            log.info("service started", topics=sorted(table), group=settings.consumer_group,
+                     http_port=self.http_port)
+            self.ready.set()
+            await stopping.wait()
+        finally:
+            log.info("service stopping")
+            stopping.set()
+            with contextlib.suppress(Exception):
+                await broker.stop()
+            if relay_task is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(relay_task, settings.shutdown_timeout_seconds)
+            await http.stop()
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            await pool.close()
+            log.info("service stopped")
+
+
+def subscribe_all(broker: KafkaBroker, table: Mapping[str, Mapping[str, Translator]],
+                  pipeline: Pipeline, settings: Settings) -> None:
+    """One thin subscriber per input topic; all of them hand the record to the pipeline.
+
+    ``NACK_ON_ERROR``: the offset is committed only after the handler returned
+    (never FastStream's default ``ACK_FIRST``, which auto-commits on receipt);
+    an exception seeks back to the record so it is delivered again.
+    """
+    for topic in table:
+        subscriber = broker.subscriber(
+            topic, group_id=settings.consumer_group, auto_offset_reset="earliest",
+            ack_policy=AckPolicy.NACK_ON_ERROR, max_poll_interval_ms=600_000,
+        )
+
+        async def consume(message: KafkaMessage) -> None:
+            await pipeline.process(message.raw_message)  # type: ignore[arg-type]
+
+        subscriber(consume)
+
+
+def broker_security(settings: Settings) -> BaseSecurity | None:
+    options = connection_options(settings)
+    context: ssl.SSLContext | None = options.get("ssl_context")
+    protocol = settings.kafka_security_protocol
+    if protocol == "PLAINTEXT":
+        return None
+    if protocol == "SSL":
+        return BaseSecurity(ssl_context=context, use_ssl=True)
+    username = settings.kafka_sasl_username or ""
+    password = options["sasl_plain_password"]
+    use_ssl = protocol == "SASL_SSL"
+    kinds = {"PLAIN": SASLPlaintext, "SCRAM-SHA-256": SASLScram256,
+             "SCRAM-SHA-512": SASLScram512}
+    kind = kinds[settings.kafka_sasl_mechanism or "PLAIN"]
+    return kind(username, password, ssl_context=context, use_ssl=use_ssl)

@@ -1,0 +1,108 @@
+"""Configuration: one pydantic-settings class, read from ``CREDITNOTES_*`` and ``.env``.
+
+Built once, in the composition root (:mod:`service.main`); nothing reads the
+environment anywhere else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "schemas" / "migrations"
+
+
+class Topics(BaseModel):
+    """Topic names (CONTRACT.md); each may be overridden, e.g. ``CREDITNOTES_TOPIC_RETURNS``."""
+
+    invoices: str = "invoices"
+    returns: str = "returns"
+    sla_breaches: str = "sla-breaches"
+    downgrades: str = "downgrades"
+    cancellations: str = "cancellations"
+    credit_note_commands: str = "credit-note-commands"
+    credit_note_events: str = "credit-note-events"
+    invoice_events: str = "invoice-events"
+    refund_requests: str = "refund-requests"
+
+    def inputs(self) -> list[str]:
+        return [self.invoices, self.returns, self.sla_breaches, self.downgrades,
+                self.cancellations, self.credit_note_commands]
+
+    def outputs(self) -> list[str]:
+        return [self.credit_note_events, self.invoice_events, self.refund_requests]
+
+    def all(self) -> list[str]:
+        inputs = self.inputs()
+        return inputs + self.outputs() + [f"{topic}.dlq" for topic in inputs]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CREDITNOTES_", env_file=".env",
+                                      env_nested_delimiter="__", extra="ignore")
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/creditnotes"
+    database_pool_size: int = Field(default=10, ge=1)
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
+        "PLAINTEXT"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    consumer_group: str = "credit-notes"
+    http_port: int = 8080
+    log_format: Literal["json", "console"] | None = None
+    log_level: str = "INFO"
+
+    topic_invoices: str = "invoices"
+    topic_returns: str = "returns"
+    topic_sla_breaches: str = "sla-breaches"
+    topic_downgrades: str = "downgrades"
+    topic_cancellations: str = "cancellations"
+    topic_credit_note_commands: str = "credit-note-commands"
+    topic_credit_note_events: str = "credit-note-events"
+    topic_invoice_events: str = "invoice-events"
+    topic_refund_requests: str = "refund-requests"
+
+    #: How long a message whose invoice (or credit note) is unknown keeps being
+    #: retried before it is dead-lettered as ``invoice_not_found``.
+    not_found_retry_seconds: float = Field(default=30.0, ge=0)
+    #: Backoff between retries, doubling up to the cap (seconds).
+    retry_initial_backoff_seconds: float = Field(default=0.2, gt=0)
+    retry_max_backoff_seconds: float = Field(default=5.0, gt=0)
+    #: The largest message accepted, in bytes; larger ones are dead-lettered.
+    max_message_bytes: int = Field(default=1_048_576, gt=0)
+    #: The outbox relay polls this often when no NOTIFY arrives (seconds).
+    outbox_poll_seconds: float = Field(default=1.0, gt=0)
+    outbox_batch_size: int = Field(default=500, gt=0)
+    shutdown_timeout_seconds: float = Field(default=20.0, gt=0)
+    migrations_dir: Path = MIGRATIONS_DIR
+    service_version: str = "0.1.0"
+
+    @model_validator(mode="after")
+    def _sasl_needs_credentials(self) -> Settings:
+        if self.kafka_security_protocol.startswith("SASL") and not (
+            self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError("SASL needs CREDITNOTES_KAFKA_SASL_MECHANISM, _USERNAME and "
+                             "_PASSWORD; refusing to fall back to plaintext")
+        return self
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(
+            invoices=self.topic_invoices, returns=self.topic_returns,
+            sla_breaches=self.topic_sla_breaches, downgrades=self.topic_downgrades,
+            cancellations=self.topic_cancellations,
+            credit_note_commands=self.topic_credit_note_commands,
+            credit_note_events=self.topic_credit_note_events,
+            invoice_events=self.topic_invoice_events,
+            refund_requests=self.topic_refund_requests,
+        )

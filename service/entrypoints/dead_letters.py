@@ -1,0 +1,74 @@
+"""Dead letters: a record that cannot be processed goes, unchanged, to ``<topic>.dlq``.
+
+The key, value, headers and timestamp are kept as they were; the ``dlq.*``
+headers of CONTRACT.md say where it came from and why it failed, in words
+that carry no payload data. The caller commits the original offset only
+after :meth:`DeadLetterWriter.write` returned, that is after the broker
+acknowledged the dead-letter record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+from service.adapters.kafka_producer import Header, KafkaProducer
+from service.domain.errors import Undeliverable
+
+
+class Record(Protocol):
+    """The parts of a consumed Kafka record a dead letter keeps (aiokafka's ConsumerRecord)."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[Header, ...] | list[Header]
+
+
+def dead_letter_topic(topic: str) -> str:
+    return f"{topic}.dlq"
+
+
+@dataclass(frozen=True)
+class Failure:
+    error: Undeliverable
+    attempts: int
+    first_failed_at: datetime
+
+
+class DeadLetterWriter:
+    def __init__(self, producer: KafkaProducer, consumer_group: str, service_version: str) -> None:
+        self._producer = producer
+        self._group = consumer_group
+        self._version = service_version
+
+    async def write(self, record: Record, failure: Failure) -> None:
+        error = failure.error
+        failed_at = datetime.now(UTC)
+        headers = [(name, value) for name, value in record.headers
+                   if not name.startswith("dlq.")]  # a replayed record fails afresh
+        headers += [(name, value.encode()) for name, value in {
+            "dlq.original.topic": record.topic,
+            "dlq.original.partition": str(record.partition),
+            "dlq.original.offset": str(record.offset),
+            "dlq.original.timestamp": str(record.timestamp),
+            "dlq.consumer.group": self._group,
+            "dlq.error.reason": error.code,
+            "dlq.error.class": type(error).__name__,
+            "dlq.error.message": error.message[:1000],
+            "dlq.attempts": str(failure.attempts),
+            "dlq.first_failed_at": _iso(failure.first_failed_at),
+            "dlq.failed_at": _iso(failed_at),
+            "dlq.service.version": self._version,
+        }.items()]
+        await self._producer.send(dead_letter_topic(record.topic), value=record.value,
+                                  key=record.key, headers=headers,
+                                  timestamp_ms=record.timestamp)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")

@@ -1,0 +1,175 @@
+"""Wire models of the messages the service reads (CONTRACT.md), as pydantic v2 models.
+
+Strict on purpose: amounts are integers (a float or a numeric string is
+refused), payloads refuse unknown fields, and every amount is bounded so that
+no sum can overflow a PostgreSQL ``bigint``. A message that does not fit is
+dead-lettered as ``invalid_message`` with the reason in words.
+The JSON Schemas in ``schemas/`` are generated from these models.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+#: No amount may exceed 10^15 minor units (10 trillion in a two-decimal currency),
+#: so that any sum the service makes stays far inside a 64-bit integer.
+MAX_AMOUNT = 10**15
+MAX_QUANTITY = 10**9
+
+Amount = Annotated[int, Field(strict=True, ge=0, le=MAX_AMOUNT)]
+PositiveAmount = Annotated[int, Field(strict=True, gt=0, le=MAX_AMOUNT)]
+Quantity = Annotated[int, Field(strict=True, gt=0, le=MAX_QUANTITY)]
+TaxRate = Annotated[int, Field(strict=True, ge=0, le=100_000)]
+Percent = Annotated[int, Field(strict=True, ge=0, le=10_000)]
+Id = Annotated[str, Field(min_length=1, max_length=255)]
+Currency = Annotated[str, Field(pattern=r"^[a-z]{3}$")]
+Reason = Literal["duplicate", "fraudulent", "order_change", "product_unsatisfactory",
+                 "service_credit", "subscription_change", "subscription_cancellation", "other"]
+SettlementName = Literal["refund", "customer_balance", "out_of_band"]
+
+
+class Payload(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CloudEvent(BaseModel):
+    """CloudEvents 1.0 attributes; extension attributes are allowed and ignored."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    specversion: Literal["1.0"]
+    id: Id
+    source: Annotated[str, Field(min_length=1, max_length=1024)]
+    type: Annotated[str, Field(min_length=1, max_length=255)]
+    time: datetime | None = None
+    subject: str | None = None
+    datacontenttype: str | None = None
+    data: Any = None
+
+
+class Period(Payload):
+    start: datetime
+    end: datetime
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Period:
+        if self.end <= self.start:
+            raise ValueError("period end must be after its start")
+        return self
+
+
+class InvoiceLine(Payload):
+    id: Id
+    description: Annotated[str, Field(max_length=1000)] = ""
+    quantity: Quantity
+    unit_amount: Amount
+    tax_rate_bps: TaxRate = 0
+    period: Period | None = None
+
+    @model_validator(mode="after")
+    def _bounded(self) -> InvoiceLine:
+        if self.quantity * self.unit_amount > MAX_AMOUNT:
+            raise ValueError("line amount (quantity x unit_amount) is too large")
+        return self
+
+
+class Discount(Payload):
+    percent_off_bps: Percent | None = None
+    amount_off: Amount | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Discount:
+        if (self.percent_off_bps is None) == (self.amount_off is None):
+            raise ValueError("a discount has exactly one of percent_off_bps and amount_off")
+        return self
+
+
+class Invoice(Payload):
+    id: Id
+    number: Id
+    customer_id: Id
+    currency: Currency
+    status: Literal["open", "paid", "uncollectible"]
+    lines: Annotated[list[InvoiceLine], Field(min_length=1, max_length=1000)]
+    discounts: Annotated[list[Discount], Field(max_length=20)] = []
+    customer_balance_applied: Amount = 0
+    amount_paid: Amount = 0
+    total: Amount | None = None
+
+    @model_validator(mode="after")
+    def _bounded(self) -> Invoice:
+        if sum(line.quantity * line.unit_amount for line in self.lines) > MAX_AMOUNT:
+            raise ValueError("invoice subtotal is too large")
+        return self
+
+
+class InvoiceFinalized(Payload):
+    invoice: Invoice
+
+
+class InvoicePaymentSucceeded(Payload):
+    invoice_id: Id
+    amount: PositiveAmount
+    currency: Currency
+
+
+class InvoiceReference(Payload):
+    invoice_id: Id
+
+
+class InvoiceLineItem(Payload):
+    type: Literal["invoice_line_item"]
+    invoice_line_id: Id
+    quantity: Quantity | None = None
+    amount: PositiveAmount | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> InvoiceLineItem:
+        if (self.quantity is None) == (self.amount is None):
+            raise ValueError("an invoice_line_item has exactly one of quantity and amount")
+        return self
+
+
+class CustomLineItem(Payload):
+    type: Literal["custom_line_item"]
+    description: Annotated[str, Field(min_length=1, max_length=1000)]
+    quantity: Quantity
+    unit_amount: PositiveAmount
+    tax_rate_bps: TaxRate = 0
+
+    @model_validator(mode="after")
+    def _bounded(self) -> CustomLineItem:
+        if self.quantity * self.unit_amount > MAX_AMOUNT:
+            raise ValueError("line amount (quantity x unit_amount) is too large")
+        return self
+
+
+LineItem = Annotated[InvoiceLineItem | CustomLineItem, Field(discriminator="type")]
+
+
+class CreditNoteIssue(Payload):
+    invoice_id: Id
+    amount: PositiveAmount | None = None
+    lines: Annotated[list[LineItem], Field(min_length=1, max_length=1000)] | None = None
+    refund_amount: Amount | None = None
+    credit_amount: Amount | None = None
+    out_of_band_amount: Amount | None = None
+    currency: Currency | None = None
+    reason: Reason = "other"
+    memo: Annotated[str, Field(max_length=5000)] | None = None
+    metadata: Annotated[dict[Annotated[str, Field(max_length=40)],
+                             Annotated[str, Field(max_length=500)]],
+                        Field(max_length=50)] = {}
+
+    @model_validator(mode="after")
+    def _amount_or_lines(self) -> CreditNoteIssue:
+        if (self.amount is None) == (self.lines is None):
+            raise ValueError("credit_note.issue needs exactly one of amount and lines")
+        return self
+
+
+class CreditNoteVoid(Payload):
+    credit_note_id: Id

@@ -129,6 +129,8 @@ def subscribe_all(broker: KafkaBroker, table: Mapping[str, Mapping[str, Translat
         subscriber = broker.subscriber(
             topic, group_id=settings.consumer_group, auto_offset_reset="earliest",
             ack_policy=AckPolicy.NACK_ON_ERROR, max_poll_interval_ms=600_000,
+            session_timeout_ms=settings.kafka_session_timeout_ms,
+            heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
         )
 
         async def consume(message: KafkaMessage) -> None:

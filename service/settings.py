@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     kafka_ssl_certfile: Path | None = None
     kafka_ssl_keyfile: Path | None = None
     consumer_group: str = "credit-notes"
+    #: Consumer-group liveness. Kafka's defaults suit production; the embedded
+    #: broker (tansu) holds every join for about half the session timeout, so
+    #: ``creditnotes dev``, ``demo`` and the tests shorten it.
+    kafka_session_timeout_ms: int = Field(default=10_000, ge=1_000)
+    kafka_heartbeat_interval_ms: int = Field(default=3_000, ge=100)
     http_port: int = 8080
     log_format: Literal["json", "console"] | None = None
     log_level: str = "INFO"

@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 import structlog
+from aiokafka.errors import KafkaError
 
 from service.adapters.event_codec import CONTENT_TYPE
 from service.adapters.kafka_producer import KafkaProducer
@@ -46,8 +47,8 @@ class OutboxRelay:
             try:
                 await self._run_as_leader(stopping)
                 backoff = self._poll_seconds
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                    asyncio.TimeoutError, RuntimeError) as error:
+            except (TimeoutError, OSError, KafkaError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                    RuntimeError) as error:
                 log.warning("outbox relay interrupted, retrying", error=type(error).__name__,
                             retry_in_s=backoff)
                 await _sleep_unless(stopping, backoff)

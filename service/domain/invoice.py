@@ -125,6 +125,8 @@ class Invoice:
         raise errors.UnknownInvoiceLine(f"the invoice has no line {line_id!r}")
 
     def record_payment(self, amount: int, currency: str) -> None:
+        if amount <= 0:
+            raise errors.PaymentRefused("a payment amount must be positive")
         if currency != self.currency:
             raise errors.PaymentRefused("the payment's currency differs from the invoice's")
         if self.status is not InvoiceStatus.OPEN:
@@ -167,6 +169,14 @@ def finalize_invoice(command: FinalizeInvoice) -> Invoice:
     """Price a finalized invoice as RULES.md says, refusing a differing stated total."""
     if not command.lines:
         raise errors.InvalidMessage("an invoice needs at least one line")
+    if any(line.quantity <= 0 or line.unit_amount < 0 or line.tax_rate_bps < 0
+           for line in command.lines):
+        raise errors.InvalidMessage("invoice lines need a positive quantity and no negative amounts")
+    if any(value < 0 for discount in command.discounts
+           for value in (discount.percent_off_bps or 0, discount.amount_off or 0)):
+        raise errors.InvalidMessage("discounts cannot be negative")
+    if command.customer_balance_applied < 0 or command.amount_paid < 0:
+        raise errors.InvalidMessage("customer_balance_applied and amount_paid cannot be negative")
     if len({line.id for line in command.lines}) != len(command.lines):
         raise errors.InvalidMessage("invoice line ids must be unique")
     subtotal = sum(line.quantity * line.unit_amount for line in command.lines)

@@ -18,7 +18,7 @@ Where each rule lives:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from service.domain import errors, money
 from service.domain.commands import (
@@ -71,6 +71,7 @@ def issue_credit_note(invoice: Invoice, command: IssueCreditNote) -> CreditNote:
         reason = Reason(command.reason)
     except ValueError:
         raise errors.InvalidMessage(f"unknown credit note reason {command.reason!r}") from None
+    _check_request(command)
 
     credits = _price(invoice, command)
     total = sum(credit.line.total for credit in credits)
@@ -128,13 +129,33 @@ def void_credit_note(invoice: Invoice, note: CreditNote, command: VoidCreditNote
         invoice_line.credited_tax -= line.tax
         if invoice_line.credit_method is CreditMethod.QUANTITY and line.quantity:
             invoice_line.credited_quantity -= line.quantity
-        if invoice_line.credited_net == 0 and invoice_line.credited_tax == 0:
-            invoice_line.credit_method = None
-            invoice_line.credited_quantity = 0
+        if (invoice_line.credited_quantity, invoice_line.credited_net,
+                invoice_line.credited_tax) == (0, 0, 0):
+            invoice_line.credit_method = None  # nothing credited any more: free to choose
     invoice.pre_payment_credited -= note.total
     voided = note.voided()
     invoice.events.append(CreditNoteVoided(voided, _state(invoice), command.trigger))
     return voided
+
+
+def _check_request(command: IssueCreditNote) -> None:
+    """Shapes the wire models already refuse; checked here too, as money is at stake."""
+    if (command.amount is None) == (not command.lines):
+        raise errors.InvalidMessage("a credit note needs exactly one of amount and lines")
+    numbers = [] if command.amount is None else [command.amount]
+    for line in command.lines:
+        if isinstance(line, InvoiceLineByQuantity):
+            numbers.append(line.quantity)
+        elif isinstance(line, InvoiceLineByAmount):
+            numbers.append(line.amount)
+        else:
+            numbers += [line.quantity, line.unit_amount, line.tax_rate_bps + 1]
+    if isinstance(command.settlement, SettlementSplit):
+        split = command.settlement
+        numbers += [part + 1 for part in (split.refund_amount, split.credit_amount,
+                                          split.out_of_band_amount)]
+    if any(number <= 0 for number in numbers):
+        raise errors.InvalidMessage("amounts and quantities must be positive")
 
 
 def _price(invoice: Invoice, command: IssueCreditNote) -> list[_Credit]:
@@ -169,11 +190,14 @@ def _price_quantity(line: InvoiceLine, quantity: int, on_excess: OnExcess) -> _C
         _refuse_excess(on_excess, f"line {line.id} has {left} left to credit")
         quantity = left
     if quantity == 0 or line.remaining_gross == 0:
-        return None
+        return None  # nothing left on this line
     if quantity == left:  # the final sweep: exactly what is left, net and tax
         net, tax = line.remaining_net, line.remaining_tax
     else:
-        net = money.proportion(line.net, quantity, line.quantity)
+        # priced on the cumulative quantity, so rounding never drifts over many returns
+        done = line.credited_quantity
+        net = (money.proportion(line.net, done + quantity, line.quantity)
+               - money.proportion(line.net, done, line.quantity))
         if net > line.remaining_net:
             _refuse_excess(on_excess, f"line {line.id} has {line.remaining_net} left to credit")
             net = line.remaining_net
@@ -249,11 +273,22 @@ def _spread(lines: list[InvoiceLine], gross: int) -> list[_Credit]:
 
 def _cap_to_invoice(invoice: Invoice, command: IssueCreditNote, credits: list[_Credit],
                     total: int) -> list[_Credit]:
-    """Keep the sum of credit notes within the invoice total (custom lines can cross it)."""
+    """Scale a trigger's credits down to what the invoice has left (custom lines can use it up).
+
+    Each credit keeps at most what it asked for; a scaled credit no longer
+    stands for whole units, so it records no quantity and no credit method.
+    """
     _refuse_excess(command.on_excess,
                    f"the credit of {total} exceeds the {invoice.creditable} left to credit")
-    lines = [credit.invoice_line for credit in credits if credit.invoice_line is not None]
-    return _spread(lines, min(invoice.creditable, sum(line.remaining_gross for line in lines)))
+    shares = money.allocate(invoice.creditable, [credit.line.total for credit in credits])
+    scaled = []
+    for credit, share in zip(credits, shares, strict=True):
+        if share == 0:
+            continue
+        net, tax = money.allocate(share, [credit.line.net, credit.line.tax])
+        line = replace(credit.line, net=net, tax=tax, quantity=None, unit_amount=None)
+        scaled.append(_Credit(line, invoice_line=credit.invoice_line))
+    return scaled
 
 
 def _refuse_excess(on_excess: OnExcess, message: str) -> None:

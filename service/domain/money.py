@@ -18,12 +18,12 @@ import re
 from collections.abc import Sequence
 
 BASIS_POINTS = 10_000
-_CURRENCY = re.compile(r"^[a-z]{3}$")
+_CURRENCY = re.compile(r"[a-z]{3}")
 
 
 def is_currency(code: str) -> bool:
     """A lowercase ISO 4217 alphabetic code, such as ``usd`` or ``jpy``."""
-    return bool(_CURRENCY.match(code))
+    return _CURRENCY.fullmatch(code) is not None
 
 
 def round_half_away(numerator: int, denominator: int) -> int:

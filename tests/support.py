@@ -140,8 +140,8 @@ class Kafka:
             if result:
                 return result
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout_s} s; records seen: "
-                                     f"{[(r.topic, r.value[:200] if r.value else None) for r in self.records]}")
+                seen = [(r.topic, r.value[:200] if r.value else None) for r in self.records]
+                raise AssertionError(f"timed out after {timeout_s} s; records seen: {seen}")
             await self.poll()
 
     async def expect(self, topic: str, type_: str | None = None, count: int = 1,

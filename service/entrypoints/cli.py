@@ -56,8 +56,17 @@ def migrate_command(_: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _unwind_on_sigterm() -> None:
+    """SIGTERM outside the service loop unwinds like Ctrl-C, so embedded servers are stopped."""
+    def leave(signum: int, _: object) -> None:
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, leave)
+
+
 def dev(args: argparse.Namespace, settings: Settings) -> int:
     from service.entrypoints import stack
+
+    _unwind_on_sigterm()
 
     with stack.servers(settings, args.data_dir) as local:
         asyncio.run(_prepare(local))
@@ -72,6 +81,8 @@ def dev(args: argparse.Namespace, settings: Settings) -> int:
 def demo(args: argparse.Namespace, settings: Settings) -> int:
     from service.entrypoints import stack
     from service.entrypoints.demo import run_demo
+
+    _unwind_on_sigterm()
 
     console = Console(width=None if sys.stdout.isatty() else 180)
     # the table is the output: keep the service's own logs to warnings unless asked otherwise

@@ -18,7 +18,6 @@ import asyncpg
 
 from service.settings import Settings
 
-
 #: tansu holds each consumer-group join for about half the session timeout.
 EMBEDDED_BROKER_GROUP_TIMEOUTS = {"kafka_session_timeout_ms": 2_000,
                                   "kafka_heartbeat_interval_ms": 300}

@@ -30,7 +30,7 @@ from service.adapters.unit_of_work import PostgresUnitOfWork
 from service.entrypoints.consumer import Backoff, Pipeline
 from service.entrypoints.dead_letters import DeadLetterWriter
 from service.entrypoints.http import HealthServer
-from service.entrypoints.translators import Translator, translators
+from service.entrypoints.translators import Route, routes
 from service.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -51,7 +51,7 @@ class Service:
                              graceful_timeout=settings.shutdown_timeout_seconds,
                              enable_idempotence=False, logger=None,
                              bootstrap_servers=settings.kafka_bootstrap_servers)
-        table = translators(settings.topics)
+        table = routes(settings)
         pipeline = Pipeline(
             unit_of_work=lambda: PostgresUnitOfWork(pool, settings.topics),
             table=table,
@@ -62,7 +62,6 @@ class Service:
             not_found_retry_s=settings.not_found_retry_seconds,
             max_message_bytes=settings.max_message_bytes,
         )
-        subscribe_all(broker, table, pipeline, settings)
         relay = OutboxRelay(settings.database_url, pool, producer,
                             batch_size=settings.outbox_batch_size,
                             poll_seconds=settings.outbox_poll_seconds,
@@ -97,6 +96,7 @@ class Service:
             await http.start()
             self.http_port = http.port
             await broker.start()
+            await start_subscribers(broker, table, pipeline, settings)
             relay_task = asyncio.create_task(relay.run(stopping), name="outbox-relay")
             log.info("service started", topics=sorted(table), group=settings.consumer_group,
                      http_port=self.http_port)
@@ -117,26 +117,34 @@ class Service:
             log.info("service stopped")
 
 
-def subscribe_all(broker: KafkaBroker, table: Mapping[str, Mapping[str, Translator]],
-                  pipeline: Pipeline, settings: Settings) -> None:
-    """One thin subscriber per input topic; all of them hand the record to the pipeline.
+async def start_subscribers(broker: KafkaBroker, table: Mapping[str, Route],
+                            pipeline: Pipeline, settings: Settings) -> None:
+    """One thin subscriber (its own consumer) per input topic, all handing records to the pipeline.
+
+    One consumer per topic, so a message waiting for its invoice never holds
+    up the topic the invoice arrives on. They are started together (FastStream
+    starts registered subscribers one by one, and every join rebalances the
+    group), which takes startup from one group join per topic to about one.
 
     ``NACK_ON_ERROR``: the offset is committed only after the handler returned
     (never FastStream's default ``ACK_FIRST``, which auto-commits on receipt);
     an exception seeks back to the record so it is delivered again.
     """
+    subscribers = []
     for topic in table:
         subscriber = broker.subscriber(
             topic, group_id=settings.consumer_group, auto_offset_reset="earliest",
             ack_policy=AckPolicy.NACK_ON_ERROR, max_poll_interval_ms=600_000,
             session_timeout_ms=settings.kafka_session_timeout_ms,
-            heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
+            heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms, persistent=False,
         )
 
         async def consume(message: KafkaMessage) -> None:
             await pipeline.process(message.raw_message)  # type: ignore[arg-type]
 
         subscriber(consume)
+        subscribers.append(subscriber)
+    await asyncio.gather(*(subscriber.start() for subscriber in subscribers))
 
 
 def broker_security(settings: Settings) -> BaseSecurity | None:

@@ -76,6 +76,23 @@ class Settings(BaseSettings):
     topic_invoice_events: str = "invoice-events"
     topic_refund_requests: str = "refund-requests"
 
+    #: Which CloudEvents ``source`` values may publish on each input topic (JSON
+    #: lists, e.g. ``CREDITNOTES_ALLOWED_SOURCES_RETURNS='["/warehouse/returns"]'``).
+    #: Unset means any source; anything else is dead-lettered as ``unauthorized_source``.
+    allowed_sources_invoices: list[str] | None = None
+    allowed_sources_returns: list[str] | None = None
+    allowed_sources_sla_breaches: list[str] | None = None
+    allowed_sources_downgrades: list[str] | None = None
+    allowed_sources_cancellations: list[str] | None = None
+    allowed_sources_credit_note_commands: list[str] | None = None
+
+    #: Policy caps per trigger type, in basis points of the invoice total
+    #: (a trigger asking for more is capped; the credit note records the policy).
+    policy_return_max_credit_bps: int = Field(default=10_000, ge=0, le=10_000)
+    policy_sla_max_credit_bps: int = Field(default=5_000, ge=0, le=10_000)
+    policy_downgrade_max_credit_bps: int = Field(default=10_000, ge=0, le=10_000)
+    policy_cancellation_max_credit_bps: int = Field(default=10_000, ge=0, le=10_000)
+
     #: How long a message whose invoice (or credit note) is unknown keeps being
     #: retried before it is dead-lettered as ``invoice_not_found``.
     not_found_retry_seconds: float = Field(default=30.0, ge=0)
@@ -99,6 +116,18 @@ class Settings(BaseSettings):
             raise ValueError("SASL needs CREDITNOTES_KAFKA_SASL_MECHANISM, _USERNAME and "
                              "_PASSWORD; refusing to fall back to plaintext")
         return self
+
+    def allowed_sources(self) -> dict[str, list[str] | None]:
+        """Per input topic name: the sources allowed to publish there (None: any)."""
+        topics = self.topics
+        return {
+            topics.invoices: self.allowed_sources_invoices,
+            topics.returns: self.allowed_sources_returns,
+            topics.sla_breaches: self.allowed_sources_sla_breaches,
+            topics.downgrades: self.allowed_sources_downgrades,
+            topics.cancellations: self.allowed_sources_cancellations,
+            topics.credit_note_commands: self.allowed_sources_credit_note_commands,
+        }
 
     @property
     def topics(self) -> Topics:

@@ -68,18 +68,33 @@ class CustomLine:
     tax_rate_bps: int = 0
 
 
-LineRequest = InvoiceLineByQuantity | InvoiceLineByAmount | CustomLine
+@dataclass(frozen=True)
+class UnusedTime:
+    """The part of a line's service period not yet used at ``at`` (downgrades, cancellations)."""
+
+    invoice_line_id: str
+    at: datetime
+
+
+LineRequest = InvoiceLineByQuantity | InvoiceLineByAmount | CustomLine | UnusedTime
 
 
 @dataclass(frozen=True)
 class IssueCreditNote:
-    """Credit part of an invoice: by lines, or by a line-less gross ``amount``."""
+    """Credit part of an invoice: by lines, or by a line-less gross amount.
+
+    The line-less amount is either ``amount`` or ``amount_bps`` of the invoice
+    total. ``max_credit_bps`` is a trigger policy's cap, as basis points of the
+    invoice total.
+    """
 
     trigger: Trigger
     invoice_id: str
     reason: str
     lines: tuple[LineRequest, ...] = ()
     amount: int | None = None
+    amount_bps: int | None = None
+    max_credit_bps: int | None = None
     settlement: SettlementSplit | Settlement = Settlement.CUSTOMER_BALANCE
     on_excess: OnExcess = OnExcess.REJECT
     currency: str | None = None

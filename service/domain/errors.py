@@ -12,12 +12,15 @@
     │   ├── SettlementMismatch            settlement_mismatch
     │   ├── UnknownInvoiceLine            unknown_invoice_line
     │   ├── CreditMethodConflict          credit_method_conflict
+    │   ├── OutsideServicePeriod          outside_service_period
+    │   ├── NoServicePeriod               no_service_period
     │   ├── NotVoidable                   not_voidable
     │   └── AlreadyVoid                   already_void
     └── Undeliverable           the message cannot be processed: dead-lettered with its reason
         ├── InvalidMessage                invalid_message
         ├── MessageTooLarge               message_too_large
         ├── UnsupportedType               unsupported_type
+        ├── UnauthorizedSource            unauthorized_source
         ├── InvoiceNotFound               invoice_not_found  (retried for a while first)
         ├── CreditNoteNotFound            credit_note_not_found  (retried for a while first)
         ├── InvoiceTotalMismatch          invoice_total_mismatch
@@ -82,6 +85,14 @@ class CreditMethodConflict(Rejection):
     code = "credit_method_conflict"
 
 
+class OutsideServicePeriod(Rejection):
+    code = "outside_service_period"
+
+
+class NoServicePeriod(Rejection):
+    code = "no_service_period"
+
+
 class NotVoidable(Rejection):
     code = "not_voidable"
 
@@ -108,6 +119,10 @@ class MessageTooLarge(Undeliverable):
 
 class UnsupportedType(Undeliverable):
     code = "unsupported_type"
+
+
+class UnauthorizedSource(Undeliverable):
+    code = "unauthorized_source"
 
 
 class InvoiceNotFound(Undeliverable):

@@ -19,6 +19,7 @@ Where each rule lives:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 
 from service.domain import errors, money
 from service.domain.commands import (
@@ -29,6 +30,7 @@ from service.domain.commands import (
     OnExcess,
     Settlement,
     SettlementSplit,
+    UnusedTime,
     VoidCreditNote,
 )
 from service.domain.credit_note import (
@@ -75,13 +77,17 @@ def issue_credit_note(invoice: Invoice, command: IssueCreditNote) -> CreditNote:
 
     credits = _price(invoice, command)
     total = sum(credit.line.total for credit in credits)
-    if total <= 0:
-        raise errors.NothingLeftToCredit("nothing is left to credit on this invoice")
+    if command.max_credit_bps is not None:
+        allowed = money.basis_points(invoice.total, command.max_credit_bps)
+        if total > allowed:
+            _refuse_excess(command.on_excess, f"the policy allows at most {allowed}")
+            credits = _scale(credits, allowed)
+            total = sum(credit.line.total for credit in credits)
     if total > invoice.creditable:
         credits = _cap_to_invoice(invoice, command, credits, total)
         total = sum(credit.line.total for credit in credits)
-        if total <= 0:
-            raise errors.NothingLeftToCredit("nothing is left to credit on this invoice")
+    if total <= 0:
+        raise errors.NothingLeftToCredit("nothing is left to credit on this invoice")
 
     pre_payment = min(total, invoice.amount_remaining)
     refund, balance, out_of_band = _settle(invoice, command.settlement, total - pre_payment)
@@ -140,14 +146,19 @@ def void_credit_note(invoice: Invoice, note: CreditNote, command: VoidCreditNote
 
 def _check_request(command: IssueCreditNote) -> None:
     """Shapes the wire models already refuse; checked here too, as money is at stake."""
-    if (command.amount is None) == (not command.lines):
+    amounts = [command.amount, command.amount_bps]
+    if sum(value is not None for value in amounts) + bool(command.lines) != 1:
         raise errors.InvalidMessage("a credit note needs exactly one of amount and lines")
-    numbers = [] if command.amount is None else [command.amount]
+    numbers = [value for value in amounts if value is not None]
+    if command.max_credit_bps is not None:
+        numbers.append(command.max_credit_bps + 1)
     for line in command.lines:
         if isinstance(line, InvoiceLineByQuantity):
             numbers.append(line.quantity)
         elif isinstance(line, InvoiceLineByAmount):
             numbers.append(line.amount)
+        elif isinstance(line, UnusedTime):
+            continue
         else:
             numbers += [line.quantity, line.unit_amount, line.tax_rate_bps + 1]
     if isinstance(command.settlement, SettlementSplit):
@@ -159,6 +170,9 @@ def _check_request(command: IssueCreditNote) -> None:
 
 
 def _price(invoice: Invoice, command: IssueCreditNote) -> list[_Credit]:
+    if command.amount_bps is not None:
+        return _price_line_less(invoice, money.basis_points(invoice.total, command.amount_bps),
+                                command.on_excess)
     if command.amount is not None:
         return _price_line_less(invoice, command.amount, command.on_excess)
     ids = [line.invoice_line_id for line in command.lines if not isinstance(line, CustomLine)]
@@ -172,6 +186,9 @@ def _price(invoice: Invoice, command: IssueCreditNote) -> list[_Credit]:
         elif isinstance(request, InvoiceLineByAmount):
             credit = _price_amount(invoice.line(request.invoice_line_id), request.amount,
                                    command.on_excess)
+        elif isinstance(request, UnusedTime):
+            credit = _price_unused_time(invoice.line(request.invoice_line_id), request.at,
+                                        command.on_excess)
         else:
             credit = _price_custom(request)
         if credit is not None:
@@ -228,6 +245,28 @@ def _price_amount(line: InvoiceLine, amount: int, on_excess: OnExcess) -> _Credi
     )
 
 
+def _price_unused_time(line: InvoiceLine, at: datetime, on_excess: OnExcess) -> _Credit | None:
+    """The unused part of a line's service period, by the second, of its net; tax in proportion."""
+    if line.period is None:
+        raise errors.NoServicePeriod(f"line {line.id} has no service period to prorate")
+    start, end = line.period.start, line.period.end
+    if not start <= at <= end:
+        raise errors.OutsideServicePeriod(
+            f"the time given is outside the service period of line {line.id}")
+    second = timedelta(seconds=1)
+    net = money.proportion(line.net, (end - at) // second, (end - start) // second)
+    if net > line.remaining_net:
+        _refuse_excess(on_excess, f"line {line.id} has {line.remaining_net} net left to credit")
+        net = line.remaining_net
+    if net == 0:
+        return None
+    return _Credit(
+        CreditNoteLine(description=line.description, net=net, tax=_tax_share(line, net),
+                       tax_rate_bps=line.tax_rate_bps, invoice_line_id=line.id),
+        invoice_line=line,
+    )
+
+
 def _tax_share(line: InvoiceLine, net: int) -> int:
     """Credited tax = line tax * credited net / line net; exhausting the net takes all tax left."""
     if net == line.remaining_net:
@@ -280,9 +319,17 @@ def _cap_to_invoice(invoice: Invoice, command: IssueCreditNote, credits: list[_C
     """
     _refuse_excess(command.on_excess,
                    f"the credit of {total} exceeds the {invoice.creditable} left to credit")
-    shares = money.allocate(invoice.creditable, [credit.line.total for credit in credits])
+    return _scale(credits, invoice.creditable)
+
+
+def _scale(credits: list[_Credit], total: int) -> list[_Credit]:
+    """Credits scaled down to ``total``, by largest remainder, net and tax alike."""
+    shares = money.allocate(total, [credit.line.total for credit in credits])
     scaled = []
     for credit, share in zip(credits, shares, strict=True):
+        if share == credit.line.total:
+            scaled.append(credit)
+            continue
         if share == 0:
             continue
         net, tax = money.allocate(share, [credit.line.net, credit.line.tax])

@@ -26,7 +26,7 @@ import structlog
 
 from service.domain import errors
 from service.entrypoints.dead_letters import DeadLetterWriter, Failure, Record
-from service.entrypoints.translators import Translator, decode_envelope, translate
+from service.entrypoints.translators import Route, decode_envelope, translate
 from service.handlers import Delivery, Message, Outcome, UnitOfWork, apply_batch
 
 log = structlog.get_logger(__name__)
@@ -45,7 +45,7 @@ class Backoff:
 
 class Pipeline:
     def __init__(self, unit_of_work: Callable[[], UnitOfWork],
-                 table: Mapping[str, Mapping[str, Translator]],
+                 table: Mapping[str, Route],
                  dead_letters: DeadLetterWriter, backoff: Backoff,
                  not_found_retry_s: float, max_message_bytes: int) -> None:
         self._unit_of_work = unit_of_work

@@ -52,7 +52,7 @@ class Step:
 
 @dataclass
 class Example:
-    number: int
+    name: str
     title: str
     steps: list[Step] = field(default_factory=list)
 
@@ -63,36 +63,63 @@ def invoice(run: str, key: str, lines: list[dict[str, Any]], **extra: Any) -> di
                         "lines": lines, **extra}}
 
 
-def line(line_id: str, quantity: int, unit_amount: int, tax_rate_bps: int = 0) -> dict[str, Any]:
-    return {"id": line_id, "description": "Widget", "quantity": quantity,
-            "unit_amount": unit_amount, "tax_rate_bps": tax_rate_bps}
+def line(line_id: str, quantity: int, unit_amount: int, tax_rate_bps: int = 0,
+         description: str = "Widget", period: tuple[str, str] | None = None) -> dict[str, Any]:
+    data: dict[str, Any] = {"id": line_id, "description": description, "quantity": quantity,
+                            "unit_amount": unit_amount, "tax_rate_bps": tax_rate_bps}
+    if period:
+        data["period"] = {"start": period[0], "end": period[1]}
+    return data
+
+
+OCTOBER = ("2026-10-01T00:00:00Z", "2026-11-01T00:00:00Z")
+TEN_LINES = [line(f"il_{n}", 1, 1_000) for n in range(1, 11)]
+
+
+def _topic(settings: Settings, type_: str) -> str:
+    topics = settings.topics
+    return {
+        "return.received": topics.returns, "sla.breached": topics.sla_breaches,
+        "subscription.downgraded": topics.downgrades,
+        "subscription.canceled": topics.cancellations,
+    }.get(type_, topics.invoices if type_.startswith("invoice.")
+          else topics.credit_note_commands)
 
 
 def examples(run: str) -> list[Example]:
+    """RULES.md worked examples 1 to 12 in order (as events), then a downgrade."""
+    def number(example: Example) -> int:
+        last = example.name.split()[-1]
+        return int(last) if last.isdigit() else 99
+
+    return sorted(_examples(run), key=number)
+
+
+def _examples(run: str) -> list[Example]:
     def inv(key: str) -> str:
         return f"in_{key}_{run}"
 
     return [
-        Example(1, "Overcharge of 200.00 on 1,000.00 due", [
+        Example("Example 1", "Overcharge of 200.00 on 1,000.00 due", [
             Step("invoice 1,000.00", "invoice.finalized", invoice(run, "01", [line("il_1", 1, 100_000)])),
             Step("credit 200.00", "credit_note.issue",
                  {"invoice_id": inv("01"), "amount": 20_000, "reason": "other"},
                  Expect("credit_note.issued", total=20_000, pre_payment=20_000, remaining=80_000,
                         status="open")),
         ]),
-        Example(2, "20.00 credit on 100.00 due", [
+        Example("Example 2", "20.00 credit on 100.00 due", [
             Step("invoice 100.00", "invoice.finalized", invoice(run, "02", [line("il_1", 1, 10_000)])),
             Step("credit 20.00", "credit_note.issue", {"invoice_id": inv("02"), "amount": 2_000},
                  Expect("credit_note.issued", total=2_000, pre_payment=2_000, remaining=8_000,
                         status="open")),
         ]),
-        Example(3, "Credit all that remains: the invoice is paid", [
+        Example("Example 3", "Credit all that remains: the invoice is paid", [
             Step("invoice 50.00", "invoice.finalized", invoice(run, "03", [line("il_1", 1, 5_000)])),
             Step("credit 50.00", "credit_note.issue", {"invoice_id": inv("03"), "amount": 5_000},
                  Expect("credit_note.issued", total=5_000, pre_payment=5_000, remaining=0,
                         status="paid", events=frozenset({"invoice.paid"}))),
         ]),
-        Example(4, "Paid invoice: refund 200, credit 100, out of band 200", [
+        Example("Example 4", "Paid invoice: refund 200, credit 100, out of band 200", [
             Step("paid invoice 5.00", "invoice.finalized",
                  invoice(run, "04", [line("il_1", 1, 500)], status="paid", amount_paid=500)),
             Step("credit 500", "credit_note.issue",
@@ -102,7 +129,7 @@ def examples(run: str) -> list[Example]:
                         out_of_band=200, remaining=0, status="paid",
                         events=frozenset({"refund.requested"}))),
         ]),
-        Example(8, "The credit note that crosses the total is rejected", [
+        Example("Example 8", "The credit note that crosses the total is rejected", [
             Step("invoice 100.00", "invoice.finalized", invoice(run, "08", [line("il_1", 1, 10_000)])),
             Step("credit 60.00", "credit_note.issue", {"invoice_id": inv("08"), "amount": 6_000},
                  Expect("credit_note.issued", total=6_000, pre_payment=6_000, remaining=4_000,
@@ -113,7 +140,7 @@ def examples(run: str) -> list[Example]:
                  Expect("credit_note.issued", total=4_000, pre_payment=4_000, remaining=0,
                         status="paid", events=frozenset({"invoice.paid"}))),
         ]),
-        Example(9, "Void restores the amount due; void on a paid invoice is rejected", [
+        Example("Example 9", "Void restores the amount due; void on a paid invoice is rejected", [
             Step("invoice 100.00", "invoice.finalized", invoice(run, "09", [line("il_1", 1, 10_000)])),
             Step("credit 30.00", "credit_note.issue", {"invoice_id": inv("09"), "amount": 3_000},
                  Expect("credit_note.issued", total=3_000, pre_payment=3_000, remaining=7_000,
@@ -131,7 +158,7 @@ def examples(run: str) -> list[Example]:
                  lambda notes: {"credit_note_id": notes["credit 10.00"]},
                  Expect("credit_note.rejected", reason="not_voidable")),
         ]),
-        Example(12, "3 x 33.33 at 20% tax, credited one unit at a time", [
+        Example("Example 12", "3 x 33.33 at 20% tax, credited one unit at a time", [
             Step("invoice 119.99", "invoice.finalized",
                  invoice(run, "12", [line("il_1", 3, 3_333, 2_000)], total=11_999)),
             *[Step(f"unit {n}", "credit_note.issue",
@@ -143,6 +170,64 @@ def examples(run: str) -> list[Example]:
                   (1, 4_000, 7_999, "open", frozenset()),
                   (2, 4_000, 3_999, "open", frozenset()),
                   (3, 3_999, 0, "paid", frozenset({"invoice.paid"})))],
+        ]),
+        Example("Example 5", "Refund settlement refunds cash only: 50.00 back, 30.00 to balance", [
+            Step("invoice 200.00, 150.00 balance, 50.00 paid", "invoice.finalized",
+                 invoice(run, "05", [line("il_1", 1, 20_000)], status="paid",
+                         customer_balance_applied=15_000, amount_paid=5_000)),
+            Step("SLA credit 80.00, refund", "sla.breached",
+                 {"invoice_id": inv("05"), "sla_id": "sla-5", "credit_amount": 8_000,
+                  "settlement": "refund"},
+                 Expect("credit_note.issued", total=8_000, pre_payment=0, refund=5_000,
+                        balance=3_000, remaining=0, status="paid",
+                        events=frozenset({"refund.requested"}))),
+        ]),
+        Example("Example 6", "Return one of ten 10.00 lines with 50% off", [
+            Step("invoice 50.00", "invoice.finalized",
+                 invoice(run, "06", TEN_LINES, discounts=[{"percent_off_bps": 5_000}])),
+            Step("return il_3", "return.received",
+                 {"invoice_id": inv("06"), "return_id": "ret-6",
+                  "lines": [{"invoice_line_id": "il_3", "quantity": 1}]},
+                 Expect("credit_note.issued", total=500, pre_payment=500, remaining=4_500,
+                        status="open")),
+        ]),
+        Example("Example 7", "Return one of ten 10.00 lines with 10.00 off", [
+            Step("invoice 90.00", "invoice.finalized",
+                 invoice(run, "07", TEN_LINES, discounts=[{"amount_off": 1_000}])),
+            Step("return il_3", "return.received",
+                 {"invoice_id": inv("07"), "return_id": "ret-7",
+                  "lines": [{"invoice_line_id": "il_3", "quantity": 1}]},
+                 Expect("credit_note.issued", total=900, pre_payment=900, remaining=8_100,
+                        status="open")),
+        ]),
+        Example("Example 10", "SLA breach of 10% on a paid 5,000.00 invoice", [
+            Step("paid invoice 5,000.00", "invoice.finalized",
+                 invoice(run, "10", [line("il_1", 1, 500_000)], status="paid",
+                         amount_paid=500_000)),
+            Step("SLA breach 1000 bps", "sla.breached",
+                 {"invoice_id": inv("10"), "sla_id": "sla-10", "credit_bps": 1_000},
+                 Expect("credit_note.issued", total=50_000, pre_payment=0, balance=50_000,
+                        remaining=0, status="paid")),
+        ]),
+        Example("Example 11", "Cancellation on 16 Oct of a 31.00 plan with 20% tax", [
+            Step("paid invoice 37.20", "invoice.finalized",
+                 invoice(run, "11", [line("il_1", 1, 3_100, 2_000, "Plan", OCTOBER)],
+                         status="paid", amount_paid=3_720)),
+            Step("cancel 16 Oct 00:00", "subscription.canceled",
+                 {"invoice_id": inv("11"), "invoice_line_id": "il_1",
+                  "canceled_at": "2026-10-16T00:00:00Z"},
+                 Expect("credit_note.issued", total=1_920, pre_payment=0, refund=1_920,
+                        remaining=0, status="paid", events=frozenset({"refund.requested"}))),
+        ]),
+        Example("Downgrade", "Unused time of the old plan goes to the customer balance", [
+            Step("paid invoice 31.00", "invoice.finalized",
+                 invoice(run, "dg", [line("il_1", 1, 3_100, 0, "Pro plan", OCTOBER)],
+                         status="paid", amount_paid=3_100)),
+            Step("downgrade 21 Oct 12:00", "subscription.downgraded",
+                 {"invoice_id": inv("dg"), "invoice_line_id": "il_1",
+                  "effective_at": "2026-10-21T12:00:00Z"},
+                 Expect("credit_note.issued", total=1_050, pre_payment=0, balance=1_050,
+                        remaining=0, status="paid")),
         ]),
     ]
 
@@ -211,12 +296,11 @@ async def run_demo(settings: Settings, console: Console, timeout_s: float = 90.0
         console.print(f"[bold]creditnotes demo[/] (run {run}): the RULES.md worked examples, "
                       "published as CloudEvents, checked against what the service publishes")
         for example in examples(run):
-            table = _table(f"Example {example.number}: {example.title}")
+            table = _table(f"{example.name}: {example.title}")
             for index, step in enumerate(example.steps):
-                event_id = f"demo-{run}-{example.number}-{index}"
+                event_id = f"demo-{run}-{example.name.split()[-1]}-{index}"
                 data = step.data(notes) if callable(step.data) else step.data
-                topic = (settings.topics.invoices if step.type.startswith("invoice.")
-                         else settings.topics.credit_note_commands)
+                topic = _topic(settings, step.type)
                 key = data.get("invoice_id") or data.get("invoice", {}).get("id")
                 await producer.send_and_wait(topic, key=key.encode() if key else None,
                                              value=json.dumps({

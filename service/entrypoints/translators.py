@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -26,19 +28,22 @@ from service.domain.commands import (
     IssueCreditNote,
     LineRequest,
     MarkInvoiceUncollectible,
+    OnExcess,
     RecordPayment,
     ServicePeriod,
     Settlement,
     SettlementSplit,
     Trigger,
+    UnusedTime,
     VoidCreditNote,
     VoidInvoice,
 )
 from service.entrypoints import wire
-from service.settings import Topics
+from service.settings import Settings
 
 Model = TypeVar("Model", bound=BaseModel)
 Translator = Callable[[wire.CloudEvent, Trigger], Command]
+
 Header = tuple[str, bytes]
 
 
@@ -140,9 +145,69 @@ def _line(line: wire.InvoiceLineItem | wire.CustomLineItem) -> LineRequest:
     return InvoiceLineByAmount(line.invoice_line_id, line.amount)
 
 
-def translators(topics: Topics) -> dict[str, dict[str, Translator]]:
-    """Which message types each input topic carries, and how each becomes a command."""
-    return {
+def returned(event: wire.CloudEvent, trigger: Trigger, max_credit_bps: int) -> Command:
+    """Return of goods: the returned quantities of the named lines; refund by default."""
+    data = parse(wire.ReturnReceived, event.data, "return.received data")
+    quantities: dict[str, int] = {}
+    for line in data.lines:  # the same line named twice is one return of both quantities
+        quantities[line.invoice_line_id] = quantities.get(line.invoice_line_id, 0) + line.quantity
+    return _trigger_credit(
+        trigger, data.invoice_id, data.reason or "order_change", data.settlement or "refund",
+        max_credit_bps, {"return_id": data.return_id},
+        lines=tuple(InvoiceLineByQuantity(line_id, quantity)
+                    for line_id, quantity in quantities.items()))
+
+
+def sla_breached(event: wire.CloudEvent, trigger: Trigger, max_credit_bps: int) -> Command:
+    """SLA breach: a service credit spread over the lines; customer balance by default."""
+    data = parse(wire.SlaBreached, event.data, "sla.breached data")
+    return _trigger_credit(
+        trigger, data.invoice_id, "service_credit", data.settlement or "customer_balance",
+        max_credit_bps, {"sla_id": data.sla_id}, amount=data.credit_amount,
+        amount_bps=data.credit_bps, currency=data.currency)
+
+
+def downgraded(event: wire.CloudEvent, trigger: Trigger, max_credit_bps: int) -> Command:
+    """Downgrade: the unused time of the old plan's line; customer balance by default."""
+    data = parse(wire.SubscriptionDowngraded, event.data, "subscription.downgraded data")
+    return _trigger_credit(
+        trigger, data.invoice_id, "subscription_change", data.settlement or "customer_balance",
+        max_credit_bps, {}, lines=(UnusedTime(data.invoice_line_id, data.effective_at),))
+
+
+def canceled(event: wire.CloudEvent, trigger: Trigger, max_credit_bps: int) -> Command:
+    """Cancellation: the unused part of the prepaid term; refund by default."""
+    data = parse(wire.SubscriptionCanceled, event.data, "subscription.canceled data")
+    return _trigger_credit(
+        trigger, data.invoice_id, "subscription_cancellation", data.settlement or "refund",
+        max_credit_bps, {}, lines=(UnusedTime(data.invoice_line_id, data.canceled_at),))
+
+
+def _trigger_credit(trigger: Trigger, invoice_id: str, reason: str, settlement: str,
+                    max_credit_bps: int, metadata: dict[str, str], *,
+                    lines: tuple[LineRequest, ...] = (), amount: int | None = None,
+                    amount_bps: int | None = None, currency: str | None = None) -> IssueCreditNote:
+    """A trigger's credit: capped at what is left and at its policy, never rejected for excess."""
+    return IssueCreditNote(
+        trigger=trigger, invoice_id=invoice_id, reason=reason, lines=lines, amount=amount,
+        amount_bps=amount_bps, settlement=Settlement(settlement), on_excess=OnExcess.CAP,
+        currency=currency, metadata=metadata, max_credit_bps=max_credit_bps,
+        policy=f"{trigger.type}:max_credit_bps={max_credit_bps}",
+    )
+
+
+@dataclass(frozen=True)
+class Route:
+    """What one input topic carries, and who may publish there."""
+
+    translators: Mapping[str, Translator]
+    allowed_sources: frozenset[str] | None = None
+
+
+def routes(settings: Settings) -> dict[str, Route]:
+    """Every input topic: its message types, how each becomes a command, its allowed sources."""
+    topics = settings.topics
+    table: dict[str, dict[str, Translator]] = {
         topics.invoices: {
             "invoice.finalized": finalized,
             "invoice.payment_succeeded": payment_succeeded,
@@ -153,12 +218,38 @@ def translators(topics: Topics) -> dict[str, dict[str, Translator]]:
             "credit_note.issue": issue,
             "credit_note.void": void,
         },
+        topics.returns: {
+            "return.received": partial(returned,
+                                       max_credit_bps=settings.policy_return_max_credit_bps),
+        },
+        topics.sla_breaches: {
+            "sla.breached": partial(sla_breached,
+                                    max_credit_bps=settings.policy_sla_max_credit_bps),
+        },
+        topics.downgrades: {
+            "subscription.downgraded": partial(
+                downgraded, max_credit_bps=settings.policy_downgrade_max_credit_bps),
+        },
+        topics.cancellations: {
+            "subscription.canceled": partial(
+                canceled, max_credit_bps=settings.policy_cancellation_max_credit_bps),
+        },
     }
+    allowed = settings.allowed_sources()
+    return {topic: Route(translators, _frozen(allowed[topic]))
+            for topic, translators in table.items()}
 
 
-def translate(event: wire.CloudEvent, topic: str,
-              table: Mapping[str, Mapping[str, Translator]]) -> Command:
-    translator = table.get(topic, {}).get(event.type)
+def _frozen(sources: list[str] | None) -> frozenset[str] | None:
+    return None if sources is None else frozenset(sources)
+
+
+def translate(event: wire.CloudEvent, topic: str, table: Mapping[str, Route]) -> Command:
+    route = table.get(topic)
+    if route is not None and route.allowed_sources is not None and (
+            event.source not in route.allowed_sources):
+        raise errors.UnauthorizedSource(f"source {event.source!r} may not publish on {topic!r}")
+    translator = route.translators.get(event.type) if route is not None else None
     if translator is None:
         raise errors.UnsupportedType(f"type {event.type!r} is not read from topic {topic!r}")
     return translator(event, Trigger(event.source, event.id, event.type))

@@ -173,3 +173,48 @@ class CreditNoteIssue(Payload):
 
 class CreditNoteVoid(Payload):
     credit_note_id: Id
+
+
+# Upstream triggers (issue #3): each becomes a credit_note.issue-like command.
+
+
+class ReturnedLine(Payload):
+    invoice_line_id: Id
+    quantity: Quantity
+
+
+class ReturnReceived(Payload):
+    invoice_id: Id
+    return_id: Id
+    lines: Annotated[list[ReturnedLine], Field(min_length=1, max_length=1000)]
+    reason: Reason | None = None
+    settlement: SettlementName | None = None
+
+
+class SlaBreached(Payload):
+    invoice_id: Id
+    sla_id: Id
+    credit_bps: Annotated[int, Field(strict=True, gt=0, le=10_000)] | None = None
+    credit_amount: PositiveAmount | None = None
+    currency: Currency | None = None
+    settlement: SettlementName | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SlaBreached:
+        if (self.credit_bps is None) == (self.credit_amount is None):
+            raise ValueError("sla.breached needs exactly one of credit_bps and credit_amount")
+        return self
+
+
+class SubscriptionDowngraded(Payload):
+    invoice_id: Id
+    invoice_line_id: Id
+    effective_at: datetime
+    settlement: SettlementName | None = None
+
+
+class SubscriptionCanceled(Payload):
+    invoice_id: Id
+    invoice_line_id: Id
+    canceled_at: datetime
+    settlement: SettlementName | None = None

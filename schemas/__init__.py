@@ -1,0 +1,1 @@
+"""Wire schemas: migrations, generated JSON Schemas and example messages (see generate.py)."""

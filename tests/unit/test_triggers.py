@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -205,10 +206,8 @@ def test_proration_is_never_negative_never_more_than_left_and_exact_at_the_edges
         assert note.total == left
     # and a second cancellation can never credit more than is left
     again = Trigger("/upstream", "again", "subscription.canceled")
-    try:
+    with contextlib.suppress(errors.NothingLeftToCredit):
         issue_credit_note(inv, IssueCreditNote(**{**command.__dict__, "trigger": again}))
-    except errors.NothingLeftToCredit:
-        pass
     assert inv.credited_total <= inv.total
     assert inv.lines[0].remaining_net >= 0
     assert inv.lines[0].remaining_tax >= 0

@@ -75,6 +75,8 @@ class UnitOfWork(Protocol):
 class Result:
     message: Message
     outcome: Outcome | None = None
+    #: the rejection's reason code when the outcome is REJECTED
+    reason: str = ""
     error: errors.Undeliverable | None = None
 
 
@@ -90,18 +92,19 @@ async def apply_batch(messages: Sequence[Message], uow: UnitOfWork) -> list[Resu
         for message in messages:
             try:
                 async with uow.savepoint():
-                    outcome = await handle(message, uow)
+                    outcome, reason = await handle(message, uow)
             except errors.Undeliverable as error:
                 results.append(Result(message, error=error))
             else:
-                results.append(Result(message, outcome=outcome))
+                results.append(Result(message, outcome=outcome, reason=reason))
     return results
 
 
-async def handle(message: Message, uow: UnitOfWork) -> Outcome:
+async def handle(message: Message, uow: UnitOfWork) -> tuple[Outcome, str]:
+    """Apply one message; returns its outcome and, for a rejection, the reason code."""
     command = message.command
     if not await uow.claim(command.trigger, message.delivery):
-        return Outcome.DUPLICATE
+        return Outcome.DUPLICATE, ""
     try:
         await _HANDLERS[type(command)](command, uow)
     except errors.Rejection as rejection:
@@ -110,8 +113,8 @@ async def handle(message: Message, uow: UnitOfWork) -> Outcome:
             reason=rejection.code, message=rejection.message,
         )])
         await uow.record_outcome(command.trigger, f"rejected:{rejection.code}")
-        return Outcome.REJECTED
-    return Outcome.APPLIED
+        return Outcome.REJECTED, rejection.code
+    return Outcome.APPLIED, ""
 
 
 async def issue_credit_note(command: IssueCreditNote, uow: UnitOfWork) -> None:

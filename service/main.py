@@ -30,6 +30,7 @@ from service.adapters.unit_of_work import PostgresUnitOfWork
 from service.entrypoints.consumer import Backoff, Pipeline
 from service.entrypoints.dead_letters import DeadLetterWriter
 from service.entrypoints.http import HealthServer
+from service.entrypoints.metrics import Metrics
 from service.entrypoints.translators import Route, routes
 from service.settings import Settings
 
@@ -52,6 +53,7 @@ class Service:
                              enable_idempotence=False, logger=None,
                              bootstrap_servers=settings.kafka_bootstrap_servers)
         table = routes(settings)
+        metrics = Metrics()
         pipeline = Pipeline(
             unit_of_work=lambda: PostgresUnitOfWork(pool, settings.topics),
             table=table,
@@ -61,6 +63,7 @@ class Service:
                             settings.retry_max_backoff_seconds),
             not_found_retry_s=settings.not_found_retry_seconds,
             max_message_bytes=settings.max_message_bytes,
+            metrics=metrics,
         )
         relay = OutboxRelay(settings.database_url, pool, producer,
                             batch_size=settings.outbox_batch_size,
@@ -79,17 +82,26 @@ class Service:
                 return False, "database unreachable"
             return True, "ready"
 
-        async def metrics() -> str:
+        async def scrape() -> str:
             row = await pool.fetchrow(
                 "SELECT count(*) AS backlog, coalesce(extract(epoch FROM now() - min(created_at)),"
                 " 0) AS oldest FROM outbox WHERE published_at IS NULL")
             assert row is not None
-            return ("# TYPE creditnotes_outbox_backlog gauge\n"
-                    f"creditnotes_outbox_backlog {row['backlog']}\n"
-                    "# TYPE creditnotes_outbox_oldest_unpublished_seconds gauge\n"
-                    f"creditnotes_outbox_oldest_unpublished_seconds {float(row['oldest'])}\n")
+            metrics.outbox_backlog.set(row["backlog"])
+            metrics.outbox_oldest.set(float(row["oldest"]))
+            for subscriber in broker.subscribers:
+                consumer = getattr(subscriber, "consumer", None)
+                if consumer is None:
+                    continue
+                for partition in consumer.assignment():
+                    highwater = consumer.highwater(partition)
+                    if highwater is not None:
+                        position = await consumer.position(partition)
+                        metrics.lag.labels(partition.topic, str(partition.partition)).set(
+                            max(highwater - position, 0))
+            return metrics.render()
 
-        http = HealthServer(settings.http_port, readiness, metrics)
+        http = HealthServer(settings.http_port, readiness, scrape)
         relay_task: asyncio.Task[None] | None = None
         try:
             await producer.start()

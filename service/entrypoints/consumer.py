@@ -26,6 +26,7 @@ import structlog
 
 from service.domain import errors
 from service.entrypoints.dead_letters import DeadLetterWriter, Failure, Record
+from service.entrypoints.metrics import Metrics
 from service.entrypoints.translators import Route, decode_envelope, translate
 from service.handlers import Delivery, Message, Outcome, UnitOfWork, apply_batch
 
@@ -47,7 +48,8 @@ class Pipeline:
     def __init__(self, unit_of_work: Callable[[], UnitOfWork],
                  table: Mapping[str, Route],
                  dead_letters: DeadLetterWriter, backoff: Backoff,
-                 not_found_retry_s: float, max_message_bytes: int) -> None:
+                 not_found_retry_s: float, max_message_bytes: int,
+                 metrics: Metrics | None = None) -> None:
         self._unit_of_work = unit_of_work
         self._table = table
         self._dead_letters = dead_letters
@@ -55,15 +57,19 @@ class Pipeline:
         self._not_found_retry_s = not_found_retry_s
         self._max_message_bytes = max_message_bytes
         self._infrastructure_failures = 0
+        self._metrics = metrics or Metrics()
 
     async def process(self, record: Record) -> Outcome | None:
         """Apply one record exactly once, or dead-letter it; None when dead-lettered."""
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(topic=record.topic, partition=record.partition,
                                                offset=record.offset)
+        self._metrics.consumed.labels(record.topic).inc()
+        started = time.monotonic()
         try:
             outcome = await self._process(record)
         except Exception as error:
+            self._metrics.retries.labels(record.topic).inc()
             self._infrastructure_failures += 1
             delay = self._backoff.delay(self._infrastructure_failures)
             log.warning("processing failed, will retry the same record", retry_in_s=delay,
@@ -71,6 +77,7 @@ class Pipeline:
             await asyncio.sleep(delay)
             raise
         self._infrastructure_failures = 0
+        self._metrics.latency.labels(record.topic).observe(time.monotonic() - started)
         return outcome
 
     async def _process(self, record: Record) -> Outcome | None:
@@ -92,7 +99,11 @@ class Pipeline:
             attempt += 1
             [result] = await apply_batch([message], self._unit_of_work())
             if result.error is None:
-                log.info("message processed", outcome=result.outcome)
+                assert result.outcome is not None
+                log.info("message processed", outcome=result.outcome, reason=result.reason or None,
+                         invoice_id=getattr(command, "invoice_id", None))
+                self._metrics.outcomes.labels(record.topic, result.outcome.value,
+                                              result.reason).inc()
                 return result.outcome
             waited = time.monotonic() - started
             if result.error.retryable and waited < self._not_found_retry_s:
@@ -106,5 +117,6 @@ class Pipeline:
 
     async def _dead_letter(self, record: Record, failure: Failure) -> None:
         await self._dead_letters.write(record, failure)
+        self._metrics.outcomes.labels(record.topic, "dead_lettered", failure.error.code).inc()
         log.warning("message dead-lettered", reason=failure.error.code,
                     error_message=failure.error.message, attempts=failure.attempts)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from service.settings import Settings
@@ -223,3 +225,28 @@ async def test_every_outbox_row_is_marked_published_after_the_broker_took_it(
     published_ids = {r.event["id"] for r in kafka.records}
     assert published_ids == {row["event_id"] for row in
                              await fetch(settings, "SELECT event_id FROM outbox")}
+
+
+async def test_metrics_count_outcomes_per_topic_and_reason(
+        service: RunningService, kafka: Kafka, settings: Settings) -> None:
+    await finalize(kafka, settings, lines=[{"id": "il_1", "quantity": 1, "unit_amount": 10_000}])
+    await issue(kafka, settings, amount=6_000)
+    await issue(kafka, settings, amount=5_000)
+    await kafka.publish(settings.topics.credit_note_commands, b"not json", key="in_1001")
+    await kafka.expect(settings.topics.credit_note_events, "credit_note.rejected")
+    await kafka.expect(f"{settings.topics.credit_note_commands}.dlq")
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.service.http_port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    text = (await reader.read()).decode()
+    writer.close()
+    commands = settings.topics.credit_note_commands
+    assert (f'creditnotes_messages_processed_total{{outcome="applied",reason="",topic="{commands}"}} '
+            "1.0") in text
+    assert ('creditnotes_messages_processed_total{outcome="rejected",'
+            f'reason="exceeds_creditable_amount",topic="{commands}"}} 1.0') in text
+    assert ('creditnotes_messages_processed_total{outcome="dead_lettered",'
+            f'reason="invalid_message",topic="{commands}"}} 1.0') in text
+    assert f'creditnotes_processing_seconds_count{{topic="{commands}"}}' in text
+    assert "creditnotes_outbox_backlog" in text
+    assert "creditnotes_consumer_lag{" in text

@@ -1,0 +1,36 @@
+"""Prometheus metrics for ``/metrics``, in a registry of the service's own (no globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.consumed = Counter(
+            "creditnotes_messages_consumed", "Records read from an input topic", ["topic"],
+            registry=self.registry)
+        self.outcomes = Counter(
+            "creditnotes_messages_processed",
+            "Records processed, by outcome (applied, rejected, duplicate, dead_lettered) and "
+            "reason code", ["topic", "outcome", "reason"], registry=self.registry)
+        self.retries = Counter(
+            "creditnotes_infrastructure_retries",
+            "Records retried in place because PostgreSQL or the broker failed", ["topic"],
+            registry=self.registry)
+        self.latency = Histogram(
+            "creditnotes_processing_seconds", "From a record's arrival to its commit",
+            ["topic"], registry=self.registry,
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.outbox_backlog = Gauge(
+            "creditnotes_outbox_backlog", "Outbox rows not yet published", registry=self.registry)
+        self.outbox_oldest = Gauge(
+            "creditnotes_outbox_oldest_unpublished_seconds",
+            "Age of the oldest unpublished outbox row", registry=self.registry)
+        self.lag = Gauge(
+            "creditnotes_consumer_lag", "Records on a partition not yet consumed",
+            ["topic", "partition"], registry=self.registry)
+
+    def render(self) -> str:
+        return generate_latest(self.registry).decode()

@@ -1,4 +1,4 @@
-"""The ``creditnotes`` command line (CONTRACT.md): run, migrate, dev, demo."""
+"""The ``creditnotes`` command line (CONTRACT.md): run, migrate, dev, demo, dlq, verify."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import contextlib
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
@@ -32,6 +33,24 @@ def main(argv: list[str] | None = None) -> int:
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                          help="where embedded servers keep their data (default: .creditnotes)")
+    dlq = commands.add_parser("dlq", help="inspect and replay dead-letter topics")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    for name, text in (("list", "one line per dead letter"),
+                       ("show", "dead letters in full: headers and value"),
+                       ("replay", "republish dead letters to their original topics, once")):
+        sub = dlq_commands.add_parser(name, help=text)
+        sub.add_argument("topic", help="a dead-letter topic, e.g. returns.dlq")
+        sub.add_argument("--reason", help="only this dlq.error.reason, e.g. invoice_not_found")
+        sub.add_argument("--since", type=_timestamp,
+                         help="only records dead-lettered at or after this ISO 8601 time")
+        sub.add_argument("--key", help="only records with this key (invoice id)")
+        if name == "show":
+            sub.add_argument("--partition", type=int)
+            sub.add_argument("--offset", type=int)
+        if name == "replay":
+            sub.add_argument("--dry-run", action="store_true",
+                             help="say what would be replayed; publish and commit nothing")
+    commands.add_parser("verify", help="check every invariant of the database and report")
     args = parser.parse_args(argv)
     try:
         settings = Settings()
@@ -40,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_format, settings.log_level)
     handlers: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
-        "run": run, "migrate": migrate_command, "dev": dev, "demo": demo}
+        "run": run, "migrate": migrate_command, "dev": dev, "demo": demo, "dlq": dead_letters,
+        "verify": verify}
     return handlers[args.command](args, settings)
 
 
@@ -93,6 +113,69 @@ def demo(args: argparse.Namespace, settings: Settings) -> int:
         asyncio.run(_prepare(local))
         ok = asyncio.run(_serve(local, lambda: run_demo(local, console)))
     return 0 if ok else 1
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def dead_letters(args: argparse.Namespace, settings: Settings) -> int:
+    from service.entrypoints import dlq
+
+    console = Console()
+    filters = dlq.Filters(reason=args.reason, since=args.since, key=args.key)
+    if args.dlq_command == "replay":
+        summary = asyncio.run(dlq.replay(settings, args.topic, filters, dry_run=args.dry_run,
+                                         console=console))
+        if args.dry_run:
+            console.print(dlq.list_table(f"{args.topic}: would replay", summary.would_replay))
+        console.print(
+            f"republished {summary.republished}, already replayed {summary.already_replayed}, "
+            f"left by the filters {summary.filtered_out}"
+            + (f", would replay {len(summary.would_replay)}" if args.dry_run else "")
+            + (f", without an original topic {summary.unreplayable}" if summary.unreplayable
+               else ""))
+        return 0
+    records = [record for record in asyncio.run(dlq.read_all(settings, args.topic))
+               if filters.match(record)]
+    if args.dlq_command == "list":
+        console.print(dlq.list_table(args.topic, records))
+        console.print(f"{len(records)} dead letter(s)")
+        return 0
+    chosen = [record for record in records
+              if (args.partition is None or record.partition == args.partition)
+              and (args.offset is None or record.offset == args.offset)]
+    for record in chosen:
+        console.print(dlq.show_panel(record))
+    if not chosen:
+        console.print("no dead letter matches")
+    return 0 if chosen else 1
+
+
+def verify(_: argparse.Namespace, settings: Settings) -> int:
+    from rich.table import Table
+
+    from service.adapters.invariants import INVARIANTS, check_invariants
+
+    console = Console()
+    violations = asyncio.run(check_invariants(settings.database_url))
+    table = Table(title="creditnotes verify", title_justify="left")
+    for column in ("invariant", "result"):
+        table.add_column(column)
+    failing = {violation.invariant for violation in violations}
+    for invariant in INVARIANTS:
+        table.add_row(invariant.description,
+                      "[red]violated" if invariant.code in failing else "[green]holds")
+    console.print(table)
+    for violation in violations:
+        console.print(f"[red]✗ {violation.invariant}[/]: {violation.subject}: {violation.detail}")
+    console.print("[green]every invariant holds" if not violations
+                  else f"[red]{len(violations)} violation(s)")
+    return 0 if not violations else 1
 
 
 async def _prepare(settings: Settings) -> None:

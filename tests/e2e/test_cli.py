@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -116,3 +117,32 @@ def test_dev_runs_on_embedded_servers_and_stops_everything_on_sigterm(tmp_path: 
     assert not [c for c in psutil.net_connections("tcp")
                 if c.status == psutil.CONN_LISTEN and c.laddr.port == broker_port], (
         "the embedded broker should be stopped")
+
+
+async def test_verify_reports_every_invariant_and_names_a_violation(
+        fresh_database: str) -> None:
+    import asyncpg
+
+    from service.adapters.migrations import migrate
+    from service.settings import MIGRATIONS_DIR
+
+    await migrate(fresh_database, MIGRATIONS_DIR)
+    env = environment(CREDITNOTES_DATABASE_URL=fresh_database, COLUMNS="200")
+    clean = await asyncio.to_thread(subprocess.run, [CREDITNOTES, "verify"], env=env,
+                                    capture_output=True, text=True, timeout=60)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "every invariant holds" in clean.stdout
+
+    connection = await asyncpg.connect(fresh_database)
+    try:
+        await connection.execute(
+            "INSERT INTO invoices (id, number, customer_id, currency, status, subtotal, discount,"
+            " tax, total, customer_balance_applied, amount_paid, credit_note_count)"
+            " VALUES ('in_9', 'ACME-9', 'cus', 'usd', 'open', 100, 0, 0, 100, 0, 0, 2)")
+    finally:
+        await connection.close()
+    broken = await asyncio.to_thread(subprocess.run, [CREDITNOTES, "verify"], env=env,
+                                     capture_output=True, text=True, timeout=60)
+    assert broken.returncode == 1
+    assert "numbers_not_gapless" in broken.stdout
+    assert "invoice in_9" in broken.stdout

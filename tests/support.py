@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -156,6 +160,29 @@ class Kafka:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             await self.poll()
+
+
+CREDITNOTES = str(Path(sys.executable).with_name("creditnotes"))
+
+
+async def creditnotes(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the ``creditnotes`` command line on the test's servers and topics.
+
+    Asynchronously, so the service running in this process keeps its heartbeats.
+    """
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith("CREDITNOTES_")}
+    for name, value in settings.model_dump().items():
+        if name.startswith("topic_") or name in {"database_url", "kafka_bootstrap_servers",
+                                                 "consumer_group"}:
+            env[f"CREDITNOTES_{name.upper()}"] = str(value)
+    env["COLUMNS"] = "200"
+    process = await asyncio.create_subprocess_exec(
+        CREDITNOTES, *args, env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode is not None
+    return subprocess.CompletedProcess(args, process.returncode, stdout.decode(), stderr.decode())
 
 
 async def fetchrow(settings: Settings, query: str, *args: Any) -> asyncpg.Record | None:

@@ -93,7 +93,7 @@ class PostgresUnitOfWork:
             return None
         lines = await self.connection.fetch(
             "SELECT * FROM invoice_lines WHERE invoice_id = $1 ORDER BY position", invoice_id)
-        return _invoice(row, lines)
+        return invoice_from_rows(row, lines)
 
     async def add_invoice(self, invoice: Invoice) -> None:
         await self.connection.execute(
@@ -149,7 +149,7 @@ class PostgresUnitOfWork:
         lines = await self.connection.fetch(
             "SELECT * FROM credit_note_lines WHERE credit_note_id = $1 ORDER BY position",
             credit_note_id)
-        return _credit_note(row, lines)
+        return credit_note_from_rows(row, lines)
 
     async def add_credit_note(self, note: CreditNote) -> None:
         await self.connection.execute(
@@ -213,7 +213,7 @@ class PostgresUnitOfWork:
         )
 
 
-def _invoice(row: asyncpg.Record, lines: Sequence[asyncpg.Record]) -> Invoice:
+def invoice_from_rows(row: asyncpg.Record, lines: Sequence[asyncpg.Record]) -> Invoice:
     return Invoice(
         id=row["id"], number=row["number"], customer_id=row["customer_id"],
         currency=row["currency"], status=InvoiceStatus(row["status"]),
@@ -240,7 +240,7 @@ def _invoice_line(row: asyncpg.Record) -> InvoiceLine:
     )
 
 
-def _credit_note(row: asyncpg.Record, lines: Sequence[asyncpg.Record]) -> CreditNote:
+def credit_note_from_rows(row: asyncpg.Record, lines: Sequence[asyncpg.Record]) -> CreditNote:
     metadata: Any = row["metadata"]
     return CreditNote(
         id=row["id"], number=row["number"], sequence=row["sequence"],

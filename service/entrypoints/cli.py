@@ -1,4 +1,5 @@
-"""The ``creditnotes`` command line (CONTRACT.md): run, migrate, dev, demo, dlq, verify."""
+"""The ``creditnotes`` command line (CONTRACT.md): run, migrate, dev, demo, dlq, verify,
+preview, invoice show."""
 
 from __future__ import annotations
 
@@ -51,6 +52,19 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("--dry-run", action="store_true",
                              help="say what would be replayed; publish and commit nothing")
     commands.add_parser("verify", help="check every invariant of the database and report")
+    preview = commands.add_parser(
+        "preview", help="what a credit_note.issue would produce now; persists nothing")
+    preview.add_argument("invoice_id")
+    preview.add_argument("--amount", type=int, help="line-less gross amount, in minor units")
+    preview.add_argument("--refund", type=int, dest="refund_amount")
+    preview.add_argument("--credit", type=int, dest="credit_amount")
+    preview.add_argument("--out-of-band", type=int, dest="out_of_band_amount")
+    preview.add_argument("--reason")
+    preview.add_argument("--data", help="the credit_note.issue data as JSON (lines, ...)")
+    invoice = commands.add_parser("invoice", help="look at an invoice")
+    invoice_commands = invoice.add_subparsers(dest="invoice_command", required=True)
+    show = invoice_commands.add_parser("show", help="an invoice, its credit notes and events")
+    show.add_argument("invoice_id")
     args = parser.parse_args(argv)
     try:
         settings = Settings()
@@ -60,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_format, settings.log_level)
     handlers: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
         "run": run, "migrate": migrate_command, "dev": dev, "demo": demo, "dlq": dead_letters,
-        "verify": verify}
+        "verify": verify, "preview": preview_credit_note, "invoice": show_invoice}
     return handlers[args.command](args, settings)
 
 
@@ -176,6 +190,29 @@ def verify(_: argparse.Namespace, settings: Settings) -> int:
     console.print("[green]every invariant holds" if not violations
                   else f"[red]{len(violations)} violation(s)")
     return 0 if not violations else 1
+
+
+def preview_credit_note(args: argparse.Namespace, settings: Settings) -> int:
+    from service.domain.errors import InvalidMessage
+    from service.entrypoints import ops_views
+
+    console = Console()
+    try:
+        data = ops_views.parse_data(args.data)
+        for name in ("amount", "refund_amount", "credit_amount", "out_of_band_amount", "reason"):
+            if getattr(args, name) is not None:
+                data[name] = getattr(args, name)
+        return asyncio.run(ops_views.preview(settings.database_url, args.invoice_id, data,
+                                             console))
+    except (ValueError, InvalidMessage) as error:
+        console.print(f"[red]invalid request:[/] {error}")
+        return 2
+
+
+def show_invoice(args: argparse.Namespace, settings: Settings) -> int:
+    from service.entrypoints import ops_views
+
+    return asyncio.run(ops_views.show_invoice(settings.database_url, args.invoice_id, Console()))
 
 
 async def _prepare(settings: Settings) -> None:

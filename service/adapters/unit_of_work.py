@@ -16,6 +16,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from service.adapters.event_codec import encode
+from service.domain import errors
 from service.domain.commands import ServicePeriod, Trigger
 from service.domain.credit_note import (
     CreditNote,
@@ -55,8 +56,14 @@ class PostgresUnitOfWork:
 
     @asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:
-        async with self.connection.transaction():
-            yield
+        """One message's changes; a value PostgreSQL refuses makes that message undeliverable."""
+        try:
+            async with self.connection.transaction():
+                yield
+        except asyncpg.DataError as error:  # SQLSTATE class 22: the data, not the database
+            raise errors.InvalidMessage(
+                f"the database refused a value in the message (SQLSTATE {error.sqlstate})"
+            ) from None
 
     async def claim(self, trigger: Trigger, delivery: Delivery) -> bool:
         """Take the upstream event's idempotency key; False when it was taken before."""

@@ -188,7 +188,7 @@ def finalize_invoice(command: FinalizeInvoice) -> Invoice:
     total = subtotal - discount + tax
     if command.stated_total is not None and command.stated_total != total:
         raise errors.InvoiceTotalMismatch(
-            f"the stated total differs from the computed total {total}"
+            "the stated total differs from the total computed from the lines, discounts and tax"
         )
     if command.customer_balance_applied > total:
         raise errors.InvalidMessage("customer_balance_applied exceeds the invoice total")

@@ -59,13 +59,34 @@ def decode_envelope(value: bytes | None, headers: Sequence[Header]) -> wire.Clou
         body = json.loads(text)
     except json.JSONDecodeError:
         raise errors.InvalidMessage("the record value is not JSON") from None
+    except RecursionError:
+        raise errors.InvalidMessage("the record value is nested too deeply") from None
     attributes = {name[3:]: raw.decode("utf-8", "replace") for name, raw in headers
                   if name.startswith("ce_")}
+    if _has_nul(body) or any("\x00" in value for value in attributes.values()):
+        # PostgreSQL text cannot hold NUL; refusing it here keeps the partition flowing
+        raise errors.InvalidMessage("text must not contain NUL characters")
     if attributes:  # binary mode: attributes in ce_* headers, the value is the data
         return parse(wire.CloudEvent, {**attributes, "data": body}, "CloudEvent")
     if not isinstance(body, dict):
         raise errors.InvalidMessage("the record value is not a CloudEvent object")
     return parse(wire.CloudEvent, body, "CloudEvent")
+
+
+def _has_nul(value: Any) -> bool:
+    """Whether any string (key or value) in a parsed JSON document holds a NUL character."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def parse(model: type[Model], data: Any, what: str) -> Model:

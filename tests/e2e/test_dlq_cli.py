@@ -39,7 +39,8 @@ async def test_ops_list_show_and_replay_a_dead_letter_once_its_invoice_exists(
     await kafka.settle(1.0)
     assert kafka.on(settings.topics.credit_note_events) == []
 
-    replayed = await creditnotes(settings, "dlq", "replay", f"{commands}.dlq", "--reason", "invoice_not_found")
+    replayed = await creditnotes(settings, "dlq", "replay", f"{commands}.dlq",
+                                 "--reason", "invoice_not_found")
     assert replayed.returncode == 0, replayed.stderr
     assert "republished 1" in replayed.stdout
     [issued] = await kafka.expect(settings.topics.credit_note_events, "credit_note.issued")

@@ -252,11 +252,11 @@ CORRUPTIONS = [
     # 2.
     Corruption("pre-payment-credited-bumped",
                f"UPDATE invoices SET pre_payment_credited = pre_payment_credited + 1 WHERE id = '{A}'",
-               "credited_amount_disagrees", f"invoice {A}"),
+               "credited_amount_disagrees", f"invoice {A}", replica=True),
     Corruption("credited-moved-from-pre-to-post-payment",
                "UPDATE invoices SET pre_payment_credited = pre_payment_credited - 1, "
                f"post_payment_credited = post_payment_credited + 1 WHERE id = '{A}'",
-               "credited_amount_disagrees", f"invoice {A}"),
+               "credited_amount_disagrees", f"invoice {A}", replica=True),
     # 3.
     Corruption("balance-applied-beyond-what-was-left",
                "ALTER TABLE invoices DROP CONSTRAINT amount_remaining_not_negative; "
@@ -288,18 +288,18 @@ CORRUPTIONS = [
     Corruption("issue-journal-line-unbalanced",
                f"UPDATE journal_lines SET debit = debit + 1 WHERE credit_note_id = {_note(A1)} "
                "AND entry = 'issue' AND account = 'contra_revenue'",
-               "journal_unbalanced", f"credit note {A1}"),
+               "journal_unbalanced", f"credit note {A1}", replica=True),
     Corruption("issue-journal-missing",
                f"DELETE FROM journal_lines WHERE credit_note_id = {_note(A3)} AND entry = 'issue'",
-               "journal_unbalanced", f"credit note {A3}"),
+               "journal_unbalanced", f"credit note {A3}", replica=True),
     Corruption("void-journal-missing",
                f"DELETE FROM journal_lines WHERE credit_note_id = {_note(A2)} AND entry = 'void'",
-               "journal_unbalanced", f"credit note {A2}"),
+               "journal_unbalanced", f"credit note {A2}", replica=True),
     Corruption("void-journal-not-the-reverse",
                "UPDATE journal_lines SET account = 'customer_credit_balance' "
                f"WHERE credit_note_id = {_note(A2)} AND entry = 'void' "
                "AND account = 'accounts_receivable'",
-               "journal_unbalanced", f"credit note {A2}"),
+               "journal_unbalanced", f"credit note {A2}", replica=True),
     Corruption("void-journal-on-an-issued-note",
                "INSERT INTO journal_lines (credit_note_id, entry, position, account, debit, credit) "
                "SELECT credit_note_id, 'void', position, account, credit, debit "

@@ -1,12 +1,16 @@
 """Application handlers: one async function per command, each reading like its rule.
 
-A handler runs inside a transaction the caller opened on the unit of work, so
-a batch of messages can share one transaction (:func:`apply_batch`). Each
-message first claims its ``source`` + ``id`` in the processed-message ledger;
-a message already claimed has no second effect. A business refusal becomes a
-``credit_note.rejected`` event; an :class:`~service.domain.errors.Undeliverable`
-error undoes that message's savepoint and goes back to the caller for the
-dead-letter topic.
+Handlers run inside a transaction the caller opened on the unit of work, so a
+batch of messages shares one transaction (:func:`apply_batch`): the unit of
+work locks the batch's invoices up front in a stable order, keeps them in
+memory while the handlers run, and writes everything when the batch commits.
+
+Each message first claims its ``source`` + ``id`` in the processed-message
+ledger; a message already claimed has no second effect. A business refusal
+becomes a ``credit_note.rejected`` event. An
+:class:`~service.domain.errors.Undeliverable` error is raised before the
+domain changes anything, so the unit of work only has to release that
+message's claim; the error goes back to the caller for the dead-letter topic.
 """
 
 from __future__ import annotations
@@ -58,10 +62,10 @@ class UnitOfWork(Protocol):
     """What handlers need from storage; PostgreSQL implements it in ``adapters``."""
 
     def transaction(self) -> AbstractAsyncContextManager[None]: ...
-    def savepoint(self) -> AbstractAsyncContextManager[None]: ...
+    async def prepare(self, messages: Sequence[Message]) -> None: ...
     async def claim(self, trigger: Trigger, delivery: Delivery) -> bool: ...
+    async def release(self, trigger: Trigger) -> None: ...
     async def record_outcome(self, trigger: Trigger, outcome: str) -> None: ...
-    async def lock_invoices(self, invoice_ids: Sequence[str]) -> None: ...
     async def get_invoice_for_update(self, invoice_id: str) -> Invoice | None: ...
     async def add_invoice(self, invoice: Invoice) -> None: ...
     async def save_invoice(self, invoice: Invoice) -> None: ...
@@ -80,20 +84,33 @@ class Result:
     error: errors.Undeliverable | None = None
 
 
-async def apply_batch(messages: Sequence[Message], uow: UnitOfWork) -> list[Result]:
-    """Apply messages in one transaction, each in its own savepoint.
+async def apply_batch(messages: Sequence[Message],
+                      unit_of_work: Callable[[], UnitOfWork]) -> list[Result]:
+    """Apply messages in one transaction; if PostgreSQL refuses it, one message at a time.
 
-    Invoices are locked up front in a stable order, so two batches touching
-    the same invoices never deadlock.
+    The fallback isolates the message at fault: every other one is applied,
+    and only that one comes back with a ``RefusedByDatabase`` error.
     """
+    try:
+        return await _apply_together(messages, unit_of_work())
+    except errors.RefusedByDatabase as refused:
+        if len(messages) == 1:
+            return [Result(messages[0], error=refused)]
+    results: list[Result] = []
+    for message in messages:
+        results += await apply_batch([message], unit_of_work)
+    return results
+
+
+async def _apply_together(messages: Sequence[Message], uow: UnitOfWork) -> list[Result]:
     results: list[Result] = []
     async with uow.transaction():
-        await uow.lock_invoices(sorted({_invoice_of(m.command) for m in messages} - {""}))
+        await uow.prepare(messages)
         for message in messages:
             try:
-                async with uow.savepoint():
-                    outcome, reason = await handle(message, uow)
+                outcome, reason = await handle(message, uow)
             except errors.Undeliverable as error:
+                await uow.release(message.command.trigger)
                 results.append(Result(message, error=error))
             else:
                 results.append(Result(message, outcome=outcome, reason=reason))
@@ -109,7 +126,7 @@ async def handle(message: Message, uow: UnitOfWork) -> tuple[Outcome, str]:
         await _HANDLERS[type(command)](command, uow)
     except errors.Rejection as rejection:
         await uow.add_events([CreditNoteRejected(
-            trigger=command.trigger, invoice_id=_invoice_of(command) or None,
+            trigger=command.trigger, invoice_id=invoice_of(command) or None,
             reason=rejection.code, message=rejection.message,
         )])
         await uow.record_outcome(command.trigger, f"rejected:{rejection.code}")
@@ -122,7 +139,7 @@ async def issue_credit_note(command: IssueCreditNote, uow: UnitOfWork) -> None:
     note = issuing.issue_credit_note(invoice, command)
     await uow.add_credit_note(note)
     await uow.save_invoice(invoice)
-    await uow.add_events(invoice.events)
+    await uow.add_events(invoice.pop_events())
 
 
 async def void_credit_note(command: VoidCreditNote, uow: UnitOfWork) -> None:
@@ -135,7 +152,7 @@ async def void_credit_note(command: VoidCreditNote, uow: UnitOfWork) -> None:
     voided = issuing.void_credit_note(invoice, note, command)
     await uow.save_voided_credit_note(voided, command.trigger)
     await uow.save_invoice(invoice)
-    await uow.add_events(invoice.events)
+    await uow.add_events(invoice.pop_events())
 
 
 async def finalize(command: FinalizeInvoice, uow: UnitOfWork) -> None:
@@ -182,7 +199,8 @@ async def _locked_invoice(uow: UnitOfWork, invoice_id: str) -> Invoice:
     return invoice
 
 
-def _invoice_of(command: Command) -> str:
+def invoice_of(command: Command) -> str:
+    """The invoice a command is about ("" for a void, which names its credit note)."""
     return "" if isinstance(command, VoidCreditNote) else command.invoice_id
 
 

@@ -131,28 +131,31 @@ class Service:
 
 async def start_subscribers(broker: KafkaBroker, table: Mapping[str, Route],
                             pipeline: Pipeline, settings: Settings) -> None:
-    """One thin subscriber (its own consumer) per input topic, all handing records to the pipeline.
+    """One thin batch subscriber (its own consumer) per input topic, handing records to the pipeline.
 
     One consumer per topic, so a message waiting for its invoice never holds
     up the topic the invoice arrives on. They are started together (FastStream
     starts registered subscribers one by one, and every join rebalances the
     group), which takes startup from one group join per topic to about one.
 
-    ``NACK_ON_ERROR``: the offset is committed only after the handler returned
-    (never FastStream's default ``ACK_FIRST``, which auto-commits on receipt);
-    an exception seeks back to the record so it is delivered again.
+    ``NACK_ON_ERROR``: the offsets are committed only after the handler returned,
+    once per batch (never FastStream's default ``ACK_FIRST``, which auto-commits
+    on receipt); an exception seeks every partition of the batch back to its
+    first record, so they are all delivered again.
     """
     subscribers = []
     for topic in table:
         subscriber = broker.subscriber(
-            topic, group_id=settings.consumer_group, auto_offset_reset="earliest",
+            topic, batch=True, max_records=settings.batch_max_records,
+            batch_timeout_ms=settings.batch_timeout_ms,
+            group_id=settings.consumer_group, auto_offset_reset="earliest",
             ack_policy=AckPolicy.NACK_ON_ERROR, max_poll_interval_ms=600_000,
             session_timeout_ms=settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms, persistent=False,
         )
 
         async def consume(message: KafkaMessage) -> None:
-            await pipeline.process(message.raw_message)  # type: ignore[arg-type]
+            await pipeline.process_batch(message.raw_message)
 
         subscriber(consume)
         subscribers.append(subscriber)

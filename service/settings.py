@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     #: Backoff between retries, doubling up to the cap (seconds).
     retry_initial_backoff_seconds: float = Field(default=0.2, gt=0)
     retry_max_backoff_seconds: float = Field(default=5.0, gt=0)
+    #: Records applied together in one transaction (one offset commit per batch), and
+    #: how long a consumer waits for records when none are ready (milliseconds).
+    batch_max_records: int = Field(default=200, ge=1, le=10_000)
+    batch_timeout_ms: int = Field(default=20, ge=1)
     #: The largest message accepted, in bytes; larger ones are dead-lettered.
     max_message_bytes: int = Field(default=1_048_576, gt=0)
     #: The outbox relay polls this often when no NOTIFY arrives (seconds).

@@ -17,27 +17,48 @@ from asyncpg.pool import PoolConnectionProxy
 
 from service.adapters.event_codec import encode
 from service.domain import errors
-from service.domain.commands import ServicePeriod, Trigger
+from service.domain.commands import ServicePeriod, Trigger, VoidCreditNote
 from service.domain.credit_note import (
     CreditNote,
     CreditNoteLine,
     CreditNoteStatus,
-    JournalLine,
     Reason,
 )
 from service.domain.events import Event
 from service.domain.invoice import CreditMethod, Invoice, InvoiceLine, InvoiceStatus
-from service.handlers import Delivery
+from service.handlers import Delivery, Message, invoice_of
 from service.settings import Topics
 
 Connection = asyncpg.Connection | PoolConnectionProxy
 
 
 class PostgresUnitOfWork:
+    """One transaction for a batch of messages, writing behind.
+
+    ``prepare`` locks the batch's invoices (sorted by id, so concurrent batches
+    never deadlock) and claims every message's idempotency key in one
+    statement each; handlers then work on the invoices in memory, and
+    everything they recorded is written in a few set-wise statements when the
+    transaction commits. A value or constraint PostgreSQL refuses at that
+    point raises ``RefusedByDatabase`` for the whole batch (the caller then
+    applies it one message at a time).
+    """
+
     def __init__(self, pool: asyncpg.Pool, topics: Topics) -> None:
         self._pool = pool
         self._topics = topics
         self._connection: Connection | None = None
+        self._invoices: dict[str, Invoice | None] = {}
+        self._notes: dict[str, CreditNote | None] = {}
+        self._claimed: set[tuple[str, str]] = set()
+        self._used: set[tuple[str, str]] = set()
+        self._released: list[tuple[str, str]] = []
+        self._outcomes: dict[tuple[str, str], str] = {}
+        self._new_invoices: list[Invoice] = []
+        self._dirty_invoices: dict[str, Invoice] = {}
+        self._new_notes: list[CreditNote] = []
+        self._voided: list[tuple[CreditNote, Trigger]] = []
+        self._events: list[tuple[str, str, str | None, str, str]] = []
 
     @property
     def connection(self) -> Connection:
@@ -47,177 +68,238 @@ class PostgresUnitOfWork:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
-        async with self._pool.acquire() as connection, connection.transaction():
+        async with self._pool.acquire() as connection:
             self._connection = connection
             try:
-                yield
+                transaction = connection.transaction()
+                await transaction.start()
+                try:
+                    yield
+                    await self._flush()
+                except BaseException:
+                    await transaction.rollback()
+                    raise
+                await transaction.commit()
+            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as error:
+                raise errors.RefusedByDatabase(
+                    f"PostgreSQL refused the effect (SQLSTATE {error.sqlstate})") from None
             finally:
                 self._connection = None
 
-    @asynccontextmanager
-    async def savepoint(self) -> AsyncIterator[None]:
-        """One message's changes; a value PostgreSQL refuses makes that message undeliverable."""
-        try:
-            async with self.connection.transaction():
-                yield
-        except asyncpg.DataError as error:  # SQLSTATE class 22: the data, not the database
-            raise errors.InvalidMessage(
-                f"the database refused a value in the message (SQLSTATE {error.sqlstate})"
-            ) from None
-
-    async def claim(self, trigger: Trigger, delivery: Delivery) -> bool:
-        """Take the upstream event's idempotency key; False when it was taken before."""
-        claimed = await self.connection.fetchval(
+    async def prepare(self, messages: Sequence[Message]) -> None:
+        """Lock the batch's invoices in a stable order, then claim its messages' keys."""
+        void_ids = [m.command.credit_note_id for m in messages
+                    if isinstance(m.command, VoidCreditNote)]
+        if void_ids:
+            rows = await self.connection.fetch(
+                "SELECT id, invoice_id FROM credit_notes WHERE id = ANY($1::text[])", void_ids)
+            note_invoices = [row["invoice_id"] for row in rows]
+        else:
+            note_invoices = []
+        invoice_ids = sorted({invoice_of(m.command) for m in messages} - {""}
+                             | set(note_invoices))
+        await self._load_invoices(invoice_ids)
+        if void_ids:
+            await self._load_credit_notes(void_ids)
+        keys = sorted({(m.command.trigger.source, m.command.trigger.id): m for m in messages}
+                      .items())
+        rows = await self.connection.fetch(
             """
             INSERT INTO processed_messages
                 (source, id, type, topic, kafka_partition, kafka_offset, outcome)
-            VALUES ($1, $2, $3, $4, $5, $6, 'applied')
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[],
+                                 $6::bigint[], $7::text[])
             ON CONFLICT (source, id) DO NOTHING
-            RETURNING true
+            RETURNING source, id
             """,
-            trigger.source, trigger.id, trigger.type, delivery.topic, delivery.partition,
-            delivery.offset,
+            [key[0] for key, _ in keys], [key[1] for key, _ in keys],
+            [m.command.trigger.type for _, m in keys], [m.delivery.topic for _, m in keys],
+            [m.delivery.partition for _, m in keys], [m.delivery.offset for _, m in keys],
+            ["applied"] * len(keys),
         )
-        return bool(claimed)
+        self._claimed = {(row["source"], row["id"]) for row in rows}
+
+    async def claim(self, trigger: Trigger, delivery: Delivery) -> bool:
+        """Whether this message is the first to carry its key (in the ledger and the batch)."""
+        key = (trigger.source, trigger.id)
+        if key not in self._claimed or key in self._used:
+            return False
+        self._used.add(key)
+        return True
+
+    async def release(self, trigger: Trigger) -> None:
+        """Give back the key of a message that will be dead-lettered, so a replay can apply it."""
+        self._released.append((trigger.source, trigger.id))
 
     async def record_outcome(self, trigger: Trigger, outcome: str) -> None:
-        await self.connection.execute(
-            "UPDATE processed_messages SET outcome = $3 WHERE source = $1 AND id = $2",
-            trigger.source, trigger.id, outcome,
-        )
-
-    async def lock_invoices(self, invoice_ids: Sequence[str]) -> None:
-        if invoice_ids:
-            await self.connection.execute(
-                "SELECT 1 FROM invoices WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
-                list(invoice_ids),
-            )
+        self._outcomes[(trigger.source, trigger.id)] = outcome
 
     async def get_invoice_for_update(self, invoice_id: str) -> Invoice | None:
-        row = await self.connection.fetchrow(
-            "SELECT * FROM invoices WHERE id = $1 FOR UPDATE", invoice_id)
-        if row is None:
-            return None
-        lines = await self.connection.fetch(
-            "SELECT * FROM invoice_lines WHERE invoice_id = $1 ORDER BY position", invoice_id)
-        return invoice_from_rows(row, lines)
+        if invoice_id not in self._invoices:
+            await self._load_invoices([invoice_id])
+        return self._invoices[invoice_id]
 
     async def add_invoice(self, invoice: Invoice) -> None:
-        await self.connection.execute(
-            """
-            INSERT INTO invoices (id, number, customer_id, currency, status, subtotal, discount,
-                                  tax, total, customer_balance_applied, amount_paid)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-            """,
-            invoice.id, invoice.number, invoice.customer_id, invoice.currency,
-            invoice.status.value, invoice.subtotal, invoice.discount, invoice.tax,
-            invoice.total, invoice.customer_balance_applied, invoice.amount_paid,
-        )
-        await self.connection.executemany(
-            """
-            INSERT INTO invoice_lines (invoice_id, line_id, position, description, quantity,
-                unit_amount, tax_rate_bps, period_start, period_end, discount, tax)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-            """,
-            [(invoice.id, line.id, line.position, line.description, line.quantity,
-              line.unit_amount, line.tax_rate_bps,
-              line.period.start if line.period else None,
-              line.period.end if line.period else None, line.discount, line.tax)
-             for line in invoice.lines],
-        )
+        self._invoices[invoice.id] = invoice
+        self._new_invoices.append(invoice)
 
     async def save_invoice(self, invoice: Invoice) -> None:
-        await self.connection.execute(
-            """
-            UPDATE invoices SET status = $2, amount_paid = $3, pre_payment_credited = $4,
-                post_payment_credited = $5, refunded = $6, credit_note_count = $7,
-                updated_at = now()
-            WHERE id = $1
-            """,
-            invoice.id, invoice.status.value, invoice.amount_paid, invoice.pre_payment_credited,
-            invoice.post_payment_credited, invoice.refunded, invoice.credit_note_count,
-        )
-        await self.connection.executemany(
-            """
-            UPDATE invoice_lines SET credited_net = $3, credited_tax = $4,
-                credited_quantity = $5, credit_method = $6
-            WHERE invoice_id = $1 AND line_id = $2
-            """,
-            [(invoice.id, line.id, line.credited_net, line.credited_tax,
-              line.credited_quantity, line.credit_method.value if line.credit_method else None)
-             for line in invoice.lines],
-        )
+        self._dirty_invoices[invoice.id] = invoice
 
     async def get_credit_note(self, credit_note_id: str) -> CreditNote | None:
-        row = await self.connection.fetchrow(
-            "SELECT * FROM credit_notes WHERE id = $1", credit_note_id)
-        if row is None:
-            return None
-        lines = await self.connection.fetch(
-            "SELECT * FROM credit_note_lines WHERE credit_note_id = $1 ORDER BY position",
-            credit_note_id)
-        return credit_note_from_rows(row, lines)
+        if credit_note_id not in self._notes:
+            await self._load_credit_notes([credit_note_id])
+        return self._notes[credit_note_id]
 
     async def add_credit_note(self, note: CreditNote) -> None:
-        await self.connection.execute(
-            """
-            INSERT INTO credit_notes (id, invoice_id, sequence, number, customer_id, currency,
-                status, reason, subtotal, tax, total, pre_payment_amount, refund_amount,
-                credit_amount, out_of_band_amount, refund_id, trigger_source, trigger_id,
-                trigger_type, policy, memo, metadata)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-                    $17, $18, $19, $20, $21, $22::jsonb)
-            """,
-            note.id, note.invoice_id, note.sequence, note.number, note.customer_id,
-            note.currency, note.status.value, note.reason.value, note.subtotal, note.tax,
-            note.total, note.pre_payment_amount, note.refund_amount, note.credit_amount,
-            note.out_of_band_amount, note.refund_id, note.trigger.source, note.trigger.id,
-            note.trigger.type, note.policy, note.memo, json.dumps(note.metadata),
-        )
-        await self.connection.executemany(
-            """
-            INSERT INTO credit_note_lines (credit_note_id, position, invoice_line_id,
-                description, quantity, unit_amount, tax_rate_bps, net, tax)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-            """,
-            [(note.id, position, line.invoice_line_id, line.description, line.quantity,
-              line.unit_amount, line.tax_rate_bps, line.net, line.tax)
-             for position, line in enumerate(note.lines)],
-        )
-        await self._add_journal(note.id, "issue", note.journal)
+        self._notes[note.id] = note
+        self._new_notes.append(note)
 
     async def save_voided_credit_note(self, note: CreditNote, trigger: Trigger) -> None:
-        await self.connection.execute(
-            """
-            UPDATE credit_notes SET status = 'void', voided_at = now(),
-                voided_by_source = $2, voided_by_id = $3
-            WHERE id = $1
-            """,
-            note.id, trigger.source, trigger.id,
-        )
-        await self._add_journal(note.id, "void", note.void_journal)
+        self._notes[note.id] = note
+        self._voided.append((note, trigger))
 
     async def add_events(self, events: Sequence[Event]) -> None:
-        outgoing = [encode(event, self._topics) for event in events]
-        await self.connection.executemany(
-            """
-            INSERT INTO outbox (event_id, topic, key, type, payload)
-            VALUES ($1, $2, $3, $4, $5::json)
-            """,
-            [(event.id, event.topic, event.key, event.type, json.dumps(event.cloudevent))
-             for event in outgoing],
-        )
+        for event in events:
+            outgoing = encode(event, self._topics)
+            self._events.append((outgoing.id, outgoing.topic, outgoing.key, outgoing.type,
+                                 json.dumps(outgoing.cloudevent)))
 
-    async def _add_journal(self, note_id: str, entry: str,
-                           journal: tuple[JournalLine, ...]) -> None:
-        await self.connection.executemany(
-            """
-            INSERT INTO journal_lines (credit_note_id, entry, position, account, debit, credit)
-            VALUES ($1, $2, $3, $4, $5, $6)
-            """,
-            [(note_id, entry, position, line.account.value, line.debit, line.credit)
-             for position, line in enumerate(journal)],
-        )
+    async def _load_invoices(self, invoice_ids: Sequence[str]) -> None:
+        wanted = [invoice_id for invoice_id in invoice_ids if invoice_id not in self._invoices]
+        if not wanted:
+            return
+        rows = await self.connection.fetch(
+            "SELECT * FROM invoices WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE", wanted)
+        lines = await self.connection.fetch(
+            "SELECT * FROM invoice_lines WHERE invoice_id = ANY($1::text[])"
+            " ORDER BY invoice_id, position", [row["id"] for row in rows])
+        by_invoice: dict[str, list[asyncpg.Record]] = {}
+        for line in lines:
+            by_invoice.setdefault(line["invoice_id"], []).append(line)
+        for invoice_id in wanted:
+            self._invoices[invoice_id] = None
+        for row in rows:
+            self._invoices[row["id"]] = invoice_from_rows(row, by_invoice.get(row["id"], []))
+
+    async def _load_credit_notes(self, note_ids: Sequence[str]) -> None:
+        wanted = [note_id for note_id in note_ids if note_id not in self._notes]
+        rows = await self.connection.fetch(
+            "SELECT * FROM credit_notes WHERE id = ANY($1::text[])", wanted)
+        lines = await self.connection.fetch(
+            "SELECT * FROM credit_note_lines WHERE credit_note_id = ANY($1::text[])"
+            " ORDER BY credit_note_id, position", wanted)
+        by_note: dict[str, list[asyncpg.Record]] = {}
+        for line in lines:
+            by_note.setdefault(line["credit_note_id"], []).append(line)
+        for note_id in wanted:
+            self._notes[note_id] = None
+        for row in rows:
+            self._notes[row["id"]] = credit_note_from_rows(row, by_note.get(row["id"], []))
+
+    async def _flush(self) -> None:
+        """Write everything the batch recorded, parents before children."""
+        connection = self.connection
+        if self._new_invoices:
+            await connection.executemany(_INSERT_INVOICE, [
+                (i.id, i.number, i.customer_id, i.currency, i.status.value, i.subtotal,
+                 i.discount, i.tax, i.total, i.customer_balance_applied, i.amount_paid)
+                for i in self._new_invoices])
+            await connection.executemany(_INSERT_INVOICE_LINE, [
+                (i.id, line.id, line.position, line.description, line.quantity,
+                 line.unit_amount, line.tax_rate_bps,
+                 line.period.start if line.period else None,
+                 line.period.end if line.period else None, line.discount, line.tax)
+                for i in self._new_invoices for line in i.lines])
+        if self._new_notes:
+            await connection.executemany(_INSERT_CREDIT_NOTE, [
+                (n.id, n.invoice_id, n.sequence, n.number, n.customer_id, n.currency,
+                 CreditNoteStatus.ISSUED.value, n.reason.value, n.subtotal, n.tax, n.total,
+                 n.pre_payment_amount, n.refund_amount, n.credit_amount, n.out_of_band_amount,
+                 n.refund_id, n.trigger.source, n.trigger.id, n.trigger.type, n.policy, n.memo,
+                 json.dumps(n.metadata))
+                for n in self._new_notes])
+            await connection.executemany(_INSERT_CREDIT_NOTE_LINE, [
+                (n.id, position, line.invoice_line_id, line.description, line.quantity,
+                 line.unit_amount, line.tax_rate_bps, line.net, line.tax)
+                for n in self._new_notes for position, line in enumerate(n.lines)])
+        journal = [(n.id, "issue", position, line.account.value, line.debit, line.credit)
+                   for n in self._new_notes for position, line in enumerate(n.journal)]
+        if self._voided:
+            await connection.executemany(_VOID_CREDIT_NOTE, [
+                (n.id, trigger.source, trigger.id) for n, trigger in self._voided])
+            journal += [(n.id, "void", position, line.account.value, line.debit, line.credit)
+                        for n, _ in self._voided for position, line in enumerate(n.void_journal)]
+        if journal:
+            await connection.executemany(_INSERT_JOURNAL_LINE, journal)
+        new_ids = {invoice.id for invoice in self._new_invoices}
+        dirty = [i for i in self._dirty_invoices.values() if i.id not in new_ids]
+        if dirty:
+            await connection.executemany(_UPDATE_INVOICE, [
+                (i.id, i.status.value, i.amount_paid, i.pre_payment_credited,
+                 i.post_payment_credited, i.refunded, i.credit_note_count) for i in dirty])
+            await connection.executemany(_UPDATE_INVOICE_LINE, [
+                (i.id, line.id, line.credited_net, line.credited_tax, line.credited_quantity,
+                 line.credit_method.value if line.credit_method else None)
+                for i in dirty for line in i.lines])
+        if self._events:
+            await connection.executemany(_INSERT_OUTBOX, self._events)
+        if self._outcomes:
+            await connection.executemany(
+                "UPDATE processed_messages SET outcome = $3 WHERE source = $1 AND id = $2",
+                [(source, id_, outcome) for (source, id_), outcome in self._outcomes.items()])
+        if self._released:
+            await connection.execute(
+                """DELETE FROM processed_messages
+                   WHERE (source, id) IN (SELECT * FROM unnest($1::text[], $2::text[]))""",
+                [key[0] for key in self._released], [key[1] for key in self._released])
+
+
+_INSERT_INVOICE = """
+    INSERT INTO invoices (id, number, customer_id, currency, status, subtotal, discount, tax,
+                          total, customer_balance_applied, amount_paid)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+"""
+_INSERT_INVOICE_LINE = """
+    INSERT INTO invoice_lines (invoice_id, line_id, position, description, quantity,
+        unit_amount, tax_rate_bps, period_start, period_end, discount, tax)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+"""
+_UPDATE_INVOICE = """
+    UPDATE invoices SET status = $2, amount_paid = $3, pre_payment_credited = $4,
+        post_payment_credited = $5, refunded = $6, credit_note_count = $7, updated_at = now()
+    WHERE id = $1
+"""
+_UPDATE_INVOICE_LINE = """
+    UPDATE invoice_lines SET credited_net = $3, credited_tax = $4, credited_quantity = $5,
+        credit_method = $6
+    WHERE invoice_id = $1 AND line_id = $2
+"""
+_INSERT_CREDIT_NOTE = """
+    INSERT INTO credit_notes (id, invoice_id, sequence, number, customer_id, currency, status,
+        reason, subtotal, tax, total, pre_payment_amount, refund_amount, credit_amount,
+        out_of_band_amount, refund_id, trigger_source, trigger_id, trigger_type, policy, memo,
+        metadata)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
+            $19, $20, $21, $22::jsonb)
+"""
+_INSERT_CREDIT_NOTE_LINE = """
+    INSERT INTO credit_note_lines (credit_note_id, position, invoice_line_id, description,
+        quantity, unit_amount, tax_rate_bps, net, tax)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+"""
+_VOID_CREDIT_NOTE = """
+    UPDATE credit_notes SET status = 'void', voided_at = now(), voided_by_source = $2,
+        voided_by_id = $3
+    WHERE id = $1
+"""
+_INSERT_JOURNAL_LINE = """
+    INSERT INTO journal_lines (credit_note_id, entry, position, account, debit, credit)
+    VALUES ($1, $2, $3, $4, $5, $6)
+"""
+_INSERT_OUTBOX = """
+    INSERT INTO outbox (event_id, topic, key, type, payload) VALUES ($1, $2, $3, $4, $5::json)
+"""
 
 
 def invoice_from_rows(row: asyncpg.Record, lines: Sequence[asyncpg.Record]) -> Invoice:

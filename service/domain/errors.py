@@ -26,6 +26,7 @@
         ├── InvoiceTotalMismatch          invoice_total_mismatch
         ├── InvoiceConflict               invoice_conflict
         ├── InvalidInvoiceTransition      invalid_invoice_transition
+        ├── RefusedByDatabase             refused_by_database
         └── PaymentRefused                payment_refused
 
 Messages say what is wrong in words an operator can act on; they never carry
@@ -145,6 +146,16 @@ class InvoiceConflict(Undeliverable):
 
 class InvalidInvoiceTransition(Undeliverable):
     code = "invalid_invoice_transition"
+
+
+class RefusedByDatabase(Undeliverable):
+    """PostgreSQL refused the message's effect (a value or a constraint).
+
+    Raised for a whole batch, which is then applied one message at a time so
+    that only the message at fault is dead-lettered.
+    """
+
+    code = "refused_by_database"
 
 
 class PaymentRefused(Undeliverable):

@@ -118,6 +118,11 @@ class Invoice:
         """Cash actually collected and not yet refunded (balance applied is not cash)."""
         return self.amount_paid - self.refunded
 
+    def pop_events(self) -> list[Event]:
+        """The events recorded since the last call (each is written to the outbox once)."""
+        events, self.events = self.events, []
+        return events
+
     def line(self, line_id: str) -> InvoiceLine:
         for line in self.lines:
             if line.id == line_id:

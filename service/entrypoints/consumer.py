@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 import structlog
@@ -28,7 +28,15 @@ from service.domain import errors
 from service.entrypoints.dead_letters import DeadLetterWriter, Failure, Record
 from service.entrypoints.metrics import Metrics
 from service.entrypoints.translators import Route, decode_envelope, translate
-from service.handlers import Delivery, Message, Outcome, UnitOfWork, apply_batch
+from service.handlers import (
+    Delivery,
+    Message,
+    Outcome,
+    Result,
+    UnitOfWork,
+    apply_batch,
+    invoice_of,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -61,62 +69,101 @@ class Pipeline:
 
     async def process(self, record: Record) -> Outcome | None:
         """Apply one record exactly once, or dead-letter it; None when dead-lettered."""
+        [outcome] = await self.process_batch([record])
+        return outcome
+
+    async def process_batch(self, records: Sequence[Record]) -> list[Outcome | None]:
+        """Apply records in one transaction, dead-lettering any that cannot be applied.
+
+        Returns one outcome per record (None: dead-lettered). Raises when
+        PostgreSQL or the broker failed, after a backoff, so that the
+        subscriber seeks back and the same records come again.
+        """
         structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(topic=record.topic, partition=record.partition,
-                                               offset=record.offset)
-        self._metrics.consumed.labels(record.topic).inc()
         started = time.monotonic()
+        for record in records:
+            self._metrics.consumed.labels(record.topic).inc()
         try:
-            outcome = await self._process(record)
+            outcomes = await self._process_batch(records)
         except Exception as error:
-            self._metrics.retries.labels(record.topic).inc()
+            for record in records:
+                self._metrics.retries.labels(record.topic).inc()
             self._infrastructure_failures += 1
             delay = self._backoff.delay(self._infrastructure_failures)
-            log.warning("processing failed, will retry the same record", retry_in_s=delay,
-                        error=type(error).__name__)
+            log.warning("processing failed, will retry the same records", retry_in_s=delay,
+                        error=type(error).__name__, records=len(records))
             await asyncio.sleep(delay)
             raise
         self._infrastructure_failures = 0
-        self._metrics.latency.labels(record.topic).observe(time.monotonic() - started)
-        return outcome
+        elapsed = time.monotonic() - started
+        for record in records:
+            self._metrics.latency.labels(record.topic).observe(elapsed)
+        return outcomes
 
-    async def _process(self, record: Record) -> Outcome | None:
+    async def _process_batch(self, records: Sequence[Record]) -> list[Outcome | None]:
         first_failed_at = datetime.now(UTC)
-        try:
-            if record.value is not None and len(record.value) > self._max_message_bytes:
-                raise errors.MessageTooLarge(
-                    f"the record is larger than {self._max_message_bytes} bytes")
-            event = decode_envelope(record.value, list(record.headers))
-            structlog.contextvars.bind_contextvars(event_id=event.id, event_type=event.type)
-            command = translate(event, record.topic, self._table)
-        except errors.Undeliverable as error:
-            await self._dead_letter(record, Failure(error, 1, first_failed_at))
-            return None
-        message = Message(command, Delivery(record.topic, record.partition, record.offset))
-        started = time.monotonic()
-        attempt = 0
-        while True:
-            attempt += 1
-            [result] = await apply_batch([message], self._unit_of_work())
+        outcomes: list[Outcome | None] = [None] * len(records)
+        decoded: list[tuple[int, Message]] = []
+        for index, record in enumerate(records):
+            try:
+                decoded.append((index, self._decode(record)))
+            except errors.Undeliverable as error:
+                await self._dead_letter(record, Failure(error, 1, first_failed_at))
+        results = await apply_batch([message for _, message in decoded], self._unit_of_work)
+        for (index, message), result in zip(decoded, results, strict=True):
+            record = records[index]
             if result.error is None:
-                assert result.outcome is not None
-                log.info("message processed", outcome=result.outcome, reason=result.reason or None,
-                         invoice_id=getattr(command, "invoice_id", None))
-                self._metrics.outcomes.labels(record.topic, result.outcome.value,
-                                              result.reason).inc()
-                return result.outcome
-            waited = time.monotonic() - started
-            if result.error.retryable and waited < self._not_found_retry_s:
-                delay = min(self._backoff.delay(attempt), self._not_found_retry_s - waited)
-                log.info("waiting for what the message refers to", reason=result.error.code,
-                         retry_in_s=round(delay, 3))
-                await asyncio.sleep(delay)
-                continue
-            await self._dead_letter(record, Failure(result.error, attempt, first_failed_at))
-            return None
+                outcomes[index] = self._applied(record, result)
+            elif result.error.retryable:
+                outcomes[index] = await self._wait_and_apply(record, message, result.error,
+                                                             first_failed_at)
+            else:
+                await self._dead_letter(record, Failure(result.error, 1, first_failed_at))
+        return outcomes
+
+    def _decode(self, record: Record) -> Message:
+        if record.value is not None and len(record.value) > self._max_message_bytes:
+            raise errors.MessageTooLarge(
+                f"the record is larger than {self._max_message_bytes} bytes")
+        event = decode_envelope(record.value, list(record.headers))
+        command = translate(event, record.topic, self._table)
+        return Message(command, Delivery(record.topic, record.partition, record.offset))
+
+    def _applied(self, record: Record, result: Result) -> Outcome:
+        assert result.outcome is not None
+        command = result.message.command
+        log.info("message processed", topic=record.topic, partition=record.partition,
+                 offset=record.offset, event_id=command.trigger.id,
+                 event_type=command.trigger.type, outcome=result.outcome,
+                 reason=result.reason or None, invoice_id=invoice_of(command) or None)
+        self._metrics.outcomes.labels(record.topic, result.outcome.value, result.reason).inc()
+        return result.outcome
+
+    async def _wait_and_apply(self, record: Record, message: Message,
+                              error: errors.Undeliverable,
+                              first_failed_at: datetime) -> Outcome | None:
+        """Retry a message whose invoice (or credit note) is not known yet, for a while."""
+        started = time.monotonic()
+        attempt = 1
+        while (waited := time.monotonic() - started) < self._not_found_retry_s:
+            delay = min(self._backoff.delay(attempt), self._not_found_retry_s - waited)
+            log.info("waiting for what the message refers to", reason=error.code,
+                     event_id=message.command.trigger.id, retry_in_s=round(delay, 3))
+            await asyncio.sleep(delay)
+            attempt += 1
+            [result] = await apply_batch([message], self._unit_of_work)
+            if result.error is None:
+                return self._applied(record, result)
+            if not result.error.retryable:
+                error = result.error
+                break
+            error = result.error
+        await self._dead_letter(record, Failure(error, attempt, first_failed_at))
+        return None
 
     async def _dead_letter(self, record: Record, failure: Failure) -> None:
         await self._dead_letters.write(record, failure)
         self._metrics.outcomes.labels(record.topic, "dead_lettered", failure.error.code).inc()
-        log.warning("message dead-lettered", reason=failure.error.code,
+        log.warning("message dead-lettered", topic=record.topic, partition=record.partition,
+                    offset=record.offset, reason=failure.error.code,
                     error_message=failure.error.message, attempts=failure.attempts)

@@ -169,10 +169,10 @@ class Ledger:
 async def ledger(database_url: str) -> Ledger:
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     try:
-        uow = PostgresUnitOfWork(pool, Topics())
         outcomes = []
         for command in _ledger_commands():
-            [result] = await apply_batch([Message(command, Delivery("tests"))], uow)
+            [result] = await apply_batch([Message(command, Delivery("tests"))],
+                                         lambda: PostgresUnitOfWork(pool, Topics()))
             outcomes.append(result.outcome)
         assert outcomes == [Outcome.APPLIED] * 6 + [Outcome.REJECTED] + [Outcome.APPLIED] * 3
         await pool.execute("UPDATE outbox SET published_at = now()")  # as the relay would

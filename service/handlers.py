@@ -44,6 +44,8 @@ class Delivery:
     topic: str
     partition: int | None = None
     offset: int | None = None
+    #: W3C trace context of the span processing the message (None: tracing off)
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True)

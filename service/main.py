@@ -22,7 +22,9 @@ from faststream.security import (
     SASLScram256,
     SASLScram512,
 )
+from opentelemetry import trace
 
+from service import tracing
 from service.adapters import migrations
 from service.adapters.kafka_producer import KafkaProducer, connection_options
 from service.adapters.outbox_relay import OutboxRelay
@@ -38,8 +40,11 @@ log = structlog.get_logger(__name__)
 
 
 class Service:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings,
+                 tracer_provider: trace.TracerProvider | None = None) -> None:
         self.settings = settings
+        self.tracer_provider = tracer_provider or tracing.tracer_provider(
+            settings.tracing_enabled, settings.tracing_endpoint, settings.service_version)
         self.ready = asyncio.Event()
         self.http_port: int | None = None
 
@@ -64,11 +69,13 @@ class Service:
             not_found_retry_s=settings.not_found_retry_seconds,
             max_message_bytes=settings.max_message_bytes,
             metrics=metrics,
+            tracer=self.tracer_provider.get_tracer("creditnotes.consumer"),
         )
         relay = OutboxRelay(settings.database_url, pool, producer,
                             batch_size=settings.outbox_batch_size,
                             poll_seconds=settings.outbox_poll_seconds,
-                            max_backoff_seconds=settings.retry_max_backoff_seconds)
+                            max_backoff_seconds=settings.retry_max_backoff_seconds,
+                            tracer=self.tracer_provider.get_tracer("creditnotes.outbox"))
 
         async def readiness() -> tuple[bool, str]:
             try:
@@ -126,6 +133,9 @@ class Service:
             with contextlib.suppress(Exception):
                 await producer.stop()
             await pool.close()
+            shutdown = getattr(self.tracer_provider, "shutdown", None)
+            if shutdown is not None:
+                shutdown()  # flush the spans still buffered
             log.info("service stopped")
 
 

@@ -108,6 +108,10 @@ class Settings(BaseSettings):
     #: The outbox relay polls this often when no NOTIFY arrives (seconds).
     outbox_poll_seconds: float = Field(default=1.0, gt=0)
     outbox_batch_size: int = Field(default=500, gt=0)
+    #: OpenTelemetry traces over OTLP/HTTP (needs the ``tracing`` extra); the endpoint
+    #: defaults to the exporter's own (``OTEL_EXPORTER_OTLP_*`` variables).
+    tracing_enabled: bool = False
+    tracing_endpoint: str | None = None
     shutdown_timeout_seconds: float = Field(default=20.0, gt=0)
     migrations_dir: Path = MIGRATIONS_DIR
     service_version: str = "0.1.0"

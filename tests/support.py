@@ -64,9 +64,9 @@ class Record:
 class RunningService:
     """The real service, in this process, on the test's database and topics."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tracer_provider: Any = None) -> None:
         self.settings = settings
-        self.service = Service(settings)
+        self.service = Service(settings, tracer_provider=tracer_provider)
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 

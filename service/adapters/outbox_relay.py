@@ -19,9 +19,11 @@ from typing import Any
 import asyncpg
 import structlog
 from aiokafka.errors import KafkaError
+from opentelemetry import trace
 
 from service.adapters.event_codec import CONTENT_TYPE
 from service.adapters.kafka_producer import KafkaProducer
+from service.tracing import context_from_traceparent, headers_for, messaging_attributes
 
 _RELAY_LOCK_KEY = 0x6F757462  # "outb"
 _CHANNEL = "creditnotes_outbox"
@@ -31,7 +33,8 @@ log = structlog.get_logger(__name__)
 class OutboxRelay:
     def __init__(self, database_url: str, pool: asyncpg.Pool, producer: KafkaProducer,
                  batch_size: int = 500, poll_seconds: float = 1.0,
-                 max_backoff_seconds: float = 5.0) -> None:
+                 max_backoff_seconds: float = 5.0,
+                 tracer: trace.Tracer | None = None) -> None:
         self._database_url = database_url
         self._pool = pool
         self._producer = producer
@@ -39,6 +42,7 @@ class OutboxRelay:
         self._poll_seconds = poll_seconds
         self._max_backoff = max_backoff_seconds
         self._wake = asyncio.Event()
+        self._tracer = tracer or trace.NoOpTracer()
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Relay until ``stopping`` is set; survives database and broker outages."""
@@ -77,19 +81,27 @@ class OutboxRelay:
         """Publish one batch of unpublished rows in order; returns how many."""
         rows = await self._pool.fetch(
             """
-            SELECT seq, topic, key, payload FROM outbox
+            SELECT seq, topic, key, type, payload, traceparent FROM outbox
             WHERE published_at IS NULL ORDER BY seq LIMIT $1
             """,
             self._batch_size,
         )
         if not rows:
             return 0
-        headers = [("content-type", CONTENT_TYPE.encode())]
-        await self._producer.send_all([
-            (row["topic"], row["key"].encode() if row["key"] is not None else None,
-             row["payload"].encode(), headers)
-            for row in rows
-        ])
+        content_type = ("content-type", CONTENT_TYPE.encode())
+        spans = [self._tracer.start_span(
+            f"publish {row['type']}", context=context_from_traceparent(row["traceparent"]),
+            kind=trace.SpanKind.PRODUCER, attributes=messaging_attributes(row["topic"]))
+            for row in rows]
+        try:
+            await self._producer.send_all([
+                (row["topic"], row["key"].encode() if row["key"] is not None else None,
+                 row["payload"].encode(), [content_type, *headers_for(span)])
+                for row, span in zip(rows, spans, strict=True)
+            ])
+        finally:
+            for span in spans:
+                span.end()
         await self._pool.execute(
             "UPDATE outbox SET published_at = now() WHERE seq = ANY($1::bigint[])",
             [row["seq"] for row in rows],

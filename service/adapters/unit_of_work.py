@@ -58,7 +58,8 @@ class PostgresUnitOfWork:
         self._dirty_invoices: dict[str, Invoice] = {}
         self._new_notes: list[CreditNote] = []
         self._voided: list[tuple[CreditNote, Trigger]] = []
-        self._events: list[tuple[str, str, str | None, str, str]] = []
+        self._events: list[tuple[str, str, str | None, str, str, str | None]] = []
+        self._traceparent: str | None = None
 
     @property
     def connection(self) -> Connection:
@@ -122,6 +123,7 @@ class PostgresUnitOfWork:
     async def claim(self, trigger: Trigger, delivery: Delivery) -> bool:
         """Whether this message is the first to carry its key (in the ledger and the batch)."""
         key = (trigger.source, trigger.id)
+        self._traceparent = delivery.traceparent  # the events this message writes carry it
         if key not in self._claimed or key in self._used:
             return False
         self._used.add(key)
@@ -163,7 +165,7 @@ class PostgresUnitOfWork:
         for event in events:
             outgoing = encode(event, self._topics)
             self._events.append((outgoing.id, outgoing.topic, outgoing.key, outgoing.type,
-                                 json.dumps(outgoing.cloudevent)))
+                                 json.dumps(outgoing.cloudevent), self._traceparent))
 
     async def _load_invoices(self, invoice_ids: Sequence[str]) -> None:
         wanted = [invoice_id for invoice_id in invoice_ids if invoice_id not in self._invoices]
@@ -298,7 +300,8 @@ _INSERT_JOURNAL_LINE = """
     VALUES ($1, $2, $3, $4, $5, $6)
 """
 _INSERT_OUTBOX = """
-    INSERT INTO outbox (event_id, topic, key, type, payload) VALUES ($1, $2, $3, $4, $5::json)
+    INSERT INTO outbox (event_id, topic, key, type, payload, traceparent)
+    VALUES ($1, $2, $3, $4, $5::json, $6)
 """
 
 

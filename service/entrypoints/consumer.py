@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 import structlog
+from opentelemetry import trace
 
 from service.domain import errors
 from service.entrypoints.dead_letters import DeadLetterWriter, Failure, Record
@@ -37,6 +38,7 @@ from service.handlers import (
     apply_batch,
     invoice_of,
 )
+from service.tracing import context_from_headers, messaging_attributes, traceparent_of
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +59,7 @@ class Pipeline:
                  table: Mapping[str, Route],
                  dead_letters: DeadLetterWriter, backoff: Backoff,
                  not_found_retry_s: float, max_message_bytes: int,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, tracer: trace.Tracer | None = None) -> None:
         self._unit_of_work = unit_of_work
         self._table = table
         self._dead_letters = dead_letters
@@ -66,6 +68,7 @@ class Pipeline:
         self._max_message_bytes = max_message_bytes
         self._infrastructure_failures = 0
         self._metrics = metrics or Metrics()
+        self._tracer = tracer or trace.NoOpTracer()
 
     async def process(self, record: Record) -> Outcome | None:
         """Apply one record exactly once, or dead-letter it; None when dead-lettered."""
@@ -103,31 +106,51 @@ class Pipeline:
     async def _process_batch(self, records: Sequence[Record]) -> list[Outcome | None]:
         first_failed_at = datetime.now(UTC)
         outcomes: list[Outcome | None] = [None] * len(records)
-        decoded: list[tuple[int, Message]] = []
-        for index, record in enumerate(records):
-            try:
-                decoded.append((index, self._decode(record)))
-            except errors.Undeliverable as error:
-                await self._dead_letter(record, Failure(error, 1, first_failed_at))
-        results = await apply_batch([message for _, message in decoded], self._unit_of_work)
-        for (index, message), result in zip(decoded, results, strict=True):
-            record = records[index]
-            if result.error is None:
-                outcomes[index] = self._applied(record, result)
-            elif result.error.retryable:
-                outcomes[index] = await self._wait_and_apply(record, message, result.error,
-                                                             first_failed_at)
-            else:
-                await self._dead_letter(record, Failure(result.error, 1, first_failed_at))
+        decoded: list[tuple[int, Message, trace.Span]] = []
+        try:
+            for index, record in enumerate(records):
+                span = self._tracer.start_span(
+                    "process", context=context_from_headers(list(record.headers)),
+                    kind=trace.SpanKind.CONSUMER,
+                    attributes=messaging_attributes(record.topic, record.partition,
+                                                    record.offset))
+                try:
+                    decoded.append((index, self._decode(record, span), span))
+                except errors.Undeliverable as error:
+                    span.set_attribute("creditnotes.outcome", f"dead_lettered:{error.code}")
+                    span.end()
+                    await self._dead_letter(record, Failure(error, 1, first_failed_at))
+            with self._tracer.start_as_current_span(
+                    "postgresql transaction", kind=trace.SpanKind.CLIENT,
+                    links=[trace.Link(span.get_span_context()) for _, _, span in decoded],
+                    attributes={"db.system": "postgresql", "creditnotes.messages": len(decoded)}):
+                results = await apply_batch([message for _, message, _ in decoded],
+                                            self._unit_of_work)
+            for (index, message, span), result in zip(decoded, results, strict=True):
+                record = records[index]
+                if result.error is None:
+                    outcomes[index] = self._applied(record, result)
+                elif result.error.retryable:
+                    outcomes[index] = await self._wait_and_apply(record, message, result.error,
+                                                                 first_failed_at)
+                else:
+                    await self._dead_letter(record, Failure(result.error, 1, first_failed_at))
+                span.set_attribute("creditnotes.outcome", str(outcomes[index] or "dead_lettered"))
+        finally:
+            for _, _, span in decoded:
+                span.end()
         return outcomes
 
-    def _decode(self, record: Record) -> Message:
+    def _decode(self, record: Record, span: trace.Span) -> Message:
         if record.value is not None and len(record.value) > self._max_message_bytes:
             raise errors.MessageTooLarge(
                 f"the record is larger than {self._max_message_bytes} bytes")
         event = decode_envelope(record.value, list(record.headers))
+        span.update_name(f"process {event.type}")
+        span.set_attribute("messaging.message.id", event.id)
         command = translate(event, record.topic, self._table)
-        return Message(command, Delivery(record.topic, record.partition, record.offset))
+        return Message(command, Delivery(record.topic, record.partition, record.offset,
+                                         traceparent_of(span)))
 
     def _applied(self, record: Record, result: Result) -> Outcome:
         assert result.outcome is not None

@@ -10,7 +10,9 @@ ledger; a message already claimed has no second effect. A business refusal
 becomes a ``credit_note.rejected`` event. An
 :class:`~service.domain.errors.Undeliverable` error is raised before the
 domain changes anything, so the unit of work only has to release that
-message's claim; the error goes back to the caller for the dead-letter topic.
+message's claim (its ledger row says ``released:<reason>``, and a later
+delivery of the same event claims it again); the error goes back to the
+caller for the dead-letter topic.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class UnitOfWork(Protocol):
     def transaction(self) -> AbstractAsyncContextManager[None]: ...
     async def prepare(self, messages: Sequence[Message]) -> None: ...
     async def claim(self, trigger: Trigger, delivery: Delivery) -> bool: ...
-    async def release(self, trigger: Trigger) -> None: ...
+    async def release(self, trigger: Trigger, reason: str) -> None: ...
     async def record_outcome(self, trigger: Trigger, outcome: str) -> None: ...
     async def get_invoice_for_update(self, invoice_id: str) -> Invoice | None: ...
     async def add_invoice(self, invoice: Invoice) -> None: ...
@@ -112,7 +114,7 @@ async def _apply_together(messages: Sequence[Message], uow: UnitOfWork) -> list[
             try:
                 outcome, reason = await handle(message, uow)
             except errors.Undeliverable as error:
-                await uow.release(message.command.trigger)
+                await uow.release(message.command.trigger, error.code)
                 results.append(Result(message, error=error))
             else:
                 results.append(Result(message, outcome=outcome, reason=reason))

@@ -90,12 +90,15 @@ class Service:
             return True, "ready"
 
         async def scrape() -> str:
-            row = await pool.fetchrow(
-                "SELECT count(*) AS backlog, coalesce(extract(epoch FROM now() - min(created_at)),"
-                " 0) AS oldest FROM outbox WHERE published_at IS NULL")
-            assert row is not None
-            metrics.outbox_backlog.set(row["backlog"])
-            metrics.outbox_oldest.set(float(row["oldest"]))
+            try:  # the other metrics still answer while PostgreSQL is down
+                row = await asyncio.wait_for(pool.fetchrow(
+                    "SELECT count(*) AS backlog, coalesce(extract(epoch FROM now()"
+                    " - min(created_at)), 0) AS oldest FROM outbox WHERE published_at IS NULL"), 2)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                row = None
+            if row is not None:
+                metrics.outbox_backlog.set(row["backlog"])
+                metrics.outbox_oldest.set(float(row["oldest"]))
             for subscriber in broker.subscribers:
                 consumer = getattr(subscriber, "consumer", None)
                 if consumer is None:

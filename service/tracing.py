@@ -11,8 +11,10 @@ The trace follows a message through the service:
   child; the published record carries that span's ``traceparent`` header.
 
 No global state: the composition root builds one tracer provider and hands
-tracers to the pipeline and the relay. Without the SDK installed (the
-``tracing`` extra) or with tracing off, every tracer is a no-op one.
+tracers to the pipeline and the relay. With tracing off every tracer is a
+no-op one (an upstream ``traceparent`` is still passed on to the events);
+with it on, the ``tracing`` extra must be installed, or the service refuses
+to start rather than silently not tracing.
 """
 
 from __future__ import annotations

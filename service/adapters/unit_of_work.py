@@ -52,7 +52,6 @@ class PostgresUnitOfWork:
         self._notes: dict[str, CreditNote | None] = {}
         self._claimed: set[tuple[str, str]] = set()
         self._used: set[tuple[str, str]] = set()
-        self._released: list[tuple[str, str]] = []
         self._outcomes: dict[tuple[str, str], str] = {}
         self._new_invoices: list[Invoice] = []
         self._dirty_invoices: dict[str, Invoice] = {}
@@ -110,7 +109,11 @@ class PostgresUnitOfWork:
                 (source, id, type, topic, kafka_partition, kafka_offset, outcome)
             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[],
                                  $6::bigint[], $7::text[])
-            ON CONFLICT (source, id) DO NOTHING
+            ON CONFLICT (source, id) DO UPDATE
+                SET outcome = 'applied', type = EXCLUDED.type, topic = EXCLUDED.topic,
+                    kafka_partition = EXCLUDED.kafka_partition,
+                    kafka_offset = EXCLUDED.kafka_offset, processed_at = now()
+                WHERE processed_messages.outcome LIKE 'released:%'
             RETURNING source, id
             """,
             [key[0] for key, _ in keys], [key[1] for key, _ in keys],
@@ -129,9 +132,9 @@ class PostgresUnitOfWork:
         self._used.add(key)
         return True
 
-    async def release(self, trigger: Trigger) -> None:
+    async def release(self, trigger: Trigger, reason: str) -> None:
         """Give back the key of a message that will be dead-lettered, so a replay can apply it."""
-        self._released.append((trigger.source, trigger.id))
+        self._outcomes[(trigger.source, trigger.id)] = f"released:{reason}"
 
     async def record_outcome(self, trigger: Trigger, outcome: str) -> None:
         self._outcomes[(trigger.source, trigger.id)] = outcome
@@ -250,11 +253,6 @@ class PostgresUnitOfWork:
             await connection.executemany(
                 "UPDATE processed_messages SET outcome = $3 WHERE source = $1 AND id = $2",
                 [(source, id_, outcome) for (source, id_), outcome in self._outcomes.items()])
-        if self._released:
-            await connection.execute(
-                """DELETE FROM processed_messages
-                   WHERE (source, id) IN (SELECT * FROM unnest($1::text[], $2::text[]))""",
-                [key[0] for key in self._released], [key[1] for key in self._released])
 
 
 _INSERT_INVOICE = """

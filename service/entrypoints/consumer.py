@@ -126,15 +126,18 @@ class Pipeline:
                     attributes={"db.system": "postgresql", "creditnotes.messages": len(decoded)}):
                 results = await apply_batch([message for _, message, _ in decoded],
                                             self._unit_of_work)
-            for (index, message, span), result in zip(decoded, results, strict=True):
-                record = records[index]
+            waiting: list[tuple[int, Message, errors.Undeliverable]] = []
+            for (index, message, _), result in zip(decoded, results, strict=True):
                 if result.error is None:
-                    outcomes[index] = self._applied(record, result)
+                    outcomes[index] = self._applied(records[index], result)
                 elif result.error.retryable:
-                    outcomes[index] = await self._wait_and_apply(record, message, result.error,
-                                                                 first_failed_at)
+                    waiting.append((index, message, result.error))
                 else:
-                    await self._dead_letter(record, Failure(result.error, 1, first_failed_at))
+                    await self._dead_letter(records[index],
+                                            Failure(result.error, 1, first_failed_at))
+            if waiting:
+                await self._wait_and_apply(records, waiting, outcomes, first_failed_at)
+            for index, _, span in decoded:
                 span.set_attribute("creditnotes.outcome", str(outcomes[index] or "dead_lettered"))
         finally:
             for _, _, span in decoded:
@@ -162,27 +165,38 @@ class Pipeline:
         self._metrics.outcomes.labels(record.topic, result.outcome.value, result.reason).inc()
         return result.outcome
 
-    async def _wait_and_apply(self, record: Record, message: Message,
-                              error: errors.Undeliverable,
-                              first_failed_at: datetime) -> Outcome | None:
-        """Retry a message whose invoice (or credit note) is not known yet, for a while."""
+    async def _wait_and_apply(self, records: Sequence[Record],
+                              waiting: list[tuple[int, Message, errors.Undeliverable]],
+                              outcomes: list[Outcome | None],
+                              first_failed_at: datetime) -> None:
+        """Retry, together and in order, the messages whose invoice is not known yet.
+
+        All of them share one deadline, so a batch never waits longer than
+        ``not_found_retry_s`` in all; then the ones still waiting are dead-lettered.
+        """
         started = time.monotonic()
         attempt = 1
-        while (waited := time.monotonic() - started) < self._not_found_retry_s:
+        while waiting and (waited := time.monotonic() - started) < self._not_found_retry_s:
             delay = min(self._backoff.delay(attempt), self._not_found_retry_s - waited)
-            log.info("waiting for what the message refers to", reason=error.code,
-                     event_id=message.command.trigger.id, retry_in_s=round(delay, 3))
+            log.info("waiting for what the messages refer to", messages=len(waiting),
+                     reasons=sorted({error.code for _, _, error in waiting}),
+                     retry_in_s=round(delay, 3))
             await asyncio.sleep(delay)
             attempt += 1
-            [result] = await apply_batch([message], self._unit_of_work)
-            if result.error is None:
-                return self._applied(record, result)
-            if not result.error.retryable:
-                error = result.error
-                break
-            error = result.error
-        await self._dead_letter(record, Failure(error, attempt, first_failed_at))
-        return None
+            results = await apply_batch([message for _, message, _ in waiting],
+                                        self._unit_of_work)
+            still: list[tuple[int, Message, errors.Undeliverable]] = []
+            for (index, message, _), result in zip(waiting, results, strict=True):
+                if result.error is None:
+                    outcomes[index] = self._applied(records[index], result)
+                elif result.error.retryable:
+                    still.append((index, message, result.error))
+                else:
+                    await self._dead_letter(records[index],
+                                            Failure(result.error, attempt, first_failed_at))
+            waiting = still
+        for index, _, error in waiting:
+            await self._dead_letter(records[index], Failure(error, attempt, first_failed_at))
 
     async def _dead_letter(self, record: Record, failure: Failure) -> None:
         await self._dead_letters.write(record, failure)

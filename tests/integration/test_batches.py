@@ -86,7 +86,7 @@ async def test_a_message_the_database_refuses_is_isolated_and_the_others_applied
         "SELECT total FROM credit_notes ORDER BY sequence")]
     assert totals == [1_000, 2_000]
     assert await pool.fetchval(
-        "SELECT count(*) FROM processed_messages WHERE id = 'bad'") == 0
+        "SELECT count(*) FROM processed_messages WHERE id = 'bad'") == 0  # never committed
 
 
 async def test_an_undeliverable_message_gives_back_its_key_and_leaves_the_batch_alone(
@@ -98,8 +98,9 @@ async def test_an_undeliverable_message_gives_back_its_key_and_leaves_the_batch_
     assert isinstance(results[1].error, errors.InvoiceNotFound)
     assert [results[0].outcome, results[2].outcome] == [Outcome.APPLIED, Outcome.APPLIED]
     assert await pool.fetchval(
-        "SELECT count(*) FROM processed_messages WHERE id = 'early'") == 0
-    # once the invoice exists, the same message applies (its key was not kept)
+        "SELECT outcome FROM processed_messages WHERE id = 'early'") == (
+        "released:invoice_not_found")
+    # once the invoice exists, the same message applies (its key was given back)
     await apply_batch([finalize("in_unknown")], units(pool))
     [again] = await apply_batch([credit("early", "in_unknown", 500)], units(pool))
     assert again.outcome is Outcome.APPLIED

@@ -81,3 +81,26 @@ async def test_the_application_role_cannot_rewrite_or_delete_issued_credit_notes
     row = await fetchrow(settings, "SELECT memo, total FROM credit_notes")
     assert row is not None
     assert (row["memo"], row["total"]) == ("goodwill", 1_000)
+
+
+async def test_as_the_application_role_a_dead_letter_gives_its_key_back_for_a_replay(
+        settings: Settings, app_url: str, kafka: Kafka) -> None:
+    as_app = settings.model_copy(update={"database_url": app_url})
+    early = cloudevent("credit_note.issue", {"invoice_id": "in_1001", "amount": 1_000},
+                       id_="early")
+    async with RunningService(as_app):
+        await kafka.publish(settings.topics.credit_note_commands, early)
+        [dead] = await kafka.expect(f"{settings.topics.credit_note_commands}.dlq", timeout_s=30)
+        assert dead.headers["dlq.error.reason"] == b"invoice_not_found"
+        ledger = await fetchrow(settings, "SELECT outcome FROM processed_messages"
+                                          " WHERE id = 'early'")
+        assert ledger is not None and ledger["outcome"] == "released:invoice_not_found"
+
+        await kafka.publish(settings.topics.invoices,
+                            cloudevent("invoice.finalized", invoice_data("in_1001")))
+        await kafka.publish(settings.topics.credit_note_commands, dead.value or b"",
+                            key="in_1001")
+        [issued] = await kafka.expect(settings.topics.credit_note_events, "credit_note.issued")
+    assert issued.event["data"]["trigger"]["id"] == "early"
+    ledger = await fetchrow(settings, "SELECT outcome FROM processed_messages WHERE id = 'early'")
+    assert ledger is not None and ledger["outcome"] == "applied"

@@ -233,16 +233,7 @@ def _price_amount(line: InvoiceLine, amount: int, on_excess: OnExcess) -> _Credi
         raise errors.CreditMethodConflict(
             f"line {line.id} was credited by quantity and can only be credited by quantity"
         )
-    if amount > line.remaining_net:
-        _refuse_excess(on_excess, f"line {line.id} has {line.remaining_net} net left to credit")
-        amount = line.remaining_net
-    if amount == 0:
-        return None
-    return _Credit(
-        CreditNoteLine(description=line.description, net=amount, tax=_tax_share(line, amount),
-                       tax_rate_bps=line.tax_rate_bps, invoice_line_id=line.id),
-        invoice_line=line, method=CreditMethod.AMOUNT,
-    )
+    return _net_of_line(line, amount, on_excess, CreditMethod.AMOUNT)
 
 
 def _price_unused_time(line: InvoiceLine, at: datetime, on_excess: OnExcess) -> _Credit | None:
@@ -255,6 +246,12 @@ def _price_unused_time(line: InvoiceLine, at: datetime, on_excess: OnExcess) -> 
             f"the time given is outside the service period of line {line.id}")
     second = timedelta(seconds=1)
     net = money.proportion(line.net, (end - at) // second, (end - start) // second)
+    return _net_of_line(line, net, on_excess, method=None)  # time fixes no credit method
+
+
+def _net_of_line(line: InvoiceLine, net: int, on_excess: OnExcess,
+                 method: CreditMethod | None) -> _Credit | None:
+    """A net amount of a line, capped at what is left on it; its tax added in proportion."""
     if net > line.remaining_net:
         _refuse_excess(on_excess, f"line {line.id} has {line.remaining_net} net left to credit")
         net = line.remaining_net
@@ -263,7 +260,7 @@ def _price_unused_time(line: InvoiceLine, at: datetime, on_excess: OnExcess) -> 
     return _Credit(
         CreditNoteLine(description=line.description, net=net, tax=_tax_share(line, net),
                        tax_rate_bps=line.tax_rate_bps, invoice_line_id=line.id),
-        invoice_line=line,
+        invoice_line=line, method=method,
     )
 
 

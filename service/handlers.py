@@ -129,8 +129,12 @@ async def handle(message: Message, uow: UnitOfWork) -> tuple[Outcome, str]:
     try:
         await _HANDLERS[type(command)](command, uow)
     except errors.Rejection as rejection:
+        invoice_id = invoice_of(command)
+        if isinstance(command, VoidCreditNote):  # keyed and ordered with its invoice's events
+            note = await uow.get_credit_note(command.credit_note_id)
+            invoice_id = note.invoice_id if note is not None else ""
         await uow.add_events([CreditNoteRejected(
-            trigger=command.trigger, invoice_id=invoice_of(command) or None,
+            trigger=command.trigger, invoice_id=invoice_id or None,
             reason=rejection.code, message=rejection.message,
         )])
         await uow.record_outcome(command.trigger, f"rejected:{rejection.code}")

@@ -284,6 +284,7 @@ def _price_line_less(invoice: Invoice, gross: int, on_excess: OnExcess) -> list[
     """A gross amount (tax included) spread over the lines by what is left on each."""
     left = min(invoice.creditable, sum(line.remaining_gross for line in invoice.lines))
     if left == 0:
+        _refuse_excess(on_excess, "the invoice has nothing left to credit")
         raise errors.NothingLeftToCredit("nothing is left to credit on this invoice")
     if gross > left:
         _refuse_excess(on_excess, f"the invoice has {left} left to credit")

@@ -113,18 +113,22 @@ def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
 
 async def _read_until(consumer: AIOKafkaConsumer,
                       ends: dict[TopicPartition, int]) -> list[DeadLetter]:
+    """Everything from the current positions to the end of each partition.
+
+    Reads past the reported end offsets until the broker has nothing more:
+    some Kafka-protocol brokers (tansu) report the end of the last record
+    batch's first record, not of its last.
+    """
     records: list[DeadLetter] = []
-    pending = {tp for tp, end in ends.items() if await consumer.position(tp) < end}
-    while pending:
-        batches = await consumer.getmany(*pending, timeout_ms=1000)
-        for tp, batch in batches.items():
-            for record in batch:
-                if record.offset < ends[tp]:
-                    records.append(DeadLetter(record.partition, record.offset, record.timestamp,
-                                              record.key, record.value, tuple(record.headers)))
-        for tp in list(pending):
-            if await consumer.position(tp) >= ends[tp]:
-                pending.discard(tp)
+    while True:
+        batches = await consumer.getmany(*ends, timeout_ms=500)
+        for batch in batches.values():
+            records.extend(DeadLetter(record.partition, record.offset, record.timestamp,
+                                      record.key, record.value, tuple(record.headers))
+                           for record in batch)
+        if not batches and all([await consumer.position(tp) >= end
+                                for tp, end in ends.items()]):
+            break
     records.sort(key=lambda record: (record.partition, record.offset))
     return records
 

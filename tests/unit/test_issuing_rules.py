@@ -291,16 +291,19 @@ def test_trigger_capped_at_the_invoice_total_never_credits_a_line_more_than_it_a
     assert inv.line("L1").credited_net <= 100
 
 
-@pytest.mark.parametrize("on_excess", [OnExcess.REJECT, OnExcess.CAP])
-def test_nothing_left_to_credit_is_rejected_with_its_reason(on_excess: OnExcess) -> None:
+@pytest.mark.parametrize(("on_excess", "reason"), [
+    (OnExcess.REJECT, errors.ExceedsCreditableAmount),  # an explicit command asked too much
+    (OnExcess.CAP, errors.NothingLeftToCredit),  # a trigger is capped; nothing left is its reason
+])
+def test_a_credit_on_a_fully_credited_invoice_is_rejected_with_its_reason(
+        on_excess: OnExcess, reason: type[errors.Rejection]) -> None:
     inv = paid_invoice(lines=[line("L1", unit_amount=10_000)])
     issue(inv, amount=10_000)
     before = copy.deepcopy(inv)
 
-    with pytest.raises(errors.NothingLeftToCredit) as refused:
+    with pytest.raises(reason):
         issue(inv, amount=500, on_excess=on_excess)
 
-    assert refused.value.code == "nothing_left_to_credit"
     assert inv == before
 
 

@@ -1,0 +1,1 @@
+"""Fault injection on real service processes, with their own PostgreSQL and broker."""

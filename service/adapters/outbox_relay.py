@@ -68,9 +68,11 @@ class OutboxRelay:
             await listener.add_listener(_CHANNEL, self._on_notify)
             log.info("outbox relay active")
             while not stopping.is_set():
+                # cleared before reading, so a NOTIFY that arrives while publishing
+                # wakes the next round at once instead of waiting for the poll
+                self._wake.clear()
                 while await self.publish_pending() == self._batch_size:
                     pass
-                self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wait(stopping), self._poll_seconds)
         finally:

@@ -15,7 +15,9 @@ Writes ``schemas/json/<type>.json``, one JSON Schema (draft 2020-12) per CloudEv
   but not required, and further fields are allowed: CONTRACT.md promises
   "at least" these fields, so consumers must ignore what they do not know.
 
-It also writes the examples of the output types, ``schemas/examples/<type>.json``,
+It also writes ``schemas/asyncapi.json``, the AsyncAPI 3.0 document FastStream
+generates for the same models (``schemas/asyncapi.py``), and the examples of the
+output types, ``schemas/examples/<type>.json``,
 by running the real code: the hand-written input examples in the same folder are
 translated into domain commands, applied with the domain and encoded with
 ``event_codec.encode``. So the output examples are exactly what the service
@@ -40,6 +42,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
+from schemas import asyncapi
 from service.adapters import event_codec
 from service.domain import errors, issuing
 from service.domain.commands import (
@@ -56,11 +59,12 @@ from service.domain.credit_note import Account, CreditNoteType, Reason
 from service.domain.events import CreditNoteRejected, CreditNoteVoided, Event
 from service.domain.invoice import Invoice, InvoiceStatus, finalize_invoice
 from service.entrypoints import translators, wire
-from service.settings import Topics
+from service.settings import Settings, Topics
 
 HERE = Path(__file__).resolve().parent
 SCHEMA_DIR = HERE / "json"
 EXAMPLES_DIR = HERE / "examples"
+ASYNCAPI = HERE / "asyncapi.json"
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 TOPICS = Topics()
 
@@ -473,8 +477,8 @@ def output_examples() -> dict[str, dict[str, Any]]:
 # --- files ----------------------------------------------------------------------------------
 
 
-def render(document: dict[str, Any]) -> str:
-    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+def render(document: dict[str, Any], sort_keys: bool = False) -> str:
+    return json.dumps(document, indent=2, ensure_ascii=False, sort_keys=sort_keys) + "\n"
 
 
 def generated_files() -> dict[Path, str]:
@@ -482,6 +486,8 @@ def generated_files() -> dict[Path, str]:
     files = {SCHEMA_DIR / f"{type_}.json": render(schema) for type_, schema in schemas().items()}
     files.update({EXAMPLES_DIR / f"{type_}.json": render(example)
                   for type_, example in output_examples().items()})
+    version = Settings.model_fields["service_version"].default
+    files[ASYNCAPI] = render(asyncapi.document(INPUTS, OUTPUTS, version), sort_keys=True)
     return files
 
 

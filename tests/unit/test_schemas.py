@@ -137,7 +137,7 @@ def test_there_is_one_schema_and_one_example_per_message_type() -> None:
 def test_the_check_mode_exits_non_zero_on_drift(monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     assert generate.main(["--check"]) == 0
-    monkeypatch.setattr(generate, "render", lambda document: json.dumps(document) + "\n")
+    monkeypatch.setattr(generate, "render", lambda document, **_: json.dumps(document) + "\n")
     assert generate.main(["--check"]) == 1
     assert "stale: schemas/json/invoice.paid.json" in capsys.readouterr().err
 
@@ -352,3 +352,13 @@ def test_an_unknown_data_field_is_refused_by_both_the_schema_and_the_wire_model(
     with pytest.raises(errors.InvalidMessage):
         translators.translate(wire.CloudEvent.model_validate(document),
                               TOPICS.credit_note_commands, routes())
+
+
+def test_the_asyncapi_document_names_every_topic_the_service_reads_and_writes() -> None:
+    document = json.loads((generate.HERE / "asyncapi.json").read_text("utf-8"))
+    addresses = {channel["address"] for channel in document["channels"].values()}
+    assert document["asyncapi"].startswith("3.")
+    assert addresses == {topic for topic, _ in generate.MESSAGES.values()}
+    text = json.dumps(document)
+    for model in ("CreditNoteIssuedEvent", "ReturnReceivedEvent", "RefundRequestedEvent"):
+        assert model in text

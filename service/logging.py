@@ -1,7 +1,8 @@
 """structlog, configured once: JSON in production, console on a terminal.
 
-Context (topic, offset, event id, invoice id) is bound with contextvars by the
-consumer; nothing logs payloads or personal data.
+Each record's log line carries its topic, partition, offset, event id and type,
+outcome and reason, invoice id and credit note id; contextvars are merged in
+for anything bound around a call. Nothing logs payloads or personal data.
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ import structlog
 from opentelemetry import trace
 
 from service.domain import errors
+from service.domain.commands import Command, IssueCreditNote, VoidCreditNote
+from service.domain.credit_note import derived_id
 from service.entrypoints.dead_letters import DeadLetterWriter, Failure, Record
 from service.entrypoints.metrics import Metrics
 from service.entrypoints.translators import Route, decode_envelope, translate
@@ -52,6 +54,15 @@ class Backoff:
 
     def delay(self, attempt: int) -> float:
         return float(min(self.cap_s, self.initial_s * 2 ** max(attempt - 1, 0)))
+
+
+def _credit_note_of(command: Command, outcome: Outcome) -> str | None:
+    """The credit note a processed message issued or voided, for the log."""
+    if isinstance(command, VoidCreditNote):
+        return command.credit_note_id
+    if isinstance(command, IssueCreditNote) and outcome is Outcome.APPLIED:
+        return derived_id("cn", command.trigger)
+    return None
 
 
 class Pipeline:
@@ -161,7 +172,8 @@ class Pipeline:
         log.info("message processed", topic=record.topic, partition=record.partition,
                  offset=record.offset, event_id=command.trigger.id,
                  event_type=command.trigger.type, outcome=result.outcome,
-                 reason=result.reason or None, invoice_id=invoice_of(command) or None)
+                 reason=result.reason or None, invoice_id=invoice_of(command) or None,
+                 credit_note_id=_credit_note_of(command, result.outcome))
         self._metrics.outcomes.labels(record.topic, result.outcome.value, result.reason).inc()
         return result.outcome
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import structlog
 
 from service.settings import Settings
 from tests.support import Kafka, RunningService, cloudevent, fetch, fetchrow, invoice_data
@@ -250,3 +251,18 @@ async def test_metrics_count_outcomes_per_topic_and_reason(
     assert f'creditnotes_processing_seconds_count{{topic="{commands}"}}' in text
     assert "creditnotes_outbox_backlog" in text
     assert "creditnotes_consumer_lag{" in text
+
+
+async def test_logs_name_the_event_invoice_and_credit_note_but_never_the_payload(
+        service: RunningService, kafka: Kafka, settings: Settings) -> None:
+    with structlog.testing.capture_logs() as logs:
+        await finalize(kafka, settings)
+        await issue(kafka, settings, event_id="cmd-logged", amount=1_000,
+                    memo="customer Jane Doe, card ending 4242")
+        [issued] = await kafka.expect(settings.topics.credit_note_events, "credit_note.issued")
+
+    [line] = [entry for entry in logs if entry.get("event_id") == "cmd-logged"]
+    assert line["event"] == "message processed"
+    assert (line["invoice_id"], line["credit_note_id"], line["outcome"]) == (
+        "in_1001", issued.event["data"]["id"], "applied")
+    assert "Jane Doe" not in repr(logs)

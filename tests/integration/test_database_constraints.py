@@ -140,10 +140,10 @@ async def test_crediting_more_than_the_invoice_total_is_refused(db: asyncpg.Conn
 
 
 async def test_amount_remaining_cannot_go_negative(db: asyncpg.Connection) -> None:
-    await db.execute("UPDATE invoices SET amount_paid = 5_000 WHERE id = $1", INVOICE)
+    await db.execute("UPDATE invoices SET amount_paid = 5000 WHERE id = $1", INVOICE)
 
     with pytest.raises(CheckViolationError) as refused:  # 120.00 - 50.00 paid - 80.00 credited
-        await db.execute("UPDATE invoices SET pre_payment_credited = 8_000 WHERE id = $1", INVOICE)
+        await db.execute("UPDATE invoices SET pre_payment_credited = 8000 WHERE id = $1", INVOICE)
 
     assert refused.value.constraint_name == "amount_remaining_not_negative"
     assert await credited(db) == (0, 0)

@@ -279,7 +279,10 @@ class Outputs:
 
 
 def money(amount: int | None) -> str:
-    return "" if amount is None else f"{amount / 100:,.2f}"  # display only
+    if amount is None:
+        return ""
+    major, minor = divmod(amount, 100)  # the demo's currency, usd, has two decimals
+    return f"{major:,}.{minor:02d}"
 
 
 async def run_demo(settings: Settings, console: Console, timeout_s: float = 90.0) -> bool:

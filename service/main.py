@@ -93,12 +93,12 @@ class Service:
             try:  # the other metrics still answer while PostgreSQL is down
                 row = await asyncio.wait_for(pool.fetchrow(
                     "SELECT count(*) AS backlog, coalesce(extract(epoch FROM now()"
-                    " - min(created_at)), 0) AS oldest FROM outbox WHERE published_at IS NULL"), 2)
+                    " - min(created_at)), 0) AS oldest_seconds FROM outbox WHERE published_at IS NULL"), 2)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
                 row = None
             if row is not None:
                 metrics.outbox_backlog.set(row["backlog"])
-                metrics.outbox_oldest.set(float(row["oldest"]))
+                metrics.outbox_oldest.set(float(row["oldest_seconds"]))
             for subscriber in broker.subscribers:
                 consumer = getattr(subscriber, "consumer", None)
                 if consumer is None:

@@ -52,7 +52,7 @@ class Backoff:
         self.initial_s = initial_s
         self.cap_s = cap_s
 
-    def delay(self, attempt: int) -> float:
+    def seconds_before(self, attempt: int) -> float:
         return float(min(self.cap_s, self.initial_s * 2 ** max(attempt - 1, 0)))
 
 
@@ -103,7 +103,7 @@ class Pipeline:
             for record in records:
                 self._metrics.retries.labels(record.topic).inc()
             self._infrastructure_failures += 1
-            delay = self._backoff.delay(self._infrastructure_failures)
+            delay = self._backoff.seconds_before(self._infrastructure_failures)
             log.warning("processing failed, will retry the same records", retry_in_s=delay,
                         error=type(error).__name__, records=len(records))
             await asyncio.sleep(delay)
@@ -189,7 +189,7 @@ class Pipeline:
         started = time.monotonic()
         attempt = 1
         while waiting and (waited := time.monotonic() - started) < self._not_found_retry_s:
-            delay = min(self._backoff.delay(attempt), self._not_found_retry_s - waited)
+            delay = min(self._backoff.seconds_before(attempt), self._not_found_retry_s - waited)
             log.info("waiting for what the messages refer to", messages=len(waiting),
                      reasons=sorted({error.code for _, _, error in waiting}),
                      retry_in_s=round(delay, 3))

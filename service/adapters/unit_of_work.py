@@ -1,8 +1,8 @@
-"""The PostgreSQL unit of work: one connection, one transaction, savepoints per message.
+"""The PostgreSQL unit of work: one connection, one transaction for a batch of messages.
 
-Everything one message changes (the processed-message row, the invoice, the
-credit note with its lines and journal, the outbox rows) is written through
-here inside the caller's transaction, so it commits together or not at all.
+Everything a batch changes (the processed-message rows, the invoices, the
+credit notes with their lines and journals, the outbox rows) is written
+through here inside that transaction, so it commits together or not at all.
 """
 
 from __future__ import annotations

@@ -151,12 +151,11 @@ async def issue_credit_note(command: IssueCreditNote, uow: UnitOfWork) -> None:
 
 
 async def void_credit_note(command: VoidCreditNote, uow: UnitOfWork) -> None:
-    found = await uow.get_credit_note(command.credit_note_id)
-    if found is None:
+    # the unit of work reads a void's credit note after locking its invoice (prepare)
+    note = await uow.get_credit_note(command.credit_note_id)
+    if note is None:
         raise errors.CreditNoteNotFound("no credit note has this id")
-    invoice = await _locked_invoice(uow, found.invoice_id)
-    note = await uow.get_credit_note(command.credit_note_id)  # re-read under the lock
-    assert note is not None  # credit notes are never deleted
+    invoice = await _locked_invoice(uow, note.invoice_id)
     voided = issuing.void_credit_note(invoice, note, command)
     await uow.save_voided_credit_note(voided, command.trigger)
     await uow.save_invoice(invoice)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from service.domain.commands import Trigger
 from service.domain.credit_note import CreditNote, JournalLine, derived_id
 from service.domain.events import (
     CreditNoteIssued,
@@ -114,7 +115,7 @@ def journal_data(journal: tuple[JournalLine, ...]) -> list[dict[str, Any]]:
             for line in journal]
 
 
-def _trigger(trigger: Any) -> dict[str, str]:
+def _trigger(trigger: Trigger) -> dict[str, str]:
     return {"source": trigger.source, "id": trigger.id, "type": trigger.type}
 
 

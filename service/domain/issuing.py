@@ -149,23 +149,20 @@ def _check_request(command: IssueCreditNote) -> None:
     amounts = [command.amount, command.amount_bps]
     if sum(value is not None for value in amounts) + bool(command.lines) != 1:
         raise errors.InvalidMessage("a credit note needs exactly one of amount and lines")
-    numbers = [value for value in amounts if value is not None]
-    if command.max_credit_bps is not None:
-        numbers.append(command.max_credit_bps + 1)
+    positive = [value for value in amounts if value is not None]
+    not_negative = [] if command.max_credit_bps is None else [command.max_credit_bps]
     for line in command.lines:
         if isinstance(line, InvoiceLineByQuantity):
-            numbers.append(line.quantity)
+            positive.append(line.quantity)
         elif isinstance(line, InvoiceLineByAmount):
-            numbers.append(line.amount)
-        elif isinstance(line, UnusedTime):
-            continue
-        else:
-            numbers += [line.quantity, line.unit_amount, line.tax_rate_bps + 1]
+            positive.append(line.amount)
+        elif isinstance(line, CustomLine):
+            positive += [line.quantity, line.unit_amount]
+            not_negative.append(line.tax_rate_bps)
     if isinstance(command.settlement, SettlementSplit):
         split = command.settlement
-        numbers += [part + 1 for part in (split.refund_amount, split.credit_amount,
-                                          split.out_of_band_amount)]
-    if any(number <= 0 for number in numbers):
+        not_negative += [split.refund_amount, split.credit_amount, split.out_of_band_amount]
+    if any(value <= 0 for value in positive) or any(value < 0 for value in not_negative):
         raise errors.InvalidMessage("amounts and quantities must be positive")
 
 

@@ -81,11 +81,6 @@ class Pipeline:
         self._metrics = metrics or Metrics()
         self._tracer = tracer or trace.NoOpTracer()
 
-    async def process(self, record: Record) -> Outcome | None:
-        """Apply one record exactly once, or dead-letter it; None when dead-lettered."""
-        [outcome] = await self.process_batch([record])
-        return outcome
-
     async def process_batch(self, records: Sequence[Record]) -> list[Outcome | None]:
         """Apply records in one transaction, dead-lettering any that cannot be applied.
 

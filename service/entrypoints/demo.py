@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from service.adapters.kafka_producer import connection_options
+from service.entrypoints.display import major_units
 from service.settings import Settings
 
 SOURCE = "/creditnotes/demo"
@@ -119,10 +120,10 @@ def _examples(run: str) -> list[Example]:
                  Expect("credit_note.issued", total=5_000, pre_payment=5_000, remaining=0,
                         status="paid", events=frozenset({"invoice.paid"}))),
         ]),
-        Example("Example 4", "Paid invoice: refund 200, credit 100, out of band 200", [
+        Example("Example 4", "Paid invoice: 5.00 credited as refund 2.00, balance 1.00, out of band 2.00", [
             Step("paid invoice 5.00", "invoice.finalized",
                  invoice(run, "04", [line("il_1", 1, 500)], status="paid", amount_paid=500)),
-            Step("credit 500", "credit_note.issue",
+            Step("credit 5.00", "credit_note.issue",
                  {"invoice_id": inv("04"), "amount": 500, "refund_amount": 200,
                   "credit_amount": 100, "out_of_band_amount": 200},
                  Expect("credit_note.issued", total=500, pre_payment=0, refund=200, balance=100,
@@ -278,11 +279,12 @@ class Outputs:
         return True
 
 
+CURRENCY = "usd"  # every example's invoice
+
+
 def money(amount: int | None) -> str:
-    if amount is None:
-        return ""
-    major, minor = divmod(amount, 100)  # the demo's currency, usd, has two decimals
-    return f"{major:,}.{minor:02d}"
+    """Major units of the demo's currency; the column headers name the currency."""
+    return "" if amount is None else major_units(amount, CURRENCY)
 
 
 async def run_demo(settings: Settings, console: Console, timeout_s: float = 90.0) -> bool:
@@ -329,10 +331,11 @@ async def run_demo(settings: Settings, console: Console, timeout_s: float = 90.0
 
 def _table(title: str) -> Table:
     table = Table(title=title, title_justify="left", title_style="bold")
-    for column in ("step", "outcome", "credit note", "total", "pre-payment", "refund", "balance",
-                   "out of band", "invoice after", "other events", "check"):
-        numeric = column in {"total", "pre-payment", "refund", "balance", "out of band"}
-        table.add_column(column, justify="right" if numeric else "left", no_wrap=True)
+    numeric = ("total", "pre-payment", "refund", "balance", "out of band")
+    for column in ("step", "outcome", "credit note", *numeric, "invoice after", "other events",
+                   "check"):
+        header = f"{column} ({CURRENCY.upper()})" if column in numeric else column
+        table.add_column(header, justify="right" if column in numeric else "left", no_wrap=True)
     return table
 
 
@@ -376,7 +379,7 @@ async def _check(outputs: Outputs, event_id: str, expect: Expect, notes: dict[st
     outcome = event["type"].removeprefix("credit_note.")
     if got["reason"]:
         outcome += f" ({got['reason']})"
-    invoice_after = (f"{money(got['remaining'])} due, {got['status']}"
+    invoice_after = (f"{money(got['remaining'])} {CURRENCY.upper()} due, {got['status']}"
                      if got["remaining"] is not None else "unchanged")
     return ok, [outcome, data.get("number", ""), money(got["total"]), money(got["pre"]),
                 money(got["refund"]), money(got["balance"]), money(got["oob"]), invoice_after,

@@ -26,9 +26,9 @@ async def test_preview_shows_the_credit_note_a_command_would_make_and_saves_noth
     shown = await creditnotes(settings, "preview", "in_1001", "--data", lines)
     assert shown.returncode == 0, shown.stdout + shown.stderr
     assert "ACME-1001-CN-02" in shown.stdout
-    assert "4,000" in shown.stdout
+    assert "40.00 USD" in shown.stdout  # the refund, in major units with its currency
     assert "refunds_payable" in shown.stdout
-    assert "RefundRequested" in shown.stdout
+    assert "refund.requested" in shown.stdout  # events named as consumers see them
 
     too_much = await creditnotes(settings, "preview", "in_1001", "--amount", "999999")
     assert too_much.returncode == 1
@@ -50,7 +50,7 @@ async def test_invoice_show_lists_the_invoice_its_credit_notes_and_events(
     shown = await creditnotes(settings, "invoice", "show", "in_1001")
     assert shown.returncode == 0, shown.stdout + shown.stderr
     for expected in ("Invoice in_1001", "ACME-1001-CN-01", "pre_payment", "credit_note.issued",
-                     "invoice.paid", "paid"):
+                     "invoice.paid", "paid", "100.00 USD"):
         assert expected in shown.stdout
     missing = await creditnotes(settings, "invoice", "show", "in_nope")
     assert missing.returncode == 1

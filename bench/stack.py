@@ -151,6 +151,7 @@ class BenchStack:
                 env[f"CREDITNOTES_{name.upper()}"] = str(value)
         env["CREDITNOTES_LOG_LEVEL"] = "WARNING"
         env["CREDITNOTES_LOG_FORMAT"] = "json"
+        env["CREDITNOTES_ALLOW_ANY_SOURCE"] = "true"  # the load publishes from /bench sources
         env |= extra
         return env
 

@@ -28,15 +28,39 @@ from service import tracing
 from service.adapters import migrations
 from service.adapters.kafka_producer import KafkaProducer, connection_options
 from service.adapters.outbox_relay import OutboxRelay
+from service.adapters.retention import Policy, RetentionTask
+from service.adapters.probe_connection import ProbeConnection
 from service.adapters.unit_of_work import PostgresUnitOfWork
 from service.entrypoints.consumer import Backoff, Pipeline
 from service.entrypoints.dead_letters import DeadLetterWriter
-from service.entrypoints.http import HealthServer
+from service.entrypoints.http import Cached, HealthServer, Limits
 from service.entrypoints.metrics import Metrics
 from service.entrypoints.translators import Route, routes
 from service.settings import Settings
 
 log = structlog.get_logger(__name__)
+
+
+class SourcesNotConfigured(Exception):
+    """An input topic has no allow-list and ``allow_any_source`` is not set."""
+
+    def __init__(self, missing: list[str]) -> None:
+        super().__init__(
+            f"no allow-list of sources for {len(missing)} input topic(s): set "
+            + ", ".join(missing)
+            + " (JSON lists of CloudEvents sources), or CREDITNOTES_ALLOW_ANY_SOURCE=true"
+              " to accept any source on them")
+        self.missing = missing
+
+
+def check_sources(settings: Settings) -> None:
+    """Refuse to consume unless every input topic says who may publish there."""
+    missing = settings.missing_allow_lists()
+    if missing:
+        raise SourcesNotConfigured(missing)
+    if settings.open_topics():
+        log.warning("sources not checked: these input topics accept any source",
+                    topics=settings.open_topics(), setting="CREDITNOTES_ALLOW_ANY_SOURCE")
 
 
 class Service:
@@ -47,9 +71,11 @@ class Service:
             settings.tracing_enabled, settings.tracing_endpoint, settings.service_version)
         self.ready = asyncio.Event()
         self.http_port: int | None = None
+        self.metrics_port: int | None = None
 
     async def run(self, stopping: asyncio.Event) -> None:
         settings = self.settings
+        check_sources(settings)
         pool = await asyncpg.create_pool(settings.database_url, min_size=1,
                                          max_size=settings.database_pool_size)
         producer = KafkaProducer(settings)
@@ -77,9 +103,11 @@ class Service:
                             max_backoff_seconds=settings.retry_max_backoff_seconds,
                             tracer=self.tracer_provider.get_tracer("creditnotes.outbox"))
 
+        probe = ProbeConnection(settings.database_url)
+
         async def readiness() -> tuple[bool, str]:
             try:
-                async with pool.acquire() as connection:
+                async with probe.connection() as connection:
                     pending = await migrations.pending(connection, settings.migrations_dir)
                 if pending:
                     return False, f"migrations pending: {', '.join(pending)}"
@@ -91,9 +119,11 @@ class Service:
 
         async def scrape() -> str:
             try:  # the other metrics still answer while PostgreSQL is down
-                row = await asyncio.wait_for(pool.fetchrow(
-                    "SELECT count(*) AS backlog, coalesce(extract(epoch FROM now()"
-                    " - min(created_at)), 0) AS oldest_seconds FROM outbox WHERE published_at IS NULL"), 2)
+                async with probe.connection() as connection:
+                    row = await asyncio.wait_for(connection.fetchrow(
+                        "SELECT count(*) AS backlog, coalesce(extract(epoch FROM now()"
+                        " - min(created_at)), 0) AS oldest_seconds FROM outbox"
+                        " WHERE published_at IS NULL"), 2)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
                 row = None
             if row is not None:
@@ -111,15 +141,24 @@ class Service:
                             max(highwater - position, 0))
             return metrics.render()
 
-        http = HealthServer(settings.http_port, readiness, scrape)
+        http = HealthServer(
+            settings.http_port, Cached(readiness, settings.readiness_cache_seconds),
+            Cached(scrape, settings.readiness_cache_seconds), metrics_port=settings.metrics_port,
+            limits=Limits(settings.http_max_connections, settings.http_read_timeout_seconds,
+                          settings.http_max_request_line_bytes))
         relay_task: asyncio.Task[None] | None = None
+        retention_task: asyncio.Task[None] | None = None
         try:
             await producer.start()
             await http.start()
             self.http_port = http.port
+            self.metrics_port = http.metrics_port
             await broker.start()
             await start_subscribers(broker, table, pipeline, settings)
             relay_task = asyncio.create_task(relay.run(stopping), name="outbox-relay")
+            if settings.retention_enabled:
+                retention_task = asyncio.create_task(
+                    retention(pool, settings, metrics).run(stopping), name="retention")
             log.info("service started", topics=sorted(table), group=settings.consumer_group,
                      http_port=self.http_port)
             self.ready.set()
@@ -132,7 +171,12 @@ class Service:
             if relay_task is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(relay_task, settings.shutdown_timeout_seconds)
+            if retention_task is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(retention_task, settings.shutdown_timeout_seconds)
             await http.stop()
+            with contextlib.suppress(Exception):
+                await probe.close()
             with contextlib.suppress(Exception):
                 await producer.stop()
             await pool.close()
@@ -140,6 +184,22 @@ class Service:
             if shutdown is not None:
                 shutdown()  # flush the spans still buffered
             log.info("service stopped")
+
+
+def retention(pool: asyncpg.Pool, settings: Settings, metrics: Metrics) -> RetentionTask:
+    """The periodic prune (service/adapters/retention.py), counted in the metrics."""
+    return RetentionTask(
+        pool, retention_policy(settings), settings.retention_interval_seconds,
+        on_pruned=lambda pruned: metrics.retention_pruned.labels(pruned.table).inc(pruned.rows),
+        on_run=lambda result: metrics.retention_runs.labels(result).inc())
+
+
+def retention_policy(settings: Settings) -> Policy:
+    return Policy(processed_messages_days=settings.retention_processed_messages_days,
+                  outbox_days=settings.retention_outbox_days,
+                  dlq_replays_days=settings.retention_dlq_replays_days,
+                  batch_size=settings.retention_batch_size,
+                  pause_seconds=settings.retention_batch_pause_seconds)
 
 
 async def start_subscribers(broker: KafkaBroker, table: Mapping[str, Route],
@@ -173,6 +233,9 @@ async def start_subscribers(broker: KafkaBroker, table: Mapping[str, Route],
             ack_policy=AckPolicy.NACK_ON_ERROR, max_poll_interval_ms=600_000,
             session_timeout_ms=settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms, persistent=False,
+            # bounded memory: a batch holds at most what one fetch brought
+            fetch_max_bytes=settings.kafka_fetch_max_bytes,
+            max_partition_fetch_bytes=settings.kafka_max_partition_fetch_bytes,
         )
 
         async def consume(message: KafkaMessage) -> None:

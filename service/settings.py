@@ -6,6 +6,7 @@ environment anywhere else.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -44,7 +45,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CREDITNOTES_", env_file=".env",
                                       env_nested_delimiter="__", extra="ignore")
 
-    database_url: str = "postgresql://postgres@127.0.0.1:5432/creditnotes"
+    #: May hold a password: kept out of ``repr`` and shown only through :func:`redact_url`.
+    database_url: str = Field(default="postgresql://postgres@127.0.0.1:5432/creditnotes",
+                              repr=False)
     database_pool_size: int = Field(default=10, ge=1)
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
@@ -62,7 +65,20 @@ class Settings(BaseSettings):
     #: ``creditnotes dev``, ``demo`` and the tests shorten it.
     kafka_session_timeout_ms: int = Field(default=10_000, ge=1_000)
     kafka_heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    #: Bytes one fetch may bring per consumer, and per partition (docs: the memory
+    #: arithmetic). A batch holds at most what one fetch brought.
+    kafka_fetch_max_bytes: int = Field(default=8 * 1_048_576, ge=1_048_576)
+    kafka_max_partition_fetch_bytes: int = Field(default=1_048_576, ge=65_536)
     http_port: int = 8080
+    #: ``/metrics`` on a port of its own (kept off the probes' port); unset: on ``http_port``.
+    metrics_port: int | None = None
+    #: The health server's limits: open connections, seconds to send a request, and the
+    #: longest request line (and header line) in bytes.
+    http_max_connections: int = Field(default=16, ge=1)
+    http_read_timeout_seconds: float = Field(default=5.0, gt=0)
+    http_max_request_line_bytes: int = Field(default=1_024, ge=64)
+    #: ``/readyz`` is computed at most this often; requests in between get the last answer.
+    readiness_cache_seconds: float = Field(default=1.0, ge=0)
     log_format: Literal["json", "console"] | None = None
     log_level: str = "INFO"
 
@@ -85,6 +101,10 @@ class Settings(BaseSettings):
     allowed_sources_downgrades: list[str] | None = None
     allowed_sources_cancellations: list[str] | None = None
     allowed_sources_credit_note_commands: list[str] | None = None
+    #: ``creditnotes run`` refuses to start while an input topic has no allow-list, unless
+    #: this is true (``dev``, ``demo`` and the tests): then those topics accept any source,
+    #: and a warning at start names them.
+    allow_any_source: bool = False
 
     #: Policy caps per trigger type, in basis points of the invoice total
     #: (a trigger asking for more is capped; the credit note records the policy).
@@ -108,6 +128,17 @@ class Settings(BaseSettings):
     #: The outbox relay polls this often when no NOTIFY arrives (seconds).
     outbox_poll_seconds: float = Field(default=1.0, gt=0)
     outbox_batch_size: int = Field(default=500, gt=0)
+    #: Retention (``creditnotes prune``, and every ``retention_interval_seconds`` inside
+    #: ``run``): processed-message keys older than the dedupe window (payments' kept for
+    #: ever), outbox rows published, and replay audit rows, older than so many days.
+    #: The database refuses anything younger than a day, hence ``ge=1``.
+    retention_enabled: bool = True
+    retention_interval_seconds: float = Field(default=3_600.0, gt=0)
+    retention_processed_messages_days: int = Field(default=30, ge=1)
+    retention_outbox_days: int = Field(default=7, ge=1)
+    retention_dlq_replays_days: int = Field(default=90, ge=1)
+    retention_batch_size: int = Field(default=5_000, ge=1, le=100_000)
+    retention_batch_pause_seconds: float = Field(default=0.05, ge=0)
     #: OpenTelemetry traces over OTLP/HTTP (needs the ``tracing`` extra); the endpoint
     #: defaults to the exporter's own (``OTEL_EXPORTER_OTLP_*`` variables).
     tracing_enabled: bool = False
@@ -137,6 +168,23 @@ class Settings(BaseSettings):
             topics.credit_note_commands: self.allowed_sources_credit_note_commands,
         }
 
+    def open_topics(self) -> list[str]:
+        """Input topics without an allow-list: they accept any ``source``."""
+        return [topic for topic, sources in self.allowed_sources().items() if sources is None]
+
+    def missing_allow_lists(self) -> list[str]:
+        """The settings ``run`` needs before it starts (none once ``allow_any_source``)."""
+        if self.allow_any_source:
+            return []
+        names = {"invoices": self.allowed_sources_invoices,
+                 "returns": self.allowed_sources_returns,
+                 "sla_breaches": self.allowed_sources_sla_breaches,
+                 "downgrades": self.allowed_sources_downgrades,
+                 "cancellations": self.allowed_sources_cancellations,
+                 "credit_note_commands": self.allowed_sources_credit_note_commands}
+        return [f"CREDITNOTES_ALLOWED_SOURCES_{name.upper()}"
+                for name, sources in names.items() if sources is None]
+
     @property
     def topics(self) -> Topics:
         return Topics(
@@ -148,3 +196,9 @@ class Settings(BaseSettings):
             invoice_events=self.topic_invoice_events,
             refund_requests=self.topic_refund_requests,
         )
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, fit for messages and logs."""
+    url = re.sub(r"(?<=://)([^/@?#]*?):[^/@?#]*@", r"\1:***@", url)
+    return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", url)

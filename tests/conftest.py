@@ -52,6 +52,7 @@ async def settings(servers: Servers, database_url: str) -> Settings:
         shutdown_timeout_seconds=5.0,
         kafka_session_timeout_ms=2_000,
         kafka_heartbeat_interval_ms=300,
+        allow_any_source=True,  # tests publish from their own sources; allow-lists opt in
         **{f"topic_{name}": prefix + name.replace("_", "-") for name in names},
     )
     await create_topics(configured.kafka_bootstrap_servers, configured.topics.all())

@@ -12,13 +12,16 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import asyncpg
 import structlog
+from aiokafka.errors import KafkaError
+from pydantic import ValidationError
 from rich.console import Console
 
 from service.adapters.migrations import migrate
 from service.logging import configure_logging
-from service.main import Service
-from service.settings import Settings
+from service.main import Service, SourcesNotConfigured
+from service.settings import Settings, redact_url
 
 log = structlog.get_logger(__name__)
 DEFAULT_DATA_DIR = Path(".creditnotes")
@@ -52,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("--dry-run", action="store_true",
                              help="say what would be replayed; publish and commit nothing")
     commands.add_parser("verify", help="check every invariant of the database and report")
+    prune = commands.add_parser(
+        "prune", help="delete what retention allows now (old keys, published events, audit)")
+    prune.add_argument("--dry-run", action="store_true",
+                       help="count what would be deleted; delete nothing")
     preview = commands.add_parser(
         "preview", help="what a credit_note.issue would produce now; persists nothing")
     preview.add_argument("invoice_id")
@@ -69,18 +76,48 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings()
     except ValueError as error:
-        print(f"creditnotes: invalid configuration: {error}", file=sys.stderr)
+        for line in configuration_errors(error):
+            print(f"creditnotes: invalid configuration: {line}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, settings.log_level)
     handlers: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
         "run": run, "migrate": migrate_command, "dev": dev, "demo": demo, "dlq": dead_letters,
-        "verify": verify, "preview": preview_credit_note, "invoice": show_invoice}
+        "verify": verify, "preview": preview_credit_note, "invoice": show_invoice,
+        "prune": prune_now}
     return handlers[args.command](args, settings)
 
 
+def configuration_errors(error: ValueError) -> list[str]:
+    """One ``<setting>: <problem>`` per error, never the value given (it may be a secret)."""
+    if not isinstance(error, ValidationError):
+        return [str(error)]
+    return [f"{'.'.join(str(part) for part in item['loc']) or 'settings'}: "
+            f"{item['msg'].removeprefix('Value error, ')}"
+            for item in error.errors(include_input=False, include_url=False,
+                                     include_context=False)]
+
+
 def run(_: argparse.Namespace, settings: Settings) -> int:
-    asyncio.run(_serve(settings))
+    missing = settings.missing_allow_lists()
+    if missing:
+        print(f"creditnotes: refusing to start: {SourcesNotConfigured(missing)}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve(settings))
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        print(f"creditnotes: cannot start: PostgreSQL at {redact_url(settings.database_url)}:"
+              f" {_one_line(error)}", file=sys.stderr)
+        return 3
+    except KafkaError as error:
+        print(f"creditnotes: cannot start: Kafka at {settings.kafka_bootstrap_servers}:"
+              f" {_one_line(error)}", file=sys.stderr)
+        return 3
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return redact_url(text)
 
 
 def migrate_command(_: argparse.Namespace, settings: Settings) -> int:
@@ -102,10 +139,12 @@ def dev(args: argparse.Namespace, settings: Settings) -> int:
 
     _unwind_on_sigterm()
 
-    with stack.servers(settings, args.data_dir) as local:
+    # a local stack: topics without an allow-list accept any source (logged at start)
+    open_settings = settings.model_copy(update={"allow_any_source": True})
+    with stack.servers(open_settings, args.data_dir) as local:
         asyncio.run(_prepare(local))
         Console(stderr=True).print(
-            f"[bold]creditnotes dev[/]: PostgreSQL {local.database_url}\n"
+            f"[bold]creditnotes dev[/]: PostgreSQL {redact_url(local.database_url)}\n"
             f"  Kafka bootstrap servers {local.kafka_bootstrap_servers}\n"
             f"  health http://127.0.0.1:{local.http_port}/readyz   (Ctrl-C stops everything)")
         asyncio.run(_serve(local))
@@ -122,7 +161,8 @@ def demo(args: argparse.Namespace, settings: Settings) -> int:
     # the table is the output: keep the service's own logs to warnings unless asked otherwise
     level = "WARNING" if settings.log_level == "INFO" else settings.log_level
     configure_logging(settings.log_format, level)
-    quiet = settings.model_copy(update={"http_port": 0, "log_level": level})
+    quiet = settings.model_copy(update={"http_port": 0, "log_level": level,
+                                        "allow_any_source": True})
     with stack.servers(quiet, args.data_dir) as local:
         asyncio.run(_prepare(local))
         ok = asyncio.run(_serve(local, lambda: run_demo(local, console)))
@@ -168,6 +208,13 @@ def dead_letters(args: argparse.Namespace, settings: Settings) -> int:
     if not chosen:
         console.print("no dead letter matches")
     return 0 if chosen else 1
+
+
+def prune_now(args: argparse.Namespace, settings: Settings) -> int:
+    from service.entrypoints.prune_cli import prune_command
+    from service.main import retention_policy
+
+    return prune_command(settings, retention_policy(settings), dry_run=args.dry_run)
 
 
 def verify(_: argparse.Namespace, settings: Settings) -> int:

@@ -95,6 +95,7 @@ class Deployment:
             "RETRY_MAX_BACKOFF_SECONDS": "1",
             "OUTBOX_POLL_SECONDS": "0.2",
             "SHUTDOWN_TIMEOUT_SECONDS": "5",
+            "ALLOW_ANY_SOURCE": "true",  # the workload publishes from /tests/faults
             **{f"TOPIC_{name.upper()}": topic
                for name, topic in self.topics.model_dump().items()},
             **overrides,

@@ -72,6 +72,7 @@ class Service:
         self.ready = asyncio.Event()
         self.http_port: int | None = None
         self.metrics_port: int | None = None
+        self.health: HealthServer | None = None
 
     async def run(self, stopping: asyncio.Event) -> None:
         settings = self.settings
@@ -152,6 +153,7 @@ class Service:
             await producer.start()
             await http.start()
             self.http_port = http.port
+            self.health = http
             self.metrics_port = http.metrics_port
             await broker.start()
             await start_subscribers(broker, table, pipeline, settings)

@@ -71,7 +71,7 @@ class HealthServer:
                  metrics_port: int | None = None, limits: Limits | None = None) -> None:
         self._port = port
         self._host = host
-        self._readiness = readiness
+        self.readiness = readiness
         self._metrics = metrics
         self._metrics_port = metrics_port
         self._limits = limits or Limits()
@@ -140,7 +140,7 @@ class HealthServer:
         if path == "/healthz":
             return "200 OK", b"ok\n", "text/plain"
         if path == "/readyz":
-            ready, detail = await self._readiness()
+            ready, detail = await self.readiness()
             return ("200 OK" if ready else "503 Service Unavailable",
                     (detail + "\n").encode(), "text/plain")
         if path == "/metrics":

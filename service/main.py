@@ -29,6 +29,7 @@ from service.adapters import migrations
 from service.adapters.kafka_producer import KafkaProducer, connection_options
 from service.adapters.outbox_relay import OutboxRelay
 from service.adapters.probe_connection import ProbeConnection
+from service.adapters.retention import Policy, RetentionTask
 from service.adapters.unit_of_work import PostgresUnitOfWork
 from service.entrypoints.consumer import Backoff, Pipeline
 from service.entrypoints.dead_letters import DeadLetterWriter
@@ -147,6 +148,7 @@ class Service:
             limits=Limits(settings.http_max_connections, settings.http_read_timeout_seconds,
                           settings.http_max_request_line_bytes))
         relay_task: asyncio.Task[None] | None = None
+        retention_task: asyncio.Task[None] | None = None
         try:
             await producer.start()
             await http.start()
@@ -156,6 +158,9 @@ class Service:
             await broker.start()
             await start_subscribers(broker, table, pipeline, settings)
             relay_task = asyncio.create_task(relay.run(stopping), name="outbox-relay")
+            if settings.retention_enabled:
+                retention_task = asyncio.create_task(
+                    retention(pool, settings, metrics).run(stopping), name="retention")
             log.info("service started", topics=sorted(table), group=settings.consumer_group,
                      http_port=self.http_port)
             self.ready.set()
@@ -168,6 +173,9 @@ class Service:
             if relay_task is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(relay_task, settings.shutdown_timeout_seconds)
+            if retention_task is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(retention_task, settings.shutdown_timeout_seconds)
             await http.stop()
             with contextlib.suppress(Exception):
                 await probe.close()
@@ -178,6 +186,22 @@ class Service:
             if shutdown is not None:
                 shutdown()  # flush the spans still buffered
             log.info("service stopped")
+
+
+def retention(pool: asyncpg.Pool, settings: Settings, metrics: Metrics) -> RetentionTask:
+    """The periodic prune (service/adapters/retention.py), counted in the metrics."""
+    return RetentionTask(
+        pool, retention_policy(settings), settings.retention_interval_seconds,
+        on_pruned=lambda pruned: metrics.retention_pruned.labels(pruned.table).inc(pruned.rows),
+        on_run=lambda result: metrics.retention_runs.labels(result).inc())
+
+
+def retention_policy(settings: Settings) -> Policy:
+    return Policy(processed_messages_days=settings.retention_processed_messages_days,
+                  outbox_days=settings.retention_outbox_days,
+                  dlq_replays_days=settings.retention_dlq_replays_days,
+                  batch_size=settings.retention_batch_size,
+                  pause_seconds=settings.retention_batch_pause_seconds)
 
 
 async def start_subscribers(broker: KafkaBroker, table: Mapping[str, Route],

@@ -128,6 +128,17 @@ class Settings(BaseSettings):
     #: The outbox relay polls this often when no NOTIFY arrives (seconds).
     outbox_poll_seconds: float = Field(default=1.0, gt=0)
     outbox_batch_size: int = Field(default=500, gt=0)
+    #: Retention (``creditnotes prune``, and every ``retention_interval_seconds`` inside
+    #: ``run``): processed-message keys older than the dedupe window (payments' kept for
+    #: ever), outbox rows published, and replay audit rows, older than so many days.
+    #: The database refuses anything younger than a day, hence ``ge=1``.
+    retention_enabled: bool = True
+    retention_interval_seconds: float = Field(default=3_600.0, gt=0)
+    retention_processed_messages_days: int = Field(default=30, ge=1)
+    retention_outbox_days: int = Field(default=7, ge=1)
+    retention_dlq_replays_days: int = Field(default=90, ge=1)
+    retention_batch_size: int = Field(default=5_000, ge=1, le=100_000)
+    retention_batch_pause_seconds: float = Field(default=0.05, ge=0)
     #: OpenTelemetry traces over OTLP/HTTP (needs the ``tracing`` extra); the endpoint
     #: defaults to the exporter's own (``OTEL_EXPORTER_OTLP_*`` variables).
     tracing_enabled: bool = False

@@ -50,7 +50,9 @@ a memo, metadata or other personal data.
     credit note that does not exist, is not void (for ``credit_note.voided``)
     or has no refund (for ``refund.requested``): ``event_orphaned``.
     A row still waiting for the relay counts as unpublished: verify a quiet
-    service, or expect the events of the last moment to show here.
+    service, or expect the events of the last moment to show here. An event
+    written before the outbox's retention horizon (``retention_horizons``:
+    retention deleted published rows older than it) may be missing.
 9.  ``numbers_not_gapless``: per invoice, the credit-note sequences are
     exactly ``1..n`` with ``n = credit_note_count``, and each number is
     ``<invoice number>-CN-<sequence, at least two digits>``.
@@ -285,12 +287,17 @@ WHERE coalesce(l.net, 0) <> n.subtotal OR coalesce(l.tax, 0) <> n.tax
 
 _EVENTS = """
 WITH expected AS (
-    SELECT n.id, n.number, n.refund_amount, n.refund_id, k.type
+    SELECT n.id, n.number, n.refund_amount, n.refund_id, k.type, k.written_at
     FROM credit_notes AS n
-    CROSS JOIN LATERAL (VALUES ('credit_note.issued', true),
-                               ('credit_note.voided', n.status = 'void'),
-                               ('refund.requested', n.refund_amount > 0)) AS k (type, wanted)
+    CROSS JOIN LATERAL (VALUES ('credit_note.issued', true, n.issued_at),
+                               ('credit_note.voided', n.status = 'void', n.voided_at),
+                               ('refund.requested', n.refund_amount > 0, n.issued_at))
+        AS k (type, wanted, written_at)
     WHERE k.wanted
+), horizon AS (
+    -- retention deleted published rows older than this: their events may be gone
+    SELECT coalesce(max(pruned_before), '-infinity') AS pruned_before
+    FROM retention_horizons WHERE table_name = 'outbox'
 ), outbox_rows AS (
     SELECT type, event_id, published_at,
            CASE WHEN type = 'refund.requested'
@@ -317,7 +324,8 @@ WITH expected AS (
            x.number, coalesce(x.id, e.note_id) AS note_id, x.refund_amount, x.refund_id,
            e.copies, e.unpublished, e.first_event_id, e.amount, e.other_amount,
            e.refund_id AS event_refund_id, e.other_refund_id,
-           x.id IS NOT NULL AND e.note_id IS NULL AS missing,
+           x.id IS NOT NULL AND e.note_id IS NULL
+               AND x.written_at >= (SELECT pruned_before FROM horizon) AS missing,
            x.id IS NOT NULL AND coalesce(e.copies > 1, false) AS duplicated,
            x.id IS NOT NULL AND coalesce(e.unpublished > 0, false) AS not_published,
            coalesce(x.type = 'refund.requested' AND e.note_id IS NOT NULL

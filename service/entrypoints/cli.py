@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("--dry-run", action="store_true",
                              help="say what would be replayed; publish and commit nothing")
     commands.add_parser("verify", help="check every invariant of the database and report")
+    prune = commands.add_parser(
+        "prune", help="delete what retention allows now (old keys, published events, audit)")
+    prune.add_argument("--dry-run", action="store_true",
+                       help="count what would be deleted; delete nothing")
     preview = commands.add_parser(
         "preview", help="what a credit_note.issue would produce now; persists nothing")
     preview.add_argument("invoice_id")
@@ -78,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_format, settings.log_level)
     handlers: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
         "run": run, "migrate": migrate_command, "dev": dev, "demo": demo, "dlq": dead_letters,
-        "verify": verify, "preview": preview_credit_note, "invoice": show_invoice}
+        "verify": verify, "preview": preview_credit_note, "invoice": show_invoice,
+        "prune": prune_now}
     return handlers[args.command](args, settings)
 
 
@@ -203,6 +208,13 @@ def dead_letters(args: argparse.Namespace, settings: Settings) -> int:
     if not chosen:
         console.print("no dead letter matches")
     return 0 if chosen else 1
+
+
+def prune_now(args: argparse.Namespace, settings: Settings) -> int:
+    from service.entrypoints.prune_cli import prune_command
+    from service.main import retention_policy
+
+    return prune_command(settings, retention_policy(settings), dry_run=args.dry_run)
 
 
 def verify(_: argparse.Namespace, settings: Settings) -> int:

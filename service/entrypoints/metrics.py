@@ -31,6 +31,13 @@ class Metrics:
         self.lag = Gauge(
             "creditnotes_consumer_lag", "Records on a partition not yet consumed",
             ["topic", "partition"], registry=self.registry)
+        self.retention_pruned = Counter(
+            "creditnotes_retention_pruned_rows", "Rows deleted by retention, by table",
+            ["table"], registry=self.registry)
+        self.retention_runs = Counter(
+            "creditnotes_retention_runs",
+            "Periodic prunes, by result (completed, skipped: another replica prunes, failed)",
+            ["result"], registry=self.registry)
 
     def render(self) -> str:
         return generate_latest(self.registry).decode()

@@ -90,20 +90,32 @@ class Result:
 
 async def apply_batch(messages: Sequence[Message],
                       unit_of_work: Callable[[], UnitOfWork]) -> list[Result]:
-    """Apply messages in one transaction; if PostgreSQL refuses it, one message at a time.
+    """Apply messages in one transaction; if that fails, one message at a time.
 
     The fallback isolates the message at fault: every other one is applied,
-    and only that one comes back with a ``RefusedByDatabase`` error.
+    and only that one comes back with its error: ``RefusedByDatabase`` when
+    PostgreSQL refused its effect, ``ProcessingFailed`` for any other
+    exception. ``errors.Unavailable`` (PostgreSQL itself failed) is nobody's
+    fault and propagates: the caller retries the same messages in place.
     """
     try:
         return await _apply_together(messages, unit_of_work())
-    except errors.RefusedByDatabase as refused:
+    except errors.Unavailable:
+        raise
+    except Exception as error:  # any other failure is a message's: find which one
         if len(messages) == 1:
-            return [Result(messages[0], error=refused)]
+            return [Result(messages[0], error=_undeliverable(error))]
     results: list[Result] = []
     for message in messages:
         results += await apply_batch([message], unit_of_work)
     return results
+
+
+def _undeliverable(error: Exception) -> errors.Undeliverable:
+    if isinstance(error, errors.Undeliverable):
+        return error
+    return errors.ProcessingFailed(f"applying the message raised {type(error).__name__}"
+                                   f"{errors.raised_in(error)}", cause=error)
 
 
 async def _apply_together(messages: Sequence[Message], uow: UnitOfWork) -> list[Result]:

@@ -17,6 +17,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from service.adapters.event_codec import encode
+from service.adapters.unavailable import mapped_to_unavailable
 from service.domain import errors
 from service.domain.commands import ServicePeriod, Trigger, VoidCreditNote
 from service.domain.credit_note import (
@@ -31,6 +32,9 @@ from service.handlers import Delivery, Message, invoice_of
 from service.settings import Topics
 
 Connection = asyncpg.Connection | PoolConnectionProxy
+#: SQLSTATE classes that refuse a value or a constraint: data exception, integrity
+#: constraint violation, program limit exceeded (an index row too large, say).
+REFUSED_CLASSES = frozenset({"22", "23", "54"})
 
 
 class PostgresUnitOfWork:
@@ -69,23 +73,32 @@ class PostgresUnitOfWork:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
-        async with self._pool.acquire() as connection:
-            self._connection = connection
-            try:
-                transaction = connection.transaction()
-                await transaction.start()
+        """The batch's transaction; PostgreSQL's failures come out as ``errors.Unavailable``.
+
+        A value or constraint PostgreSQL refuses (SQLSTATE classes 22, 23, 54)
+        is the batch's fault: ``RefusedByDatabase``, with the driver's class name.
+        """
+        with mapped_to_unavailable("PostgreSQL"):
+            async with self._pool.acquire() as connection:
+                self._connection = connection
                 try:
-                    yield
-                    await self._flush()
-                except BaseException:
-                    await transaction.rollback()
-                    raise
-                await transaction.commit()
-            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as error:
-                raise errors.RefusedByDatabase(
-                    f"PostgreSQL refused the effect (SQLSTATE {error.sqlstate})") from None
-            finally:
-                self._connection = None
+                    transaction = connection.transaction()
+                    await transaction.start()
+                    try:
+                        yield
+                        await self._flush()
+                    except BaseException:
+                        await transaction.rollback()
+                        raise
+                    await transaction.commit()
+                except asyncpg.PostgresError as error:
+                    if str(error.sqlstate)[:2] not in REFUSED_CLASSES:
+                        raise
+                    raise errors.RefusedByDatabase(
+                        f"PostgreSQL refused the effect (SQLSTATE {error.sqlstate})",
+                        cause=error) from None
+                finally:
+                    self._connection = None
 
     async def prepare(self, messages: Sequence[Message]) -> None:
         """Lock the batch's invoices in a stable order, then claim its messages' keys."""

@@ -16,18 +16,20 @@
     │   ├── NoServicePeriod               no_service_period
     │   ├── NotVoidable                   not_voidable
     │   └── AlreadyVoid                   already_void
-    └── Undeliverable           the message cannot be processed: dead-lettered with its reason
-        ├── InvalidMessage                invalid_message
-        ├── MessageTooLarge               message_too_large
-        ├── UnsupportedType               unsupported_type
-        ├── UnauthorizedSource            unauthorized_source
-        ├── InvoiceNotFound               invoice_not_found  (retried for a while first)
-        ├── CreditNoteNotFound            credit_note_not_found  (retried for a while first)
-        ├── InvoiceTotalMismatch          invoice_total_mismatch
-        ├── InvoiceConflict               invoice_conflict
-        ├── InvalidInvoiceTransition      invalid_invoice_transition
-        ├── RefusedByDatabase             refused_by_database
-        └── PaymentRefused                payment_refused
+    ├── Undeliverable           the message cannot be processed: dead-lettered with its reason
+    │   ├── InvalidMessage                invalid_message
+    │   ├── MessageTooLarge               message_too_large
+    │   ├── UnsupportedType               unsupported_type
+    │   ├── UnauthorizedSource            unauthorized_source
+    │   ├── InvoiceNotFound               invoice_not_found  (retried for a while first)
+    │   ├── CreditNoteNotFound            credit_note_not_found  (retried for a while first)
+    │   ├── InvoiceTotalMismatch          invoice_total_mismatch
+    │   ├── InvoiceConflict               invoice_conflict
+    │   ├── InvalidInvoiceTransition      invalid_invoice_transition
+    │   ├── RefusedByDatabase             refused_by_database
+    │   ├── ProcessingFailed              processing_failed  (any other exception)
+    │   └── PaymentRefused                payment_refused
+    └── Unavailable             PostgreSQL or the broker failed: retried in place
 
 Messages say what is wrong in words an operator can act on; they never carry
 payload data or personal data (they end up in dead-letter headers and logs).
@@ -35,6 +37,7 @@ payload data or personal data (they end up in dead-letter headers and logs).
 
 from __future__ import annotations
 
+import traceback
 from typing import ClassVar
 
 
@@ -43,9 +46,11 @@ class CreditNoteError(Exception):
 
     code: ClassVar[str] = "error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, cause: BaseException | None = None) -> None:
         super().__init__(message)
         self.message = message
+        #: the class of the exception behind it (``dlq.error.class``), else its own
+        self.error_class = type(cause).__name__ if cause is not None else type(self).__name__
 
 
 class Rejection(CreditNoteError):
@@ -160,3 +165,37 @@ class RefusedByDatabase(Undeliverable):
 
 class PaymentRefused(Undeliverable):
     code = "payment_refused"
+
+
+class ProcessingFailed(Undeliverable):
+    """Any other exception while translating or applying the message, alone, a few times.
+
+    Not the infrastructure's (that is :class:`Unavailable`), so the message is
+    taken to be at fault and dead-lettered with the exception's class name.
+    """
+
+    code = "processing_failed"
+
+
+class Unavailable(CreditNoteError):
+    """PostgreSQL or the broker failed (connection lost, shutting down, deadlock ...).
+
+    Raised once, at the adapter boundary (``service.adapters.unavailable``);
+    the pipeline retries the same records in place, holding the partition.
+    """
+
+    code = "unavailable"
+
+
+def raised_in(error: BaseException) -> str:
+    """`` in module.function``: the service's code where ``error`` was raised ("" if none).
+
+    Names code, never data, so a dead letter says where to look.
+    """
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__)
+              if "/service/" in frame.filename.replace("\\", "/")]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    module = frame.filename.replace("\\", "/").rsplit("/service/", 1)[1].removesuffix(".py")
+    return f" in {module.replace('/', '.')}.{frame.name}"

@@ -1,14 +1,24 @@
 """What every input topic does with a record: decode, translate, apply, or dead-letter.
 
 One pipeline for all topics (subscribers stay one line each), so the failure
-classes of CONTRACT.md are handled in one place:
+classes of CONTRACT.md are handled in one place. The default is that a
+failure is the record's; only the infrastructure's is waited out:
 
-- invalid message, unsupported type, too large: dead-lettered at once;
+- invalid message, unsupported type, too large: dead-lettered at once (so is
+  any exception while decoding: ``invalid_message``, or translating:
+  ``processing_failed``; both are pure, a second attempt cannot differ);
 - unknown invoice or credit note: retried with capped exponential backoff for
   ``not_found_retry_seconds``, then dead-lettered;
-- infrastructure (PostgreSQL or the broker unreachable): the exception
-  propagates, the subscriber's ``NACK_ON_ERROR`` policy seeks back to this
-  record, so the partition is held, never skipped and never dead-lettered;
+- any other exception while applying: the batch is applied one message at a
+  time, so the others are applied, and the message at fault is tried alone
+  up to :data:`ATTEMPTS` times in all, then dead-lettered
+  (``refused_by_database`` for SQLSTATE classes 22, 23 and 54,
+  ``processing_failed`` for the rest, the exception's class in ``dlq.error.class``);
+- infrastructure (``errors.Unavailable``: PostgreSQL or the broker unreachable,
+  shutting down, a deadlock or serialization failure, mapped once in
+  ``service.adapters.unavailable``): the exception propagates after a backoff,
+  the subscriber's ``NACK_ON_ERROR`` policy seeks back to this record, so the
+  partition is held, never skipped and never dead-lettered;
 - business refusals: handled inside the transaction as ``credit_note.rejected``.
 
 The record's offset is committed by the subscriber only after this returns,
@@ -44,6 +54,12 @@ from service.tracing import context_from_headers, messaging_attributes, tracepar
 
 log = structlog.get_logger(__name__)
 
+#: How many times in all a message that failed (not for the infrastructure) is applied,
+#: alone, before it is dead-lettered.
+ATTEMPTS = 3
+#: The failures worth a second attempt alone: a race with another replica may explain them.
+RETRIED_ALONE = (errors.ProcessingFailed, errors.RefusedByDatabase)
+
 
 class Backoff:
     """Capped exponential backoff: initial, 2x, 4x, ... up to the cap."""
@@ -70,7 +86,8 @@ class Pipeline:
                  table: Mapping[str, Route],
                  dead_letters: DeadLetterWriter, backoff: Backoff,
                  not_found_retry_s: float, max_message_bytes: int,
-                 metrics: Metrics | None = None, tracer: trace.Tracer | None = None) -> None:
+                 metrics: Metrics | None = None, tracer: trace.Tracer | None = None,
+                 attempts: int = ATTEMPTS) -> None:
         self._unit_of_work = unit_of_work
         self._table = table
         self._dead_letters = dead_letters
@@ -80,6 +97,7 @@ class Pipeline:
         self._infrastructure_failures = 0
         self._metrics = metrics or Metrics()
         self._tracer = tracer or trace.NoOpTracer()
+        self._attempts = attempts
 
     async def process_batch(self, records: Sequence[Record]) -> list[Outcome | None]:
         """Apply records in one transaction, dead-lettering any that cannot be applied.
@@ -95,12 +113,16 @@ class Pipeline:
         try:
             outcomes = await self._process_batch(records)
         except Exception as error:
+            # errors.Unavailable, or a dead letter the broker refused: no record can be
+            # given an outcome, so the same records come again (never skipped, never lost)
             for record in records:
                 self._metrics.retries.labels(record.topic).inc()
             self._infrastructure_failures += 1
             delay = self._backoff.seconds_before(self._infrastructure_failures)
+            cause = getattr(error, "error_class", type(error).__name__)
             log.warning("processing failed, will retry the same records", retry_in_s=delay,
-                        error=type(error).__name__, records=len(records))
+                        error=cause, unavailable=isinstance(error, errors.Unavailable),
+                        records=len(records))
             await asyncio.sleep(delay)
             raise
         self._infrastructure_failures = 0
@@ -132,15 +154,9 @@ class Pipeline:
                     attributes={"db.system": "postgresql", "creditnotes.messages": len(decoded)}):
                 results = await apply_batch([message for _, message, _ in decoded],
                                             self._unit_of_work)
-            waiting: list[tuple[int, Message, errors.Undeliverable]] = []
-            for (index, message, _), result in zip(decoded, results, strict=True):
-                if result.error is None:
-                    outcomes[index] = self._applied(records[index], result)
-                elif result.error.retryable:
-                    waiting.append((index, message, result.error))
-                else:
-                    await self._dead_letter(records[index],
-                                            Failure(result.error, 1, first_failed_at))
+            pending = [(index, message, result) for (index, message, _), result
+                       in zip(decoded, results, strict=True)]
+            waiting = await self._settle(records, pending, outcomes, first_failed_at)
             if waiting:
                 await self._wait_and_apply(records, waiting, outcomes, first_failed_at)
             for index, _, span in decoded:
@@ -154,12 +170,54 @@ class Pipeline:
         if record.value is not None and len(record.value) > self._max_message_bytes:
             raise errors.MessageTooLarge(
                 f"the record is larger than {self._max_message_bytes} bytes")
-        event = decode_envelope(record.value, list(record.headers))
+        try:
+            event = decode_envelope(record.value, list(record.headers))
+        except errors.Undeliverable:
+            raise
+        except Exception as error:  # whatever the parsers raise, the record is at fault
+            raise errors.InvalidMessage(
+                f"the record could not be decoded ({type(error).__name__})", cause=error) from None
         span.update_name(f"process {event.type}")
         span.set_attribute("messaging.message.id", event.id)
-        command = translate(event, record.topic, self._table)
+        try:
+            command = translate(event, record.topic, self._table)
+        except errors.Undeliverable:
+            raise
+        except Exception as error:
+            raise errors.ProcessingFailed(
+                f"translating the message raised {type(error).__name__}"
+                f"{errors.raised_in(error)}", cause=error) from None
         return Message(command, Delivery(record.topic, record.partition, record.offset,
                                          traceparent_of(span)))
+
+    async def _settle(self, records: Sequence[Record],
+                      pending: list[tuple[int, Message, Result]], outcomes: list[Outcome | None],
+                      first_failed_at: datetime) -> list[tuple[int, Message, errors.Undeliverable]]:
+        """Give each applied message its outcome; retry alone, or dead-letter, the failed ones.
+
+        Returns the messages waiting for what they refer to (retried by the caller).
+        """
+        waiting: list[tuple[int, Message, errors.Undeliverable]] = []
+        for index, message, result in pending:
+            attempt = 1
+            while result.error is not None and isinstance(result.error, RETRIED_ALONE) and (
+                    attempt < self._attempts):
+                delay = self._backoff.seconds_before(attempt)
+                log.warning("message failed, retrying it alone", topic=records[index].topic,
+                            partition=records[index].partition, offset=records[index].offset,
+                            reason=result.error.code, error=result.error.error_class,
+                            attempt=attempt, retry_in_s=delay)
+                await asyncio.sleep(delay)
+                attempt += 1
+                [result] = await apply_batch([message], self._unit_of_work)
+            if result.error is None:
+                outcomes[index] = self._applied(records[index], result)
+            elif result.error.retryable:
+                waiting.append((index, message, result.error))
+            else:
+                await self._dead_letter(records[index],
+                                        Failure(result.error, attempt, first_failed_at))
+        return waiting
 
     def _applied(self, record: Record, result: Result) -> Outcome:
         assert result.outcome is not None
@@ -210,4 +268,5 @@ class Pipeline:
         self._metrics.outcomes.labels(record.topic, "dead_lettered", failure.error.code).inc()
         log.warning("message dead-lettered", topic=record.topic, partition=record.partition,
                     offset=record.offset, reason=failure.error.code,
+                    error_class=failure.error.error_class,
                     error_message=failure.error.message, attempts=failure.attempts)

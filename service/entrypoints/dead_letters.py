@@ -4,7 +4,8 @@ The key, value, headers and timestamp are kept as they were; the ``dlq.*``
 headers of CONTRACT.md say where it came from and why it failed, in words
 that carry no payload data. The caller commits the original offset only
 after :meth:`DeadLetterWriter.write` returned, that is after the broker
-acknowledged the dead-letter record.
+acknowledged the dead-letter record. A broker that cannot take it raises
+``errors.Unavailable``, and the record is tried again in place.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from service.adapters.kafka_producer import Header, KafkaProducer
+from service.adapters.unavailable import mapped_to_unavailable
 from service.domain.errors import Undeliverable
 
 
@@ -58,16 +60,17 @@ class DeadLetterWriter:
             "dlq.original.timestamp": str(record.timestamp),
             "dlq.consumer.group": self._group,
             "dlq.error.reason": error.code,
-            "dlq.error.class": type(error).__name__,
+            "dlq.error.class": error.error_class,
             "dlq.error.message": error.message[:1000],
             "dlq.attempts": str(failure.attempts),
             "dlq.first_failed_at": _iso(failure.first_failed_at),
             "dlq.failed_at": _iso(failed_at),
             "dlq.service.version": self._version,
         }.items()]
-        await self._producer.send(dead_letter_topic(record.topic), value=record.value,
-                                  key=record.key, headers=headers,
-                                  timestamp_ms=record.timestamp)
+        with mapped_to_unavailable("the broker"):
+            await self._producer.send(dead_letter_topic(record.topic), value=record.value,
+                                      key=record.key, headers=headers,
+                                      timestamp_ms=record.timestamp)
 
 
 def _iso(moment: datetime) -> str:

@@ -56,13 +56,16 @@ def decode_envelope(value: bytes | None, headers: Sequence[Header]) -> wire.Clou
     except UnicodeDecodeError:
         raise errors.InvalidMessage("the record value is not valid UTF-8") from None
     try:
-        body = json.loads(text)
-    except json.JSONDecodeError:
+        body = json.loads(text, parse_constant=_refuse_constant)
+    except ValueError:  # JSONDecodeError, NaN/Infinity, an integer of more than 4,300 digits
         raise errors.InvalidMessage("the record value is not JSON") from None
     except RecursionError:
         raise errors.InvalidMessage("the record value is nested too deeply") from None
-    attributes = {name[3:]: raw.decode("utf-8", "replace") for name, raw in headers
-                  if name.startswith("ce_")}
+    try:
+        attributes = {name[3:]: raw.decode("utf-8") for name, raw in headers
+                      if name.startswith("ce_")}
+    except UnicodeDecodeError:
+        raise errors.InvalidMessage("a ce_ header is not valid UTF-8") from None
     if _has_nul(body) or any("\x00" in value for value in attributes.values()):
         # PostgreSQL text cannot hold NUL; refusing it here keeps the partition flowing
         raise errors.InvalidMessage("text must not contain NUL characters")
@@ -71,6 +74,11 @@ def decode_envelope(value: bytes | None, headers: Sequence[Header]) -> wire.Clou
     if not isinstance(body, dict):
         raise errors.InvalidMessage("the record value is not a CloudEvent object")
     return parse(wire.CloudEvent, body, "CloudEvent")
+
+
+def _refuse_constant(name: str) -> Any:
+    """``NaN``, ``Infinity`` and ``-Infinity`` are not JSON (Python's parser accepts them)."""
+    raise ValueError(f"{name} is not JSON")
 
 
 def _has_nul(value: Any) -> bool:
@@ -94,15 +102,53 @@ def parse(model: type[Model], data: Any, what: str) -> Model:
         return model.model_validate(data)
     except ValidationError as error:
         raise errors.InvalidMessage(f"invalid {what}: {describe(error)}") from None
+    except (ValueError, TypeError, ArithmeticError, RecursionError) as error:
+        # a validator that failed in an unexpected way: still the message's fault
+        raise errors.InvalidMessage(f"invalid {what}: a validator raised {type(error).__name__}",
+                                    cause=error) from None
 
 
 def describe(error: ValidationError) -> str:
-    """Field paths and what is wrong with them, without the offending values."""
+    """Field paths and what is wrong with them, without the offending values.
+
+    Neither the values nor the keys of the message appear: a dictionary key
+    (a metadata key may be an e-mail address) or an unknown field's name in
+    the path becomes a placeholder, and a message that would quote the input
+    (an unknown discriminator tag) is replaced by one that does not.
+    """
     problems = []
-    for item in error.errors(include_input=False, include_url=False, include_context=False):
-        where = ".".join(str(part) for part in item["loc"]) or "message"
-        problems.append(f"{where}: {item['msg']}")
+    for item in error.errors(include_input=False, include_url=False):
+        where = ".".join(_safe_location(item["loc"], item["type"])) or "message"
+        problems.append(f"{where}: {_safe_text(item)}")
     return "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else "")
+
+
+#: Error types whose pydantic message quotes part of the input.
+_QUOTING = {"union_tag_invalid": "the tag does not match any of the expected tags"}
+
+
+def _safe_text(item: Any) -> str:
+    return _QUOTING.get(str(item["type"]), str(item["msg"]))
+
+
+def _safe_location(location: Sequence[int | str], kind: str) -> list[str]:
+    """The path with every part that came from the message (not the schema) replaced."""
+    parts: list[str] = []
+    under_dictionary = False
+    for position, part in enumerate(location):
+        if isinstance(part, int):
+            parts.append(str(part))
+        elif kind == "extra_forbidden" and position == len(location) - 1:
+            parts.append("<extra field>")
+        elif under_dictionary:
+            parts.append("<key>")
+        elif part in wire.FIELD_NAMES or part == "[key]":
+            parts.append(part)
+        else:
+            parts.append("<key>")
+        under_dictionary = isinstance(part, str) and part in wire.DICTIONARY_FIELDS \
+            and not under_dictionary
+    return parts
 
 
 def finalized(event: wire.CloudEvent, trigger: Trigger) -> Command:
@@ -269,8 +315,8 @@ def translate(event: wire.CloudEvent, topic: str, table: Mapping[str, Route]) ->
     route = table.get(topic)
     if route is not None and route.allowed_sources is not None and (
             event.source not in route.allowed_sources):
-        raise errors.UnauthorizedSource(f"source {event.source!r} may not publish on {topic!r}")
+        raise errors.UnauthorizedSource(f"the event's source may not publish on topic {topic}")
     translator = route.translators.get(event.type) if route is not None else None
     if translator is None:
-        raise errors.UnsupportedType(f"type {event.type!r} is not read from topic {topic!r}")
+        raise errors.UnsupportedType(f"the event's type is not read from topic {topic}")
     return translator(event, Trigger(event.source, event.id, event.type))

@@ -9,10 +9,9 @@ The JSON Schemas in ``schemas/`` are generated from these models.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 #: No amount may exceed 10^15 minor units (10 trillion in a two-decimal currency),
 #: so that any sum the service makes stays far inside a 64-bit integer.
@@ -29,6 +28,19 @@ Currency = Annotated[str, Field(pattern=r"^[a-z]{3}$")]
 Reason = Literal["duplicate", "fraudulent", "order_change", "product_unsatisfactory",
                  "service_credit", "subscription_change", "subscription_cancellation", "other"]
 SettlementName = Literal["refund", "customer_balance", "out_of_band"]
+#: Every time on input carries its UTC offset: a naive time is refused, never guessed.
+Time = AwareDatetime
+
+
+def _printable(text: str) -> str:
+    """No C0/C1 control characters (newline included): ids are derived by joining with one."""
+    if any(ord(char) < 0x20 or 0x7F <= ord(char) <= 0x9F for char in text):
+        raise ValueError("must not contain control characters")
+    return text
+
+
+#: ``source``, ``id`` and ``type`` of a CloudEvent: the idempotency key and its routing.
+Attribute = Annotated[str, AfterValidator(_printable)]
 
 
 class Payload(BaseModel):
@@ -41,18 +53,18 @@ class CloudEvent(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     specversion: Literal["1.0"]
-    id: Id
-    source: Annotated[str, Field(min_length=1, max_length=1024)]
-    type: Annotated[str, Field(min_length=1, max_length=255)]
-    time: datetime | None = None
+    id: Annotated[Id, AfterValidator(_printable)]
+    source: Annotated[Attribute, Field(min_length=1, max_length=1024)]
+    type: Annotated[Attribute, Field(min_length=1, max_length=255)]
+    time: Time | None = None
     subject: str | None = None
     datacontenttype: str | None = None
     data: Any = None
 
 
 class Period(Payload):
-    start: datetime
-    end: datetime
+    start: Time
+    end: Time
 
     @model_validator(mode="after")
     def _ordered(self) -> Period:
@@ -209,12 +221,35 @@ class SlaBreached(Payload):
 class SubscriptionDowngraded(Payload):
     invoice_id: Id
     invoice_line_id: Id
-    effective_at: datetime
+    effective_at: Time
     settlement: SettlementName | None = None
 
 
 class SubscriptionCanceled(Payload):
     invoice_id: Id
     invoice_line_id: Id
-    canceled_at: datetime
+    canceled_at: Time
     settlement: SettlementName | None = None
+
+
+def _names() -> tuple[frozenset[str], frozenset[str]]:
+    """Every field name and discriminator tag of the models above, and the dictionary fields.
+
+    Error paths keep these (they come from the schema) and replace anything
+    else (a dictionary key, an unknown field: they come from the message).
+    """
+    names: set[str] = set()
+    dictionaries: set[str] = set()
+    for model in [value for value in globals().values()
+                  if isinstance(value, type) and issubclass(value, BaseModel)]:
+        for name, field in model.model_fields.items():
+            names.add(name)
+            if "dict[" in str(field.annotation):
+                dictionaries.add(name)
+            if name == "type" and field.annotation is not None:
+                names.update(arg for arg in getattr(field.annotation, "__args__", ())
+                             if isinstance(arg, str))
+    return frozenset(names), frozenset(dictionaries)
+
+
+FIELD_NAMES, DICTIONARY_FIELDS = _names()

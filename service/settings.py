@@ -41,6 +41,10 @@ class Topics(BaseModel):
         return inputs + self.outputs() + [f"{topic}.dlq" for topic in inputs]
 
 
+SettlementName = Literal["refund", "customer_balance", "out_of_band"]
+SETTLEMENTS: tuple[SettlementName, ...] = ("refund", "customer_balance", "out_of_band")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CREDITNOTES_", env_file=".env",
                                       env_nested_delimiter="__", extra="ignore")
@@ -112,6 +116,19 @@ class Settings(BaseSettings):
     policy_sla_max_credit_bps: int = Field(default=5_000, ge=0, le=10_000)
     policy_downgrade_max_credit_bps: int = Field(default=10_000, ge=0, le=10_000)
     policy_cancellation_max_credit_bps: int = Field(default=10_000, ge=0, le=10_000)
+    #: Which settlements a trigger topic may ask for (JSON lists, e.g.
+    #: ``CREDITNOTES_ALLOWED_SETTLEMENTS_SLA_BREACHES='["customer_balance"]'``); by default
+    #: all three, as the contract allows. A trigger asking for another is rejected
+    #: (``settlement_not_allowed``); one asking for none gets its topic's default when
+    #: allowed, else the first settlement listed.
+    allowed_settlements_returns: list[SettlementName] = Field(
+        default_factory=lambda: list(SETTLEMENTS), min_length=1)
+    allowed_settlements_sla_breaches: list[SettlementName] = Field(
+        default_factory=lambda: list(SETTLEMENTS), min_length=1)
+    allowed_settlements_downgrades: list[SettlementName] = Field(
+        default_factory=lambda: list(SETTLEMENTS), min_length=1)
+    allowed_settlements_cancellations: list[SettlementName] = Field(
+        default_factory=lambda: list(SETTLEMENTS), min_length=1)
 
     #: How long a message whose invoice (or credit note) is unknown keeps being
     #: retried before it is dead-lettered as ``invoice_not_found``.

@@ -62,6 +62,17 @@ a memo, metadata or other personal data.
     ``(trigger_source, trigger_id)``.
 11. ``outbox_event_id_reused``: no two outbox rows share an event id (UNIQUE
     says so too); downstream deduplicates by it.
+12. ``status_disagrees_with_amounts``: ``amount_paid`` never exceeds the
+    amount due; a ``paid`` invoice has nothing left to pay and an ``open``
+    one has something (RULES.md: status and amounts agree).
+13. ``line_coverage_disagrees``: an invoice line's ``time_credits`` (the
+    coverage of time-based credits, ``[min, period end)``) list exactly the
+    ``covers_from`` of the non-void credit-note lines on it.
+14. ``policy_cap_exceeded``: for each non-void credit note issued under a
+    policy (``<type>:max_credit_bps=<bps>``), the non-void credit notes of its
+    trigger type on its invoice up to it add up to at most ``bps`` of the
+    invoice total (caps are cumulative per invoice and trigger type; a void
+    only lowers the sum, so what held at issue still holds).
 """
 
 from __future__ import annotations
@@ -128,6 +139,15 @@ INVARIANTS: tuple[Invariant, ...] = (
               "each upstream event is in the processed-message ledger once"),
     Invariant("duplicate_trigger", "each upstream event caused at most one credit note"),
     Invariant("outbox_event_id_reused", "no two outbox rows share an event id"),
+    Invariant("status_disagrees_with_amounts",
+              "a paid invoice has nothing left to pay, an open one has, and none was paid more "
+              "than its amount due"),
+    Invariant("line_coverage_disagrees",
+              "an invoice line's time-based coverage lists exactly the times of the non-void "
+              "time-based credits on it"),
+    Invariant("policy_cap_exceeded",
+              "the non-void credit notes of a trigger type on an invoice stay within the "
+              "policy cap each of them was issued under"),
 )
 
 # Every query returns (invariant, subject, detail); the values come only from the database.
@@ -420,6 +440,61 @@ GROUP BY event_id
 HAVING count(*) > 1
 """
 
+_STATUS_DISAGREES_WITH_AMOUNTS = """
+SELECT 'status_disagrees_with_amounts' AS invariant, format('invoice %s', id) AS subject,
+       format('status %s with amount due %s, paid %s, pre-payment credits %s, amount '
+              'remaining %s', status, total - customer_balance_applied, amount_paid,
+              pre_payment_credited,
+              total - customer_balance_applied - amount_paid - pre_payment_credited) AS detail
+FROM invoices
+WHERE amount_paid > total - customer_balance_applied
+   OR (status = 'paid') <> (total - customer_balance_applied - amount_paid
+                            - pre_payment_credited = 0) AND status IN ('open', 'paid')
+"""
+
+_LINE_COVERAGE_DISAGREES = """
+WITH credited AS (
+    SELECT n.invoice_id, l.invoice_line_id AS line_id,
+           array_agg(l.covers_from ORDER BY l.covers_from) AS times
+    FROM credit_note_lines AS l
+    JOIN credit_notes AS n ON n.id = l.credit_note_id
+    WHERE n.status <> 'void' AND l.covers_from IS NOT NULL
+    GROUP BY n.invoice_id, l.invoice_line_id
+), lines AS (
+    SELECT il.invoice_id, il.line_id, il.period_start, il.period_end,
+           ARRAY(SELECT t FROM unnest(il.time_credits) AS t ORDER BY t) AS recorded
+    FROM invoice_lines AS il
+    WHERE cardinality(il.time_credits) > 0
+)
+SELECT 'line_coverage_disagrees' AS invariant,
+       format('invoice line %s/%s', coalesce(l.invoice_id, c.invoice_id),
+              coalesce(l.line_id, c.line_id)) AS subject,
+       format('the line records time-based credits from %s; its non-void credit-note lines '
+              'cover from %s', coalesce(l.recorded::text, '{}'),
+              coalesce(c.times::text, '{}')) AS detail
+FROM lines AS l
+FULL JOIN credited AS c ON c.invoice_id = l.invoice_id AND c.line_id = l.line_id
+WHERE l.recorded IS DISTINCT FROM c.times
+"""
+
+_POLICY_CAP_EXCEEDED = """
+WITH capped AS (
+    SELECT n.invoice_id, n.trigger_type, n.sequence, n.number,
+           substring(n.policy FROM ':max_credit_bps=([0-9]{1,5})$')::integer AS bps,
+           sum(n.total) OVER (PARTITION BY n.invoice_id, n.trigger_type
+                              ORDER BY n.sequence) AS credited
+    FROM credit_notes AS n
+    WHERE n.status <> 'void'
+)
+SELECT 'policy_cap_exceeded' AS invariant, format('credit note %s', c.number) AS subject,
+       format('the non-void %s credit notes of invoice %s up to sequence %s total %s, more than '
+              '%s bps of the invoice total %s', c.trigger_type, c.invoice_id, c.sequence,
+              c.credited, c.bps, i.total) AS detail
+FROM capped AS c
+JOIN invoices AS i ON i.id = c.invoice_id
+WHERE c.bps IS NOT NULL AND c.credited > round(i.total::numeric * c.bps / 10000)
+"""
+
 _QUERIES: tuple[str, ...] = (
     _CREDITS_EXCEED_TOTAL,
     _CREDITED_AMOUNT_DISAGREES,
@@ -433,6 +508,9 @@ _QUERIES: tuple[str, ...] = (
     _DUPLICATE_PROCESSED_MESSAGE,
     _DUPLICATE_TRIGGER,
     _OUTBOX_EVENT_ID_REUSED,
+    _STATUS_DISAGREES_WITH_AMOUNTS,
+    _LINE_COVERAGE_DISAGREES,
+    _POLICY_CAP_EXCEEDED,
 )
 
 _ORDER = {invariant.code: position for position, invariant in enumerate(INVARIANTS)}

@@ -11,6 +11,7 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -200,6 +201,15 @@ class PostgresUnitOfWork:
             self._invoices[invoice_id] = None
         for row in rows:
             self._invoices[row["id"]] = invoice_from_rows(row, by_invoice.get(row["id"], []))
+        # per trigger type, what its non-void credit notes add up to (policy caps are
+        # cumulative); read under the invoices' locks, so no other batch changes it
+        for credited in await self.connection.fetch(
+                "SELECT invoice_id, trigger_type, sum(total) AS total FROM credit_notes"
+                " WHERE invoice_id = ANY($1::text[]) AND status = 'issued'"
+                " GROUP BY invoice_id, trigger_type", [row["id"] for row in rows]):
+            invoice = self._invoices[credited["invoice_id"]]
+            assert invoice is not None
+            invoice.credited_by_trigger[credited["trigger_type"]] = credited["total"]
 
     async def _load_credit_notes(self, note_ids: Sequence[str]) -> None:
         wanted = [note_id for note_id in note_ids if note_id not in self._notes]
@@ -237,7 +247,7 @@ class PostgresUnitOfWork:
              json.dumps(n.metadata)) for n in notes])
         await _insert(connection, _CREDIT_NOTE_LINES, [
             (n.id, position, line.invoice_line_id, line.description, line.quantity,
-             line.unit_amount, line.tax_rate_bps, line.net, line.tax)
+             line.unit_amount, line.tax_rate_bps, line.net, line.tax, line.covers_from)
             for n in notes for position, line in enumerate(n.lines)])
         await _update(connection, _VOIDS, [
             (n.id, trigger.source, trigger.id) for n, trigger in self._voided])
@@ -253,7 +263,8 @@ class PostgresUnitOfWork:
              i.post_payment_credited, i.refunded, i.credit_note_count) for i in dirty])
         await _update(connection, _INVOICE_LINE_CREDITS, [
             (i.id, line.id, line.credited_net, line.credited_tax, line.credited_quantity,
-             line.credit_method.value if line.credit_method else None)
+             line.credit_method.value if line.credit_method else None,
+             _timestamps_literal(line.time_credits))
             for i in dirty for line in i.lines])
         await _insert(connection, _OUTBOX, self._events)
         await _update(connection, _OUTCOMES, [
@@ -270,7 +281,9 @@ class _Table:
     extra_set: str = ""
 
     def arrays(self) -> str:
-        return ", ".join(f"${n}::{kind}[]" for n, (_, kind) in enumerate(self.columns, 1))
+        # an array column travels as its text form (unnest would flatten an array of arrays)
+        return ", ".join(f"${n}::{'text' if kind.endswith('[]') else kind}[]"
+                         for n, (_, kind) in enumerate(self.columns, 1))
 
     def names(self) -> str:
         return ", ".join(name for name, _ in self.columns)
@@ -324,7 +337,8 @@ _CREDIT_NOTES = _Table("credit_notes", (
 _CREDIT_NOTE_LINES = _Table("credit_note_lines", (
     ("credit_note_id", "text"), ("position", "integer"), ("invoice_line_id", "text"),
     ("description", "text"), ("quantity", "bigint"), ("unit_amount", "bigint"),
-    ("tax_rate_bps", "integer"), ("net", "bigint"), ("tax", "bigint")))
+    ("tax_rate_bps", "integer"), ("net", "bigint"), ("tax", "bigint"),
+    ("covers_from", "timestamptz")))
 _JOURNAL_LINES = _Table("journal_lines", (
     ("credit_note_id", "text"), ("entry", "text"), ("position", "integer"), ("account", "text"),
     ("debit", "bigint"), ("credit", "bigint")))
@@ -341,10 +355,15 @@ _INVOICE_FIGURES = _Table("invoices", (
     extra_set="updated_at = now()")
 _INVOICE_LINE_CREDITS = _Table("invoice_lines", (
     ("invoice_id", "text"), ("line_id", "text"), ("credited_net", "bigint"),
-    ("credited_tax", "bigint"), ("credited_quantity", "bigint"), ("credit_method", "text")),
-    keys=2)
+    ("credited_tax", "bigint"), ("credited_quantity", "bigint"), ("credit_method", "text"),
+    ("time_credits", "timestamptz[]")), keys=2)
 _OUTCOMES = _Table("processed_messages", (
     ("source", "text"), ("id", "text"), ("outcome", "text")), keys=2)
+
+
+def _timestamps_literal(times: Sequence[datetime]) -> str:
+    """A ``timestamptz[]`` as PostgreSQL's text form (ISO times, UTC offset included)."""
+    return "{" + ",".join(f'"{time.isoformat()}"' for time in times) + "}"
 
 
 def invoice_from_rows(row: asyncpg.Record, lines: Sequence[asyncpg.Record]) -> Invoice:
@@ -371,6 +390,7 @@ def _invoice_line(row: asyncpg.Record) -> InvoiceLine:
         tax=row["tax"], credited_net=row["credited_net"], credited_tax=row["credited_tax"],
         credited_quantity=row["credited_quantity"],
         credit_method=CreditMethod(method) if method else None,
+        time_credits=tuple(row["time_credits"]),
     )
 
 
@@ -384,7 +404,7 @@ def credit_note_from_rows(row: asyncpg.Record, lines: Sequence[asyncpg.Record]) 
             CreditNoteLine(description=line["description"], net=line["net"], tax=line["tax"],
                            tax_rate_bps=line["tax_rate_bps"],
                            invoice_line_id=line["invoice_line_id"], quantity=line["quantity"],
-                           unit_amount=line["unit_amount"])
+                           unit_amount=line["unit_amount"], covers_from=line["covers_from"])
             for line in lines
         ),
         pre_payment_amount=row["pre_payment_amount"], refund_amount=row["refund_amount"],

@@ -102,6 +102,8 @@ class IssueCreditNote:
     metadata: dict[str, Any] = field(default_factory=dict)
     #: Which policy allowed a trigger's credit (for audit); None for explicit commands.
     policy: str | None = None
+    #: The settlements the trigger's topic may ask for (None: any, as for explicit commands).
+    allowed_settlements: frozenset[Settlement] | None = None
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,8 @@ class FinalizeInvoice:
     lines: tuple[DraftLine, ...]
     discounts: tuple[Discount, ...] = ()
     customer_balance_applied: int = 0
-    amount_paid: int = 0
+    #: None when the event did not say: a ``paid`` invoice was then paid in full.
+    amount_paid: int | None = None
     stated_total: int | None = None
 
 

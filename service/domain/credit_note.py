@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -58,7 +59,11 @@ class JournalLine:
 
 @dataclass(frozen=True)
 class CreditNoteLine:
-    """One credited line: of an invoice line (``invoice_line_id``) or custom."""
+    """One credited line: of an invoice line (``invoice_line_id``) or custom.
+
+    ``covers_from`` is set on a time-based credit (downgrade, cancellation):
+    it covers its invoice line's service period from that time to the end.
+    """
 
     description: str
     net: int
@@ -67,6 +72,7 @@ class CreditNoteLine:
     invoice_line_id: str | None = None
     quantity: int | None = None
     unit_amount: int | None = None
+    covers_from: datetime | None = None
 
     @property
     def total(self) -> int:

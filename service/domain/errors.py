@@ -15,7 +15,8 @@
     │   ├── OutsideServicePeriod          outside_service_period
     │   ├── NoServicePeriod               no_service_period
     │   ├── NotVoidable                   not_voidable
-    │   └── AlreadyVoid                   already_void
+    │   ├── AlreadyVoid                   already_void
+    │   └── SettlementNotAllowed          settlement_not_allowed
     ├── Undeliverable           the message cannot be processed: dead-lettered with its reason
     │   ├── InvalidMessage                invalid_message
     │   ├── MessageTooLarge               message_too_large
@@ -24,6 +25,7 @@
     │   ├── InvoiceNotFound               invoice_not_found  (retried for a while first)
     │   ├── CreditNoteNotFound            credit_note_not_found  (retried for a while first)
     │   ├── InvoiceTotalMismatch          invoice_total_mismatch
+    │   ├── InvoiceInconsistent           invoice_inconsistent
     │   ├── InvoiceConflict               invoice_conflict
     │   ├── InvalidInvoiceTransition      invalid_invoice_transition
     │   ├── RefusedByDatabase             refused_by_database
@@ -107,6 +109,12 @@ class AlreadyVoid(Rejection):
     code = "already_void"
 
 
+class SettlementNotAllowed(Rejection):
+    """A trigger asked for a settlement its topic may not ask for (settings)."""
+
+    code = "settlement_not_allowed"
+
+
 class Undeliverable(CreditNoteError):
     """The message itself cannot be processed; it goes to its dead-letter topic."""
 
@@ -143,6 +151,12 @@ class CreditNoteNotFound(Undeliverable):
 
 class InvoiceTotalMismatch(Undeliverable):
     code = "invoice_total_mismatch"
+
+
+class InvoiceInconsistent(Undeliverable):
+    """An invoice's status and amounts disagree (paid but not in full, or paid more than due)."""
+
+    code = "invoice_inconsistent"
 
 
 class InvoiceConflict(Undeliverable):

@@ -16,6 +16,7 @@ customer balance applied, credit notes, new amount due::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 
 from service.domain import errors, money
@@ -52,6 +53,17 @@ class InvoiceLine:
     credited_tax: int = 0
     credited_quantity: int = 0
     credit_method: CreditMethod | None = None
+    #: When each non-void time-based credit of this line starts (one entry per credit).
+    time_credits: tuple[datetime, ...] = ()
+
+    @property
+    def covered_from(self) -> datetime | None:
+        """Time-based credits covered ``[covered_from, period end)``; None: none yet.
+
+        Each covers the line from its time to the period end, so together they
+        cover from the earliest of them.
+        """
+        return min(self.time_credits, default=None)
 
     @property
     def amount(self) -> int:
@@ -93,6 +105,8 @@ class Invoice:
     post_payment_credited: int = 0
     refunded: int = 0
     credit_note_count: int = 0
+    #: Per trigger type (``sla.breached``, ...): the total of its non-void credit notes.
+    credited_by_trigger: dict[str, int] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list, compare=False, repr=False)
 
     @property
@@ -180,7 +194,7 @@ def finalize_invoice(command: FinalizeInvoice) -> Invoice:
     if any(value < 0 for discount in command.discounts
            for value in (discount.percent_off_bps or 0, discount.amount_off or 0)):
         raise errors.InvalidMessage("discounts cannot be negative")
-    if command.customer_balance_applied < 0 or command.amount_paid < 0:
+    if command.customer_balance_applied < 0 or (command.amount_paid or 0) < 0:
         raise errors.InvalidMessage("customer_balance_applied and amount_paid cannot be negative")
     if len({line.id for line in command.lines}) != len(command.lines):
         raise errors.InvalidMessage("invoice line ids must be unique")
@@ -197,22 +211,41 @@ def finalize_invoice(command: FinalizeInvoice) -> Invoice:
         )
     if command.customer_balance_applied > total:
         raise errors.InvalidMessage("customer_balance_applied exceeds the invoice total")
-    if command.amount_paid > total - command.customer_balance_applied:
-        raise errors.InvalidMessage("amount_paid exceeds the amount due")
+    status, amount_paid = _status_and_paid(InvoiceStatus(command.status), command.amount_paid,
+                                           total - command.customer_balance_applied)
     return Invoice(
         id=command.invoice_id,
         number=command.number,
         customer_id=command.customer_id,
         currency=command.currency,
-        status=InvoiceStatus(command.status),
+        status=status,
         lines=lines,
         subtotal=subtotal,
         discount=discount,
         tax=tax,
         total=total,
         customer_balance_applied=command.customer_balance_applied,
-        amount_paid=command.amount_paid,
+        amount_paid=amount_paid,
     )
+
+
+def _status_and_paid(status: InvoiceStatus, amount_paid: int | None,
+                     amount_due: int) -> tuple[InvoiceStatus, int]:
+    """Status and amount paid that agree (RULES.md), or ``InvoiceInconsistent``.
+
+    ``paid`` without ``amount_paid`` was paid in full; ``paid`` with another
+    amount than the amount due, or any amount above it, is refused; ``open``
+    with nothing left to pay is ``paid``.
+    """
+    if amount_paid is None:
+        amount_paid = amount_due if status is InvoiceStatus.PAID else 0
+    if amount_paid > amount_due:
+        raise errors.InvoiceInconsistent("amount_paid exceeds the amount due")
+    if status is InvoiceStatus.PAID and amount_paid != amount_due:
+        raise errors.InvoiceInconsistent("a paid invoice's amount_paid differs from its amount due")
+    if status is InvoiceStatus.OPEN and amount_paid == amount_due:
+        status = InvoiceStatus.PAID
+    return status, amount_paid
 
 
 def _price_line(position: int, draft: DraftLine, discount: int) -> InvoiceLine:

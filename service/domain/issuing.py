@@ -8,7 +8,11 @@ update the invoice's credited figures and record the events.
 Where each rule lives:
 
 - caps (invoice total, each line's net and tax, refundable cash): ``_price_*``,
-  ``_cap_to_invoice`` and ``_settle``;
+  ``_cap_to_invoice`` and ``_settle``; a trigger policy's cap, cumulative per
+  invoice and trigger type: ``_cap_to_policy``;
+- time-based credits over what is left and over uncovered time:
+  ``_price_unused_time`` (coverage kept on the invoice line, restored by a void);
+- which settlements a trigger may ask for: ``_check_settlement``;
 - discount and tax shares, rounding, the final sweep: ``_price_quantity``,
   ``_price_amount``, ``_spread`` (all via :mod:`service.domain.money`);
 - the pre/post-payment split and settlement: ``issue_credit_note`` and ``_settle``;
@@ -74,15 +78,13 @@ def issue_credit_note(invoice: Invoice, command: IssueCreditNote) -> CreditNote:
     except ValueError:
         raise errors.InvalidMessage(f"unknown credit note reason {command.reason!r}") from None
     _check_request(command)
+    _check_settlement(command)
 
     credits = _price(invoice, command)
     total = sum(credit.line.total for credit in credits)
     if command.max_credit_bps is not None:
-        allowed = money.basis_points(invoice.total, command.max_credit_bps)
-        if total > allowed:
-            _refuse_excess(command.on_excess, f"the policy allows at most {allowed}")
-            credits = _scale(credits, allowed)
-            total = sum(credit.line.total for credit in credits)
+        credits = _cap_to_policy(invoice, command, credits, total)
+        total = sum(credit.line.total for credit in credits)
     if total > invoice.creditable:
         credits = _cap_to_invoice(invoice, command, credits, total)
         total = sum(credit.line.total for credit in credits)
@@ -138,7 +140,11 @@ def void_credit_note(invoice: Invoice, note: CreditNote, command: VoidCreditNote
         if (invoice_line.credited_quantity, invoice_line.credited_net,
                 invoice_line.credited_tax) == (0, 0, 0):
             invoice_line.credit_method = None  # nothing credited any more: free to choose
+        if line.covers_from is not None:
+            # coverage is what the remaining time-based credits cover: from the earliest
+            invoice_line.time_credits = _without_one(invoice_line.time_credits, line.covers_from)
     invoice.pre_payment_credited -= note.total
+    _count_for_trigger(invoice, note.trigger.type, -note.total)
     voided = note.voided()
     invoice.events.append(CreditNoteVoided(voided, _state(invoice), command.trigger))
     return voided
@@ -164,6 +170,17 @@ def _check_request(command: IssueCreditNote) -> None:
         not_negative += [split.refund_amount, split.credit_amount, split.out_of_band_amount]
     if any(value <= 0 for value in positive) or any(value < 0 for value in not_negative):
         raise errors.InvalidMessage("amounts and quantities must be positive")
+
+
+def _check_settlement(command: IssueCreditNote) -> None:
+    """A trigger may ask only for the settlements its topic allows (settings)."""
+    allowed = command.allowed_settlements
+    if allowed is not None and isinstance(command.settlement, Settlement) and (
+            command.settlement not in allowed):
+        names = ", ".join(sorted(allowed))
+        raise errors.SettlementNotAllowed(
+            f"settlement {command.settlement.value} is not allowed for {command.trigger.type} "
+            f"(allowed: {names or 'none'})")
 
 
 def _price(invoice: Invoice, command: IssueCreditNote) -> list[_Credit]:
@@ -234,16 +251,29 @@ def _price_amount(line: InvoiceLine, amount: int, on_excess: OnExcess) -> _Credi
 
 
 def _price_unused_time(line: InvoiceLine, at: datetime, on_excess: OnExcess) -> _Credit | None:
-    """The unused part of a line's service period, by the second, of its net; tax in proportion."""
+    """What is left of a line, for the time from ``at`` not covered before; tax in proportion.
+
+    Earlier time-based credits cover ``[covered_from, end)``; this one covers
+    ``[at, end)``, so it credits the uncovered ``[at, covered_from)`` out of the
+    ``covered_from - start`` seconds not covered yet (by the second), of the
+    net still left: ``round(remaining net * uncovered / (period - covered))``.
+    """
     if line.period is None:
         raise errors.NoServicePeriod(f"line {line.id} has no service period to prorate")
     start, end = line.period.start, line.period.end
     if not start <= at <= end:
         raise errors.OutsideServicePeriod(
             f"the time given is outside the service period of line {line.id}")
+    covered_from = line.covered_from or end
     second = timedelta(seconds=1)
-    net = money.proportion(line.net, (end - at) // second, (end - start) // second)
-    return _net_of_line(line, net, on_excess, method=None)  # time fixes no credit method
+    uncovered = (covered_from - at) // second
+    if uncovered <= 0:
+        return None  # all of [at, end) was credited before
+    net = money.proportion(line.remaining_net, uncovered, (covered_from - start) // second)
+    credit = _net_of_line(line, net, on_excess, method=None)  # time fixes no credit method
+    if credit is None:
+        return None
+    return replace(credit, line=replace(credit.line, covers_from=at))
 
 
 def _net_of_line(line: InvoiceLine, net: int, on_excess: OnExcess,
@@ -317,6 +347,40 @@ def _cap_to_invoice(invoice: Invoice, command: IssueCreditNote, credits: list[_C
     return _scale(credits, invoice.creditable)
 
 
+def _cap_to_policy(invoice: Invoice, command: IssueCreditNote, credits: list[_Credit],
+                   total: int) -> list[_Credit]:
+    """Scale a trigger's credits down to what its policy still allows on this invoice.
+
+    The cap (``max_credit_bps`` of the invoice total) is on all the non-void
+    credit notes of the trigger's type on the invoice together, not per event.
+    """
+    assert command.max_credit_bps is not None
+    kind = command.trigger.type
+    cap = money.basis_points(invoice.total, command.max_credit_bps)
+    allowed = max(cap - invoice.credited_by_trigger.get(kind, 0), 0)
+    if total <= allowed:
+        return credits
+    _refuse_excess(command.on_excess, f"the policy allows {allowed} more")
+    if allowed == 0:
+        raise errors.NothingLeftToCredit(
+            f"the {kind} policy allows no more credit on this invoice (cap {cap})")
+    return _scale(credits, allowed)
+
+
+def _count_for_trigger(invoice: Invoice, kind: str, amount: int) -> None:
+    credited = invoice.credited_by_trigger.get(kind, 0) + amount
+    if credited:
+        invoice.credited_by_trigger[kind] = credited
+    else:
+        invoice.credited_by_trigger.pop(kind, None)
+
+
+def _without_one(times: tuple[datetime, ...], time: datetime) -> tuple[datetime, ...]:
+    """``times`` less one occurrence of ``time`` (two credits may start at the same time)."""
+    position = times.index(time) if time in times else len(times)
+    return times[:position] + times[position + 1:]
+
+
 def _scale(credits: list[_Credit], total: int) -> list[_Credit]:
     """Credits scaled down to ``total``, by largest remainder, net and tax alike."""
     shares = money.allocate(total, [credit.line.total for credit in credits])
@@ -328,6 +392,7 @@ def _scale(credits: list[_Credit], total: int) -> list[_Credit]:
         if share == 0:
             continue
         net, tax = money.allocate(share, [credit.line.net, credit.line.tax])
+        # a scaled time-based credit still covers its time (covers_from is kept)
         line = replace(credit.line, net=net, tax=tax, quantity=None, unit_amount=None)
         scaled.append(_Credit(line, invoice_line=credit.invoice_line))
     return scaled
@@ -372,6 +437,9 @@ def _apply(invoice: Invoice, note: CreditNote, credits: list[_Credit]) -> None:
         line.credited_quantity += credit.quantity
         if credit.method is not None:
             line.credit_method = credit.method
+        if credit.line.covers_from is not None:
+            line.time_credits = (*line.time_credits, credit.line.covers_from)
+    _count_for_trigger(invoice, note.trigger.type, note.total)
     invoice.pre_payment_credited += note.pre_payment_amount
     invoice.post_payment_credited += note.post_payment_amount
     invoice.refunded += note.refund_amount

@@ -39,7 +39,7 @@ from service.domain.commands import (
     VoidInvoice,
 )
 from service.entrypoints import wire
-from service.settings import Settings
+from service.settings import SETTLEMENTS, Settings
 
 Model = TypeVar("Model", bound=BaseModel)
 Translator = Callable[[wire.CloudEvent, Trigger], Command]
@@ -212,55 +212,78 @@ def _line(line: wire.InvoiceLineItem | wire.CustomLineItem) -> LineRequest:
     return InvoiceLineByAmount(line.invoice_line_id, line.amount)
 
 
-def returned(event: wire.CloudEvent, trigger: Trigger, max_credit_bps: int) -> Command:
+def returned(event: wire.CloudEvent, trigger: Trigger, max_credit_bps: int,
+             allowed_settlements: Sequence[str] = SETTLEMENTS) -> Command:
     """Return of goods: the returned quantities of the named lines; refund by default."""
     data = parse(wire.ReturnReceived, event.data, "return.received data")
     quantities: dict[str, int] = {}
     for line in data.lines:  # the same line named twice is one return of both quantities
         quantities[line.invoice_line_id] = quantities.get(line.invoice_line_id, 0) + line.quantity
     return _trigger_credit(
-        trigger, data.invoice_id, data.reason or "order_change", data.settlement or "refund",
-        max_credit_bps, {"return_id": data.return_id},
+        trigger, data.invoice_id, data.reason or "order_change",
+        _settlement(data.settlement, "refund", allowed_settlements), max_credit_bps,
+        {"return_id": data.return_id}, allowed_settlements=allowed_settlements,
         lines=tuple(InvoiceLineByQuantity(line_id, quantity)
                     for line_id, quantity in quantities.items()))
 
 
-def sla_breached(event: wire.CloudEvent, trigger: Trigger, max_credit_bps: int) -> Command:
+def sla_breached(event: wire.CloudEvent, trigger: Trigger, max_credit_bps: int,
+                 allowed_settlements: Sequence[str] = SETTLEMENTS) -> Command:
     """SLA breach: a service credit spread over the lines; customer balance by default."""
     data = parse(wire.SlaBreached, event.data, "sla.breached data")
     return _trigger_credit(
-        trigger, data.invoice_id, "service_credit", data.settlement or "customer_balance",
-        max_credit_bps, {"sla_id": data.sla_id}, amount=data.credit_amount,
-        amount_bps=data.credit_bps, currency=data.currency)
+        trigger, data.invoice_id, "service_credit",
+        _settlement(data.settlement, "customer_balance", allowed_settlements), max_credit_bps,
+        {"sla_id": data.sla_id}, amount=data.credit_amount, amount_bps=data.credit_bps,
+        currency=data.currency, allowed_settlements=allowed_settlements)
 
 
-def downgraded(event: wire.CloudEvent, trigger: Trigger, max_credit_bps: int) -> Command:
+def downgraded(event: wire.CloudEvent, trigger: Trigger, max_credit_bps: int,
+               allowed_settlements: Sequence[str] = SETTLEMENTS) -> Command:
     """Downgrade: the unused time of the old plan's line; customer balance by default."""
     data = parse(wire.SubscriptionDowngraded, event.data, "subscription.downgraded data")
     return _trigger_credit(
-        trigger, data.invoice_id, "subscription_change", data.settlement or "customer_balance",
-        max_credit_bps, {}, lines=(UnusedTime(data.invoice_line_id, data.effective_at),))
+        trigger, data.invoice_id, "subscription_change",
+        _settlement(data.settlement, "customer_balance", allowed_settlements), max_credit_bps,
+        {}, lines=(UnusedTime(data.invoice_line_id, data.effective_at),),
+        allowed_settlements=allowed_settlements)
 
 
-def canceled(event: wire.CloudEvent, trigger: Trigger, max_credit_bps: int) -> Command:
+def canceled(event: wire.CloudEvent, trigger: Trigger, max_credit_bps: int,
+             allowed_settlements: Sequence[str] = SETTLEMENTS) -> Command:
     """Cancellation: the unused part of the prepaid term; refund by default."""
     data = parse(wire.SubscriptionCanceled, event.data, "subscription.canceled data")
     return _trigger_credit(
-        trigger, data.invoice_id, "subscription_cancellation", data.settlement or "refund",
-        max_credit_bps, {}, lines=(UnusedTime(data.invoice_line_id, data.canceled_at),))
+        trigger, data.invoice_id, "subscription_cancellation",
+        _settlement(data.settlement, "refund", allowed_settlements), max_credit_bps, {},
+        lines=(UnusedTime(data.invoice_line_id, data.canceled_at),),
+        allowed_settlements=allowed_settlements)
 
 
 def _trigger_credit(trigger: Trigger, invoice_id: str, reason: str, settlement: str,
                     max_credit_bps: int, metadata: dict[str, str], *,
                     lines: tuple[LineRequest, ...] = (), amount: int | None = None,
-                    amount_bps: int | None = None, currency: str | None = None) -> IssueCreditNote:
-    """A trigger's credit: capped at what is left and at its policy, never rejected for excess."""
+                    amount_bps: int | None = None, currency: str | None = None,
+                    allowed_settlements: Sequence[str] = SETTLEMENTS) -> IssueCreditNote:
+    """A trigger's credit: capped at what is left and at its policy, never rejected for excess.
+
+    The settlements its topic may ask for travel with it: the domain rejects
+    another as ``settlement_not_allowed`` (a business rejection, published).
+    """
     return IssueCreditNote(
         trigger=trigger, invoice_id=invoice_id, reason=reason, lines=lines, amount=amount,
         amount_bps=amount_bps, settlement=Settlement(settlement), on_excess=OnExcess.CAP,
         currency=currency, metadata=metadata, max_credit_bps=max_credit_bps,
         policy=f"{trigger.type}:max_credit_bps={max_credit_bps}",
+        allowed_settlements=frozenset(Settlement(name) for name in allowed_settlements),
     )
+
+
+def _settlement(requested: str | None, default: str, allowed: Sequence[str]) -> str:
+    """The settlement asked for; else the topic's default if allowed, else the first allowed."""
+    if requested is not None:
+        return requested
+    return default if default in allowed or not allowed else allowed[0]
 
 
 @dataclass(frozen=True)
@@ -286,20 +309,24 @@ def routes(settings: Settings) -> dict[str, Route]:
             "credit_note.void": void,
         },
         topics.returns: {
-            "return.received": partial(returned,
-                                       max_credit_bps=settings.policy_return_max_credit_bps),
+            "return.received": partial(
+                returned, max_credit_bps=settings.policy_return_max_credit_bps,
+                allowed_settlements=tuple(settings.allowed_settlements_returns)),
         },
         topics.sla_breaches: {
-            "sla.breached": partial(sla_breached,
-                                    max_credit_bps=settings.policy_sla_max_credit_bps),
+            "sla.breached": partial(
+                sla_breached, max_credit_bps=settings.policy_sla_max_credit_bps,
+                allowed_settlements=tuple(settings.allowed_settlements_sla_breaches)),
         },
         topics.downgrades: {
             "subscription.downgraded": partial(
-                downgraded, max_credit_bps=settings.policy_downgrade_max_credit_bps),
+                downgraded, max_credit_bps=settings.policy_downgrade_max_credit_bps,
+                allowed_settlements=tuple(settings.allowed_settlements_downgrades)),
         },
         topics.cancellations: {
             "subscription.canceled": partial(
-                canceled, max_credit_bps=settings.policy_cancellation_max_credit_bps),
+                canceled, max_credit_bps=settings.policy_cancellation_max_credit_bps,
+                allowed_settlements=tuple(settings.allowed_settlements_cancellations)),
         },
     }
     allowed = settings.allowed_sources()

@@ -108,7 +108,8 @@ class Invoice(Payload):
     lines: Annotated[list[InvoiceLine], Field(min_length=1, max_length=1000)]
     discounts: Annotated[list[Discount], Field(max_length=20)] = []
     customer_balance_applied: Amount = 0
-    amount_paid: Amount = 0
+    #: Absent: 0, or the whole amount due when the invoice arrives ``paid`` (RULES.md).
+    amount_paid: Amount | None = None
     total: Amount | None = None
 
     @model_validator(mode="after")

@@ -183,14 +183,14 @@ async def test_a_credit_note_number_or_trigger_is_never_used_twice(
     assert await credited(db) == (1_000, 0)
 
 
-async def test_the_same_number_on_another_invoice_is_refused_too(db: asyncpg.Connection) -> None:
+async def test_the_same_number_on_another_invoice_is_allowed(db: asyncpg.Connection) -> None:
+    # numbers are unique per invoice (RULES.md): invoice numbers need not be unique
     await add_invoice(db, "in_2002")
     await add_credit_note(db, sequence=1, total=1_000)
 
-    with pytest.raises(UniqueViolationError):
-        await add_credit_note(db, invoice_id="in_2002", sequence=1, number="ACME-1001-CN-01")
+    await add_credit_note(db, invoice_id="in_2002", sequence=1, number="ACME-1001-CN-01")
 
-    assert await credited(db, "in_2002") == (0, 0)
+    assert await credited(db, "in_2002") == (1_200, 0)
 
 
 async def test_settlement_parts_must_add_up_to_the_post_payment_part(

@@ -1,4 +1,4 @@
-"""The twelve worked examples of RULES.md, each to the minor unit.
+"""The worked examples of RULES.md (1-14), each to the minor unit.
 
 Rejections are exceptions in the domain (the handler turns them into
 ``credit_note.rejected``), so a refused example asserts the exception class,
@@ -13,10 +13,18 @@ from datetime import UTC, datetime
 import pytest
 
 from service.domain import errors, money
-from service.domain.commands import OnExcess, ServicePeriod, Settlement, SettlementSplit
-from service.domain.credit_note import CreditNoteStatus, CreditNoteType
+from service.domain.commands import (
+    IssueCreditNote,
+    OnExcess,
+    ServicePeriod,
+    Settlement,
+    SettlementSplit,
+    UnusedTime,
+)
+from service.domain.credit_note import CreditNote, CreditNoteStatus, CreditNoteType
 from service.domain.events import CreditNoteIssued, InvoicePaid, RefundRequested
-from service.domain.invoice import InvoiceStatus
+from service.domain.invoice import Invoice, InvoiceStatus
+from service.domain.issuing import issue_credit_note
 
 from .builders import (
     amount_off,
@@ -29,6 +37,7 @@ from .builders import (
     line,
     paid_invoice,
     percent_off,
+    trigger,
     void,
 )
 
@@ -289,3 +298,45 @@ def test_example_12_three_single_unit_credits_add_up_to_the_line_exactly() -> No
         "ACME-0042-CN-02",
         "ACME-0042-CN-03",
     ]
+
+
+# --- time-based credits over what is left and over uncovered time (examples 13, 14) ---------
+
+OCTOBER = ServicePeriod(start=datetime(2026, 10, 1, tzinfo=UTC), end=datetime(2026, 11, 1, tzinfo=UTC))
+
+
+def _unused_time(inv: Invoice, line_id: str, day: int, kind: str) -> CreditNote:
+    """A downgrade or cancellation at ``day`` October 00:00, as the translators build it."""
+    return issue_credit_note(inv, IssueCreditNote(
+        trigger=trigger(kind), invoice_id=inv.id, reason="subscription_cancellation",
+        lines=(UnusedTime(line_id, datetime(2026, 10, day, tzinfo=UTC)),),
+        on_excess=OnExcess.CAP, max_credit_bps=10_000, policy=f"{kind}:max_credit_bps=10000"))
+
+
+def test_example_13_cancellation_after_half_was_returned_credits_half_of_what_is_left() -> None:
+    inv = invoice(lines=[line("L1", quantity=10, unit_amount=1_000, period=OCTOBER)])
+    returned = issue(inv, lines=[by_quantity("L1", 5)], on_excess=OnExcess.CAP)
+    assert returned.total == 5_000
+
+    cancelled = _unused_time(inv, "L1", 16, "subscription.canceled")
+
+    assert (cancelled.subtotal, cancelled.tax, cancelled.total) == (2_581, 0, 2_581)  # 5000*16/31
+    assert inv.line("L1").credited_net == 7_581
+    assert inv.line("L1").covered_from == datetime(2026, 10, 16, tzinfo=UTC)
+
+
+def test_example_14_downgrade_then_a_later_cancellation_has_nothing_left_an_earlier_one_5_days() -> None:
+    inv = invoice(lines=[line("L1", quantity=10, unit_amount=1_000, period=OCTOBER)])
+    downgraded = _unused_time(inv, "L1", 16, "subscription.downgraded")
+    assert downgraded.total == 5_161  # 10000*16/31
+
+    before = copy.deepcopy(inv)
+    with pytest.raises(errors.NothingLeftToCredit) as refused:
+        _unused_time(inv, "L1", 21, "subscription.canceled")
+    assert refused.value.code == "nothing_left_to_credit"
+    assert inv == before
+
+    cancelled = _unused_time(inv, "L1", 11, "subscription.canceled")
+    assert cancelled.total == 1_613  # 4839 * 5/15
+    assert inv.line("L1").credited_net == 5_161 + 1_613
+    assert inv.line("L1").covered_from == datetime(2026, 10, 11, tzinfo=UTC)

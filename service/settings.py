@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -53,6 +54,12 @@ class Settings(BaseSettings):
     database_url: str = Field(default="postgresql://postgres@127.0.0.1:5432/creditnotes",
                               repr=False)
     database_pool_size: int = Field(default=10, ge=1)
+    #: TLS to PostgreSQL, added to the URL's query (and replacing one there): production
+    #: uses ``verify-full`` (certificate and host name checked) with the CA bundle named
+    #: by ``database_sslrootcert``. Unset: whatever the URL says (asyncpg's default ``prefer``).
+    database_sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca",
+                              "verify-full"] | None = None
+    database_sslrootcert: Path | None = None
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
         "PLAINTEXT"
@@ -173,6 +180,15 @@ class Settings(BaseSettings):
                              "_PASSWORD; refusing to fall back to plaintext")
         return self
 
+    @model_validator(mode="after")
+    def _database_tls(self) -> Settings:
+        options = {"sslmode": self.database_sslmode,
+                   "sslrootcert": str(self.database_sslrootcert or "") or None}
+        for name, value in options.items():
+            if value is not None:
+                self.database_url = with_query(self.database_url, name, value)
+        return self
+
     def allowed_sources(self) -> dict[str, list[str] | None]:
         """Per input topic name: the sources allowed to publish there (None: any)."""
         topics = self.topics
@@ -213,6 +229,13 @@ class Settings(BaseSettings):
             invoice_events=self.topic_invoice_events,
             refund_requests=self.topic_refund_requests,
         )
+
+
+def with_query(url: str, name: str, value: str) -> str:
+    """``url`` with the query parameter ``name`` set to ``value`` (replacing any)."""
+    parts = urlsplit(url)
+    query = [(key, item) for key, item in parse_qsl(parts.query) if key != name]
+    return urlunsplit(parts._replace(query=urlencode([*query, (name, value)], safe="/")))
 
 
 def redact_url(url: str) -> str:

@@ -2,19 +2,26 @@
 
 hadolint lints the Dockerfile; the compose file is read as YAML and held to
 what the service needs: health checks, start order, real settings, and
-exactly the contract's topics.
+exactly the contract's topics; and to what keeps it private: ports on loopback
+only, the service connecting as a user that owns nothing, allow-lists on.
+(tests/integration/test_compose_roles.py runs deploy/compose/init-roles.sql.)
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import pytest
 import yaml
 
+from service.entrypoints.translators import routes
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,10 +65,72 @@ def test_compose_starts_the_service_only_after_healthy_servers_topics_and_migrat
 
 def test_compose_sets_only_real_settings() -> None:
     services = compose()["services"]
-    names = {name for name in services["service"]["environment"]
-             if name.startswith("CREDITNOTES_")}
     fields = {f"CREDITNOTES_{field.upper()}" for field in Settings.model_fields}
-    assert names and names <= fields
+    for name in ("service", "migrate"):
+        names = {key for key in services[name]["environment"] if key.startswith("CREDITNOTES_")}
+        assert names and names <= fields, name
+
+
+def substituted(value: str) -> str:
+    """``${NAME:-default}`` as compose fills it in with nothing set."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+
+
+def compose_settings(service: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    for key in list(os.environ):
+        if key.startswith("CREDITNOTES_"):
+            monkeypatch.delenv(key)
+    for key, value in compose()["services"][service]["environment"].items():
+        monkeypatch.setenv(key, substituted(str(value)))
+    return Settings(_env_file=None)
+
+
+def test_every_published_port_is_bound_to_loopback() -> None:
+    published = [(name, port) for name, service in compose()["services"].items()
+                 for port in service.get("ports", [])]
+    assert {name for name, _ in published} == {"kafka", "postgres", "service"}
+    for name, port in published:
+        assert isinstance(port, str) and port.startswith("127.0.0.1:"), (name, port)
+    # the broker's only listener without authentication that leaves the compose network
+    # is the one published on loopback
+    kafka = compose()["services"]["kafka"]["environment"]
+    assert "SASL" not in kafka["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"]
+    assert kafka["KAFKA_ADVERTISED_LISTENERS"].split(",")[1].startswith("PLAINTEXT_HOST://localhost:")
+
+
+def test_the_service_connects_as_a_user_that_owns_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    services = compose()["services"]
+    postgres = services["postgres"]["environment"]
+    service_url = urlsplit(compose_settings("service", monkeypatch).database_url)
+    migrate_url = urlsplit(compose_settings("migrate", monkeypatch).database_url)
+    assert service_url.username == "creditnotes_service"
+    assert migrate_url.username == "creditnotes_migrate"
+    assert postgres["POSTGRES_USER"] not in {service_url.username, migrate_url.username}
+    sql = (ROOT / "deploy" / "compose" / "init-roles.sql").read_text()
+    assert "CREATE ROLE creditnotes_service LOGIN IN ROLE creditnotes_app'" in sql
+    assert "CREATE ROLE creditnotes_migrate LOGIN IN ROLE creditnotes_migrator'" in sql
+    assert "OWNER TO creditnotes_migrate" in sql and "OWNER TO creditnotes_service" not in sql
+    mounts = services["postgres"]["volumes"]
+    assert "./deploy/compose/init-roles.sh:/docker-entrypoint-initdb.d/10-init-roles.sh:ro" in mounts
+    assert os.access(ROOT / "deploy" / "compose" / "init-roles.sh", os.X_OK)
+    assert "--file /docker-entrypoint-initdb.d/init-roles.sql.in" in (
+        ROOT / "deploy" / "compose" / "init-roles.sh").read_text()
+    assert any(mount.endswith(":/docker-entrypoint-initdb.d/init-roles.sql.in:ro")
+               for mount in mounts)
+
+
+def test_compose_ships_an_allow_list_for_every_input_topic(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = compose_settings("service", monkeypatch)
+    assert settings.missing_allow_lists() == [] and not settings.allow_any_source
+    examples = {json.loads(path.read_text())["type"]: json.loads(path.read_text())["source"]
+                for path in (ROOT / "schemas" / "examples").glob("*.json")}
+    # every shipped example is accepted on the topic that carries it
+    for route_topic, route in routes(settings).items():
+        for event_type in route.translators:
+            assert route.allowed_sources is not None
+            assert examples[event_type] in route.allowed_sources, (route_topic, event_type)
 
 
 def test_compose_creates_exactly_the_contract_topics() -> None:

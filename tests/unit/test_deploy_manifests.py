@@ -13,8 +13,13 @@ checked:
 - probes, port, scrape annotations, user and grace period agree with that
   ``Settings``, ``service/main.py`` and ``deploy/Dockerfile``;
 - KEDA's triggers cover exactly the input topics, for the ConfigMap's consumer
-  group, within the declared partition count, and authenticate as the service does;
-- the migration Job runs ``migrate`` with the migrator's credentials only.
+  group, within the declared partition count, over the service's protocol but with
+  KEDA's own credentials;
+- the migration Job runs ``migrate`` with the migrator's credentials only;
+- every input topic has an allow-list, production verifies PostgreSQL's certificate
+  (``sslmode=verify-full``), the fetch limits fit the memory limit, and a
+  NetworkPolicy admits only the probes and the scrape and lets out only PostgreSQL,
+  Kafka and DNS.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import jsonschema
 import pytest
@@ -43,6 +49,9 @@ DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 PARTITIONS_ANNOTATION = "creditnotes/input-topic-partitions"
 #: The service's memory target (under 300 MB resident): the limit must leave room for it.
 MEMORY_TARGET_BYTES = 300 * 10**6
+#: What the service holds besides fetched records (interpreter, libraries, pool, outbox
+#: batch): well above the ~110 MB measured idle by tests/faults/test_memory_flood.py.
+BASELINE_BYTES = 200 * 2**20
 SERVICE_CONTAINER = "creditnotes"
 SETTING_NAMES = frozenset(f"CREDITNOTES_{name.upper()}" for name in Settings.model_fields)
 # what KEDA's kafka scaler calls the service's CREDITNOTES_KAFKA_SASL_MECHANISM values
@@ -385,8 +394,15 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "triggers": {"type": "array", "minItems": 1, "items": _KAFKA_TRIGGER},
     })),
     "TriggerAuthentication": _kind("keda.sh/v1alpha1", "TriggerAuthentication", spec=_object({
-        "env": {"type": "array", "minItems": 1, "items": _object({
-            "parameter": {"type": "string"}, "name": _ENV_NAME, "containerName": _NAME})},
+        "secretTargetRef": {"type": "array", "minItems": 1, "items": _object({
+            "parameter": {"type": "string"}, "name": _NAME, "key": {"type": "string"}})},
+    }, properties={"env": False})),  # never the service container's environment
+    "NetworkPolicy": _kind("networking.k8s.io/v1", "NetworkPolicy", spec=_object({
+        "podSelector": _object({"matchLabels": _STRINGS}),
+        "policyTypes": {"const": ["Ingress", "Egress"]},
+        "ingress": {"type": "array", "items": _object({"ports": {"type": "array", "minItems": 1},
+                                                       "from": {"type": "array", "minItems": 1}})},
+        "egress": {"type": "array", "items": _object({"ports": {"type": "array", "minItems": 1}})},
     })),
 }
 
@@ -480,7 +496,8 @@ def test_service_runs_run_and_probes_its_http_port(manifests: Variant,
     container = manifests.service_container()
     assert container["args"] == ["run"]
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert list(ports.values()) == [settings.http_port]
+    assert ports == {"http": settings.http_port, "metrics": settings.metrics_port}
+    assert settings.metrics_port != settings.http_port  # the scrape can be kept internal
     assert settings.http_port == int(dockerfile(r"^EXPOSE (\d+)\s*$"))
 
     def probed(probe: str) -> tuple[str, int]:
@@ -493,7 +510,7 @@ def test_service_runs_run_and_probes_its_http_port(manifests: Variant,
     assert probed("readinessProbe") == ("/readyz", settings.http_port)
     annotations = manifests.deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
-    assert annotations["prometheus.io/port"] == str(settings.http_port)
+    assert annotations["prometheus.io/port"] == str(settings.metrics_port)
     assert annotations["prometheus.io/path"] == "/metrics"
 
 
@@ -567,7 +584,9 @@ def test_migration_job_migrates_with_the_migrator_credentials_only(
     assert reference["name"] not in service_secrets, "the service's pods would get the DDL role"
     assert "envFrom" not in container, "the migrator gets only what migrate reads"
     settings = settings_from(manifests.environment(container), monkeypatch)
-    assert settings.database_url == manifests.secrets[reference["name"]]["migrator-database-url"]
+    secret_url = manifests.secrets[reference["name"]]["migrator-database-url"]
+    assert settings.database_url.partition("?")[0] == secret_url  # TLS options added to it
+    assert settings.database_sslmode == service_settings(manifests, monkeypatch).database_sslmode
 
 
 # --- autoscaling -------------------------------------------------------------------------------
@@ -598,13 +617,16 @@ def test_replicas_stay_within_the_partition_count(manifests: Variant) -> None:
     assert manifests.deployment["spec"]["replicas"] == spec["minReplicaCount"]
 
 
-def test_keda_reaches_the_broker_as_the_service_does(manifests: Variant,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    env = manifests.environment(manifests.service_container())
+def test_keda_reaches_the_broker_over_the_services_protocol_as_its_own_principal(
+        manifests: Variant, monkeypatch: pytest.MonkeyPatch) -> None:
+    container = manifests.service_container()
+    env = manifests.environment(container)
     settings = settings_from(env, monkeypatch)
     sasl = KEDA_SASL[settings.kafka_sasl_mechanism
                      if settings.kafka_security_protocol.startswith("SASL") else None]
     tls = "enable" if settings.kafka_security_protocol in {"SSL", "SASL_SSL"} else "disable"
+    service_secrets = {source["secretRef"]["name"] for source in container["envFrom"]
+                       if "secretRef" in source}
     for trigger in manifests.scaled_object["spec"]["triggers"]:
         assert trigger["metadata"].get("sasl", "none") == sasl
         assert trigger["metadata"].get("tls", "disable") == tls
@@ -612,12 +634,14 @@ def test_keda_reaches_the_broker_as_the_service_does(manifests: Variant,
             continue
         authentication = manifests.one("TriggerAuthentication",
                                        trigger["authenticationRef"]["name"])["spec"]
-        parameters = {item["parameter"]: item for item in authentication["env"]}
-        assert parameters["username"]["name"] == "CREDITNOTES_KAFKA_SASL_USERNAME"
-        assert parameters["password"]["name"] == "CREDITNOTES_KAFKA_SASL_PASSWORD"
+        assert "env" not in authentication, "KEDA must not read the service's environment"
+        parameters = {item["parameter"]: item for item in authentication["secretTargetRef"]}
+        assert {"username", "password"} <= set(parameters)
         for item in parameters.values():
-            assert item["containerName"] == SERVICE_CONTAINER
-            assert item["name"] in env
+            assert item["name"] not in service_secrets, "KEDA would get the service's credentials"
+            assert item["key"] in manifests.secrets[item["name"]]
+        username = manifests.secrets[parameters["username"]["name"]][parameters["username"]["key"]]
+        assert username != settings.kafka_sasl_username
 
 
 def test_production_runs_a_released_image_over_sasl_ssl(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -629,3 +653,74 @@ def test_production_runs_a_released_image_over_sasl_ssl(monkeypatch: pytest.Monk
     assert settings.kafka_security_protocol == "SASL_SSL"
     assert settings.kafka_sasl_mechanism == "SCRAM-SHA-512"
     assert production.deployment["spec"]["replicas"] >= variant("base").deployment["spec"]["replicas"]
+
+
+# --- security: sources, TLS, memory, network ---------------------------------------------------
+
+def test_every_input_topic_has_an_allow_list(manifests: Variant,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = service_settings(manifests, monkeypatch)
+    assert not settings.allow_any_source
+    assert settings.missing_allow_lists() == []  # `creditnotes run` would refuse otherwise
+    lists = settings.allowed_sources()
+    assert set(lists) == set(settings.topics.inputs())
+    for topic, sources in lists.items():
+        assert sources and all(source.startswith("/") for source in sources), topic
+    # no upstream may publish on the commands topic and a trigger topic under one source
+    commands = set(lists[settings.topics.credit_note_commands] or [])
+    for topic in settings.topics.inputs():
+        if topic != settings.topics.credit_note_commands:
+            assert not commands & set(lists[topic] or []), topic
+
+
+def test_production_verifies_the_database_certificate(monkeypatch: pytest.MonkeyPatch) -> None:
+    production = variant("production")
+    containers = [production.service_container(), *containers_of(production.job)]
+    for container in containers:
+        settings = settings_from(production.environment(container), monkeypatch)
+        query = dict(parse_qsl(urlsplit(settings.database_url).query))
+        assert query["sslmode"] == "verify-full", container["name"]
+        assert query["sslrootcert"].startswith("/")
+
+
+def test_fetch_limits_keep_a_flood_of_large_records_under_the_memory_limit(
+        manifests: Variant, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two consumers, each with one fetch buffered and one in flight, every record decoded
+    once more while it is applied, beside the service's own footprint."""
+    settings = service_settings(manifests, monkeypatch)
+    consumers, copies = 2, 3  # the fetched bytes, their decoded form, a dead-letter copy
+    records = consumers * 2 * settings.kafka_fetch_max_bytes * copies
+    limit = quantity(manifests.service_container()["resources"]["limits"]["memory"])
+    assert records + BASELINE_BYTES < 0.75 * limit, (records, limit)
+    assert settings.max_message_bytes <= settings.kafka_fetch_max_bytes
+    assert settings.kafka_max_partition_fetch_bytes <= settings.kafka_fetch_max_bytes
+
+
+def _ports(rule: dict[str, Any]) -> set[tuple[int, str]]:
+    return {(int(port["port"]), port.get("protocol", "TCP")) for port in rule["ports"]}
+
+
+def test_a_network_policy_admits_the_probes_and_the_scrape_and_lets_out_only_the_servers(
+        manifests: Variant, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = service_settings(manifests, monkeypatch)
+    policy = manifests.one("NetworkPolicy")["spec"]
+    selector = policy["podSelector"]["matchLabels"]
+    for workload in (manifests.deployment, manifests.job):
+        assert selector.items() <= workload["spec"]["template"]["metadata"]["labels"].items()
+    assert settings.metrics_port is not None
+    ingress = {frozenset(_ports(rule)): rule["from"] for rule in policy["ingress"]}
+    assert ingress == {
+        frozenset({(settings.http_port, "TCP")}): [{"podSelector": {}}],
+        frozenset({(settings.metrics_port, "TCP")}): [{"namespaceSelector": {"matchLabels": {
+            "kubernetes.io/metadata.name": "monitoring"}}}],
+    }
+    egress = set().union(*(_ports(rule) for rule in policy["egress"]))
+    database_port = urlsplit(settings.database_url).port or 5432
+    kafka_ports = {int(server.rsplit(":", 1)[1])
+                   for server in settings.kafka_bootstrap_servers.split(",")}
+    assert {(database_port, "TCP"), (53, "UDP"), (53, "TCP")} <= egress
+    assert {(port, "TCP") for port in kafka_ports} <= egress
+    assert egress <= {(5432, "TCP"), (9092, "TCP"), (9093, "TCP"), (53, "UDP"), (53, "TCP")}
+    [dns] = [rule for rule in policy["egress"] if (53, "UDP") in _ports(rule)]
+    assert dns["to"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "kube-system"}

@@ -367,3 +367,34 @@ async def test_the_service_prunes_periodically_and_verify_stays_clean(
         await admin.close()
     assert [v.invariant for v in await check_invariants(settings.database_url)] == [
         "issued_event_missing"]
+
+
+async def test_after_the_window_a_credit_trigger_still_has_no_second_credit_note(
+        settings: Settings, app_url: str, kafka: Kafka) -> None:
+    """Its key pruned, the replayed trigger meets credit_notes' UNIQUE (trigger): dead-lettered."""
+    as_app = settings.model_copy(update={"database_url": app_url,
+                                         "retention_interval_seconds": 0.2})
+    issue = cloudevent("credit_note.issue", {"invoice_id": "in_1001", "amount": 1_000},
+                       id_="cmd-old")
+    async with RunningService(as_app) as running:
+        await kafka.publish(settings.topics.invoices,
+                            cloudevent("invoice.finalized", invoice_data("in_1001")))
+        await kafka.publish(settings.topics.credit_note_commands, issue)
+        await kafka.expect(settings.topics.credit_note_events, "credit_note.issued")
+        await age_ledger(settings, "cmd-old", 31)
+        await wait_for_runs(running, more_than=await completed_runs(running))
+        assert await fetchrow(settings, "SELECT 1 FROM processed_messages"
+                                        " WHERE id = 'cmd-old'") is None
+        await kafka.publish(settings.topics.credit_note_commands, issue)
+        await kafka.publish(settings.topics.credit_note_commands, cloudevent(
+            "credit_note.issue", {"invoice_id": "in_1001", "amount": 500}, id_="cmd-new"))
+        [dead] = await kafka.expect(f"{settings.topics.credit_note_commands}.dlq")
+        await kafka.expect(settings.topics.credit_note_events, "credit_note.issued", 2)
+        await kafka.settle(1.0)
+
+    assert dead.headers["dlq.error.reason"] == b"refused_by_database"
+    issued = kafka.on(settings.topics.credit_note_events, "credit_note.issued")
+    assert sorted(record.event["data"]["trigger"]["id"] for record in issued) == [
+        "cmd-new", "cmd-old"]
+    notes = await fetch(settings, "SELECT trigger_id FROM credit_notes ORDER BY trigger_id")
+    assert [row["trigger_id"] for row in notes] == ["cmd-new", "cmd-old"]

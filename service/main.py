@@ -102,6 +102,8 @@ class Service:
                             batch_size=settings.outbox_batch_size,
                             poll_seconds=settings.outbox_poll_seconds,
                             max_backoff_seconds=settings.retry_max_backoff_seconds,
+                            publish_timeout_seconds=settings.outbox_publish_timeout_seconds,
+                            max_event_bytes=settings.outbox_max_event_bytes,
                             tracer=self.tracer_provider.get_tracer("creditnotes.outbox"))
 
         probe = ProbeConnection(settings.database_url)
@@ -123,13 +125,15 @@ class Service:
                 async with probe.connection() as connection:
                     row = await asyncio.wait_for(connection.fetchrow(
                         "SELECT count(*) AS backlog, coalesce(extract(epoch FROM now()"
-                        " - min(created_at)), 0) AS oldest_seconds FROM outbox"
+                        " - min(created_at)), 0) AS oldest_seconds,"
+                        " count(*) FILTER (WHERE parked_at IS NOT NULL) AS parked FROM outbox"
                         " WHERE published_at IS NULL"), 2)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
                 row = None
             if row is not None:
                 metrics.outbox_backlog.set(row["backlog"])
                 metrics.outbox_oldest.set(float(row["oldest_seconds"]))
+                metrics.outbox_parked.set(row["parked"])
             for subscriber in broker.subscribers:
                 consumer = getattr(subscriber, "consumer", None)
                 if consumer is None:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from service.settings import Settings
 
@@ -67,9 +68,20 @@ class KafkaProducer:
         await self._producer.send_and_wait(topic, value=value, key=key, headers=list(headers),
                                            timestamp_ms=timestamp_ms)
 
-    async def send_all(self, records: Sequence[tuple[str, bytes | None, bytes,
-                                                      Sequence[Header]]]) -> None:
-        """Send records in order, pipelined; returns once the broker acked every one."""
-        futures = [await self._producer.send(topic, value=value, key=key, headers=list(headers))
-                   for topic, key, value, headers in records]
-        await asyncio.gather(*futures)
+    async def enqueue(self, topic: str, key: bytes | None, value: bytes,
+                      headers: Sequence[Header]) -> asyncio.Future[Any]:
+        """Hand one record to the producer; the future resolves when the broker acked it.
+
+        Raises at once for a record the producer itself refuses (for example
+        ``MessageSizeTooLargeError`` above ``max_request_size``), so a caller
+        that pipelines can tell that record's fault from the broker's answer.
+        """
+        future: asyncio.Future[Any] = await self._producer.send(
+            topic, value=value, key=key, headers=list(headers))
+        return future
+
+    @staticmethod
+    def estimated_size(key: bytes | None, value: bytes, headers: Sequence[Header]) -> int:
+        """The bytes a record takes in a batch of its own, as the broker counts them."""
+        size: int = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, list(headers))
+        return size

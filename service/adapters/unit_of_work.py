@@ -183,7 +183,7 @@ class PostgresUnitOfWork:
         for event in events:
             outgoing = encode(event, self._topics)
             self._events.append((outgoing.id, outgoing.topic, outgoing.key, outgoing.type,
-                                 json.dumps(outgoing.cloudevent), self._traceparent))
+                                 outgoing.to_json(), self._traceparent))
 
     async def _load_invoices(self, invoice_ids: Sequence[str]) -> None:
         wanted = [invoice_id for invoice_id in invoice_ids if invoice_id not in self._invoices]

@@ -55,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("--dry-run", action="store_true",
                              help="say what would be replayed; publish and commit nothing")
     commands.add_parser("verify", help="check every invariant of the database and report")
+    outbox = commands.add_parser("outbox", help="events the broker refused: list, retry")
+    outbox_commands = outbox.add_subparsers(dest="outbox_command", required=True)
+    outbox_commands.add_parser("list", help="parked outbox rows, with their errors")
+    retry = outbox_commands.add_parser("retry", help="un-park rows so the relay publishes them")
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("--seq", type=int, help="the seq of one parked row")
+    which.add_argument("--all", action="store_true", dest="every", help="every parked row")
     prune = commands.add_parser(
         "prune", help="delete what retention allows now (old keys, published events, audit)")
     prune.add_argument("--dry-run", action="store_true",
@@ -83,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
         "run": run, "migrate": migrate_command, "dev": dev, "demo": demo, "dlq": dead_letters,
         "verify": verify, "preview": preview_credit_note, "invoice": show_invoice,
-        "prune": prune_now}
+        "prune": prune_now, "outbox": outbox_rows}
     return handlers[args.command](args, settings)
 
 
@@ -215,6 +222,13 @@ def prune_now(args: argparse.Namespace, settings: Settings) -> int:
     from service.main import retention_policy
 
     return prune_command(settings, retention_policy(settings), dry_run=args.dry_run)
+
+
+def outbox_rows(args: argparse.Namespace, settings: Settings) -> int:
+    from service.entrypoints.outbox_cli import outbox_command
+
+    return outbox_command(args.outbox_command, settings, seq=getattr(args, "seq", None),
+                          every=getattr(args, "every", False))
 
 
 def verify(_: argparse.Namespace, settings: Settings) -> int:

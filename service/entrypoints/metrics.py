@@ -28,6 +28,10 @@ class Metrics:
         self.outbox_oldest = Gauge(
             "creditnotes_outbox_oldest_unpublished_seconds",
             "Age of the oldest unpublished outbox row", registry=self.registry)
+        self.outbox_parked = Gauge(
+            "creditnotes_outbox_parked",
+            "Outbox rows the broker refused for good, parked until `creditnotes outbox retry`"
+            " (later events of their invoices wait behind them)", registry=self.registry)
         self.lag = Gauge(
             "creditnotes_consumer_lag", "Records on a partition not yet consumed",
             ["topic", "partition"], registry=self.registry)

@@ -9,6 +9,8 @@ The JSON Schemas in ``schemas/`` are generated from these models.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
@@ -17,6 +19,24 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 #: so that any sum the service makes stays far inside a 64-bit integer.
 MAX_AMOUNT = 10**15
 MAX_QUANTITY = 10**9
+#: What one message may put into the lines of a credit note: the ids and descriptions
+#: of an invoice's lines, or of a credit_note.issue's lines, add up to at most this
+#: many bytes of JSON text. With the other limits below, every event an accepted
+#: message can produce stays under Kafka's default 1 MB (docs: outbox limits;
+#: tests/unit/test_event_size_bounds.py builds the largest and measures them).
+MAX_LINE_TEXT_BYTES = 200_000
+
+
+def json_bytes(text: str) -> int:
+    """The bytes ``text`` takes inside a JSON string as the service writes it: UTF-8,
+    with a quote, backslash or control character counted as its escape."""
+    return len(json.dumps(text, ensure_ascii=False).encode()) - 2
+
+
+def _line_text_bounded(texts: Iterable[str], what: str) -> None:
+    if sum(json_bytes(text) for text in texts) > MAX_LINE_TEXT_BYTES:
+        raise ValueError(f"the {what} ids and descriptions exceed {MAX_LINE_TEXT_BYTES:,}"
+                         " bytes together")
 
 Amount = Annotated[int, Field(strict=True, ge=0, le=MAX_AMOUNT)]
 PositiveAmount = Annotated[int, Field(strict=True, gt=0, le=MAX_AMOUNT)]
@@ -116,6 +136,8 @@ class Invoice(Payload):
     def _bounded(self) -> Invoice:
         if sum(line.quantity * line.unit_amount for line in self.lines) > MAX_AMOUNT:
             raise ValueError("invoice subtotal is too large")
+        _line_text_bounded((text for line in self.lines for text in (line.id, line.description)),
+                           "invoice lines'")
         return self
 
 
@@ -181,6 +203,8 @@ class CreditNoteIssue(Payload):
     def _amount_or_lines(self) -> CreditNoteIssue:
         if (self.amount is None) == (self.lines is None):
             raise ValueError("credit_note.issue needs exactly one of amount and lines")
+        _line_text_bounded((line.invoice_line_id if isinstance(line, InvoiceLineItem)
+                            else line.description for line in self.lines or ()), "lines'")
         return self
 
 

@@ -1,0 +1,93 @@
+"""``creditnotes outbox list|retry``: see the events the broker refused, and publish them again.
+
+A parked row (service/adapters/outbox_relay.py) waits, with the later events
+of its invoice behind it, until ops fix the cause (a topic's size limit, an
+ACL) and un-park it; the relay then publishes it and them, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+from rich.console import Console
+from rich.table import Table
+
+from service.settings import Settings
+
+_CHANNEL = "creditnotes_outbox"
+
+
+@dataclass(frozen=True)
+class Parked:
+    seq: int
+    topic: str
+    key: str | None
+    type: str
+    error: str
+    parked_at: datetime
+    size: int
+    waiting: int  # later unpublished rows of the same key, held back behind this one
+
+
+async def parked_rows(database_url: str) -> list[Parked]:
+    connection = await asyncpg.connect(database_url)
+    try:
+        rows = await connection.fetch(
+            """
+            SELECT p.seq, p.topic, p.key, p.type, p.park_error, p.parked_at,
+                   octet_length(p.payload::text) AS size,
+                   (SELECT count(*) FROM outbox w WHERE w.key = p.key AND w.seq > p.seq
+                      AND w.published_at IS NULL AND w.parked_at IS NULL) AS waiting
+            FROM outbox p WHERE p.parked_at IS NOT NULL ORDER BY p.seq
+            """)
+    finally:
+        await connection.close()
+    return [Parked(row["seq"], row["topic"], row["key"], row["type"], row["park_error"] or "",
+                   row["parked_at"], row["size"], row["waiting"]) for row in rows]
+
+
+async def unpark(database_url: str, seq: int | None) -> list[int]:
+    """Un-park one row (or all when ``seq`` is None) and wake the relay; returns their seqs."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        async with connection.transaction():
+            rows = await connection.fetch(
+                "UPDATE outbox SET parked_at = NULL, park_error = NULL"
+                " WHERE parked_at IS NOT NULL AND ($1::bigint IS NULL OR seq = $1)"
+                " RETURNING seq", seq)
+            await connection.execute("SELECT pg_notify($1, '')", _CHANNEL)
+    finally:
+        await connection.close()
+    return sorted(row["seq"] for row in rows)
+
+
+def outbox_command(action: str, settings: Settings, *, seq: int | None = None,
+                   every: bool = False, console: Console | None = None) -> int:
+    console = console or Console()
+    if action == "list":
+        parked = asyncio.run(parked_rows(settings.database_url))
+        if not parked:
+            console.print("no parked outbox rows")
+            return 0
+        table = Table(title="parked outbox rows", title_justify="left")
+        for column in ("seq", "topic", "key", "type", "error", "parked_at", "size", "waiting"):
+            table.add_column(column, overflow="fold")
+        for row in parked:
+            table.add_row(str(row.seq), row.topic, row.key or "", row.type, row.error,
+                          row.parked_at.isoformat(timespec="seconds"), str(row.size),
+                          str(row.waiting))
+        console.print(table)
+        return 0
+    if seq is None and not every:
+        console.print("say which rows: --seq N or --all")
+        return 2
+    done = asyncio.run(unpark(settings.database_url, None if every else seq))
+    if not done:
+        console.print("no parked outbox row matched; nothing done")
+        return 1
+    console.print(f"un-parked {len(done)} row(s) (seq {', '.join(map(str, done))});"
+                  " the relay publishes them, then the events waiting behind them")
+    return 0

@@ -15,7 +15,8 @@ ALTER TABLE credit_note_lines ADD COLUMN covers_from timestamptz;
 ALTER TABLE invoice_lines ADD COLUMN time_credits timestamptz[] NOT NULL DEFAULT '{}';
 ALTER TABLE invoice_lines ADD CONSTRAINT time_credits_within_period CHECK (
     cardinality(time_credits) = 0
-    OR (period_start <= ALL (time_credits) AND period_end >= ALL (time_credits)));
+    OR (period_start IS NOT NULL AND period_start <= ALL (time_credits)
+        AND period_end >= ALL (time_credits)));
 GRANT UPDATE (time_credits) ON invoice_lines TO creditnotes_app;
 
 -- A trigger policy's cap is cumulative: at commit, the non-void credit notes

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "schemas" / "migrations"
@@ -186,6 +186,18 @@ class Settings(BaseSettings):
             raise ValueError("SASL needs CREDITNOTES_KAFKA_SASL_MECHANISM, _USERNAME and "
                              "_PASSWORD; refusing to fall back to plaintext")
         return self
+
+    @field_validator("database_url")
+    @classmethod
+    def _a_postgresql_url(cls, url: str) -> str:
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018  (raises on a port that is no number)
+        except ValueError:
+            raise ValueError("not a URL (postgresql://user:password@host:port/database)") from None
+        if parts.scheme not in {"postgresql", "postgres"}:
+            raise ValueError("the scheme must be postgresql:// (or postgres://)")
+        return url
 
     @model_validator(mode="after")
     def _database_tls(self) -> Settings:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import string
+
 import pytest
+from hypothesis import assume, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from service.adapters.kafka_producer import connection_options
+from service.domain.errors import UnauthorizedSource
+from service.entrypoints.translators import routes, translate
+from service.entrypoints.wire import CloudEvent
 from service.main import broker_security
-from service.settings import Settings
+from service.settings import Settings, redact_url
 
 
 def test_sasl_without_credentials_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -44,3 +52,61 @@ def test_topic_names_and_policies_come_from_the_environment(
     assert settings.allowed_sources()["warehouse.returns.v1"] == ["/warehouse/returns"]
     assert settings.consumer_group == "credit-notes"
     assert settings.http_port == 8080
+
+
+# --- secrets and sources (issues 10.3 and 15.2) ------------------------------------------------
+
+_PASSWORD = st.text(alphabet=string.ascii_letters + string.digits + "-_.~!$&'()*+,;=%",
+                    min_size=6, max_size=40)
+
+
+@given(password=_PASSWORD, user=st.sampled_from(["app", "creditnotes_service"]),
+       query=st.sampled_from(["", "?sslmode=verify-full", "?application_name=cn"]))
+def test_a_redacted_database_url_never_holds_its_password(password: str, user: str,
+                                                          query: str) -> None:
+    url = f"postgresql://{user}:{password}@db.internal:5432/creditnotes{query}"
+    redacted = redact_url(url)
+    assert password not in redacted
+    assert redacted == f"postgresql://{user}:***@db.internal:5432/creditnotes{query}"
+    settings = Settings(_env_file=None, database_url=url, kafka_sasl_password=password)
+    assert password not in repr(settings) and password not in str(settings)
+
+
+def test_a_password_in_the_query_is_redacted_too() -> None:
+    assert redact_url("postgresql://db/cn?user=a&password=s3cr3t&sslmode=require") == (
+        "postgresql://db/cn?user=a&password=***&sslmode=require")
+
+
+def test_production_tls_options_are_added_to_the_database_url() -> None:
+    settings = Settings(_env_file=None, database_url="postgresql://u@db/cn?sslmode=disable",
+                        database_sslmode="verify-full",
+                        database_sslrootcert="/etc/ssl/certs/ca-certificates.crt")
+    assert settings.database_url == ("postgresql://u@db/cn?sslmode=verify-full"
+                                     "&sslrootcert=/etc/ssl/certs/ca-certificates.crt")
+
+
+def test_run_needs_an_allow_list_per_input_topic_or_allow_any() -> None:
+    settings = Settings(_env_file=None, allowed_sources_returns=["/warehouse/returns"])
+    assert "CREDITNOTES_ALLOWED_SOURCES_RETURNS" not in settings.missing_allow_lists()
+    assert len(settings.missing_allow_lists()) == 5
+    open_settings = settings.model_copy(update={"allow_any_source": True})
+    assert open_settings.missing_allow_lists() == []
+    assert settings.topics.returns not in open_settings.open_topics()
+    assert len(open_settings.open_topics()) == 5
+
+
+_STRICT = Settings(_env_file=None, allowed_sources_sla_breaches=["/monitoring/sla"])
+_TABLE = routes(_STRICT)
+
+
+@hypothesis_settings(deadline=None)
+@given(source=st.text(min_size=1, max_size=30).filter(lambda text: text != "/monitoring/sla"))
+def test_a_source_not_on_the_list_is_refused_before_any_translation(source: str) -> None:
+    try:  # sources the envelope itself refuses (control characters) never get this far
+        event = CloudEvent.model_validate({
+            "specversion": "1.0", "id": "pay-9", "source": source, "type": "sla.breached",
+            "data": {"invoice_id": "in_1", "sla_id": "s", "credit_bps": 10_000}})
+    except ValidationError:
+        assume(False)
+    with pytest.raises(UnauthorizedSource):
+        translate(event, _STRICT.topics.sla_breaches, _TABLE)

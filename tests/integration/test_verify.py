@@ -268,7 +268,7 @@ CORRUPTIONS = [
                "refunds_exceed_cash", f"invoice {B}"),
     Corruption("cash-paid-below-refunded",
                _drop_checks_on("invoices", "refunded")
-               + f"UPDATE invoices SET amount_paid = 100 WHERE id = '{B}'",
+               + f"UPDATE invoices SET amount_paid = 100, status = 'uncollectible' WHERE id = '{B}'",
                "refunds_exceed_cash", f"invoice {B}"),
     # 5.
     Corruption("line-tax-below-its-credited-tax",
@@ -384,6 +384,22 @@ CORRUPTIONS = [
                + _copy_outbox_row("type = 'credit_note.rejected'", event_id="event_id"),
                "outbox_event_id_reused",
                f"outbox event {derived_id('evt', REJECTED, 'credit_note.rejected')}"),
+    # 12. an open invoice with nothing left to pay
+    Corruption("open-invoice-paid-in-full",
+               "UPDATE invoices SET amount_paid = total - customer_balance_applied"
+               f" - pre_payment_credited WHERE id = '{A}'",
+               "status_disagrees_with_amounts", f"invoice {A}"),
+    # 13. a line covered by a time-based credit no credit note has
+    Corruption("line-coverage-without-a-time-credit",
+               "ALTER TABLE invoice_lines DROP CONSTRAINT time_credits_within_period; "
+               f"UPDATE invoice_lines SET time_credits = ARRAY[now()] WHERE invoice_id = '{A}'"
+               " AND line_id = 'il_1'",
+               "line_coverage_disagrees", f"invoice line {A}/il_1"),
+    # 14. a credit note over the cap of the policy it says it was issued under
+    Corruption("credit-note-over-its-policy-cap",
+               "UPDATE credit_notes SET policy = 'credit_note.issue:max_credit_bps=1'"
+               f" WHERE number = '{A1}'",
+               "policy_cap_exceeded", f"credit note {A1}", replica=True),
 ]
 
 

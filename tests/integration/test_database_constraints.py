@@ -62,11 +62,13 @@ async def add_invoice(db: asyncpg.Connection, invoice_id: str = INVOICE) -> None
 async def add_credit_note(db: asyncpg.Connection, *, sequence: int = 1, total: int = 1_200,
                           invoice_id: str = INVOICE, number: str | None = None,
                           trigger_id: str | None = None, book_on_invoice: bool = True,
+                          journal: list[tuple[int, str, int, int]] | None = None,
                           **columns: Any) -> str:
     """A pre-payment credit note of ``total`` (5/6 net, 1/6 tax) on line il_1, with its journal.
 
     With ``book_on_invoice`` the invoice's and the line's credited counters move with it, as the
-    service does in the same transaction. ``columns`` override any credit_notes column.
+    service does in the same transaction. ``journal`` overrides the issue journal's
+    (position, account, debit, credit); ``columns`` override any credit_notes column.
     """
     note_id = f"cn_{invoice_id}_{sequence}"
     tax = total // 6
@@ -97,9 +99,10 @@ async def add_credit_note(db: asyncpg.Connection, *, sequence: int = 1, total: i
             INSERT INTO journal_lines (credit_note_id, entry, position, account, debit, credit)
             VALUES ($1, 'issue', $2, $3, $4, $5)
             """,
-            [(note_id, 0, "contra_revenue", total - tax, 0),
-             (note_id, 1, "sales_tax_payable", tax, 0),
-             (note_id, 2, "accounts_receivable", 0, total)])
+            [(note_id, *line) for line in journal or [
+                (0, "contra_revenue", total - tax, 0),
+                (1, "sales_tax_payable", tax, 0),
+                (2, "accounts_receivable", 0, total)]])
         if book_on_invoice:
             await db.execute(
                 "UPDATE invoices SET pre_payment_credited = pre_payment_credited + $2, "
@@ -207,20 +210,13 @@ async def test_settlement_parts_must_add_up_to_the_post_payment_part(
 
 
 async def test_an_unbalanced_journal_is_refused_at_commit(db: asyncpg.Connection) -> None:
-    await add_credit_note(db, total=1_200)
-    transaction = db.transaction()
-    await transaction.start()
-    await db.executemany(
-        "INSERT INTO journal_lines (credit_note_id, entry, position, account, debit, credit) "
-        "VALUES ($1, 'void', $2, $3, $4, $5)",
-        [("cn_in_1001_1", 0, "contra_revenue", 0, 1_000),
-         ("cn_in_1001_1", 1, "sales_tax_payable", 0, 200),
-         ("cn_in_1001_1", 2, "accounts_receivable", 1_100, 0)])  # 1,100 debit vs 1,200 credit
-
     with pytest.raises(CheckViolationError, match="does not balance"):
-        await transaction.commit()
+        await add_credit_note(db, total=1_200, journal=[
+            (0, "contra_revenue", 1_000, 0),
+            (1, "sales_tax_payable", 200, 0),
+            (2, "accounts_receivable", 0, 1_100)])  # 1,200 debit vs 1,100 credit
 
-    assert await db.fetchval("SELECT count(*) FROM journal_lines WHERE entry = 'void'") == 0
+    assert await db.fetchval("SELECT count(*) FROM journal_lines") == 0
 
 
 @pytest.mark.parametrize("change", [
@@ -263,8 +259,12 @@ async def test_a_credit_note_is_never_deleted(db: asyncpg.Connection) -> None:
 async def test_a_void_credit_note_stays_void(db: asyncpg.Connection) -> None:
     await add_credit_note(db, total=1_200)
     async with db.transaction():
-        await db.execute("UPDATE credit_notes SET status = 'void', voided_at = now()")
+        await db.execute("UPDATE credit_notes SET status = 'void', voided_at = now(), "
+                         "voided_by_source = '/tests', voided_by_id = 'void-1'")
         await db.execute("UPDATE invoices SET pre_payment_credited = 0")
+        await db.execute(  # the reversal of the issue journal
+            "INSERT INTO journal_lines (credit_note_id, entry, position, account, debit, credit) "
+            "SELECT credit_note_id, 'void', position, account, credit, debit FROM journal_lines")
 
     with pytest.raises(IntegrityConstraintViolationError, match="stays void"):
         await db.execute("UPDATE credit_notes SET status = 'issued', voided_at = NULL")

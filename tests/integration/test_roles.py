@@ -72,6 +72,7 @@ async def test_the_application_role_cannot_rewrite_or_delete_issued_credit_notes
                           "DELETE FROM outbox",
                           "UPDATE invoices SET total = 0",
                           "CREATE TABLE sneaky (id int)",
+                          "CREATE TEMPORARY TABLE invoices (id text)",
                           "DROP TABLE outbox"):
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await app.execute(statement)

@@ -152,7 +152,11 @@ class Ledger:
     database_url: str
 
     async def corrupt(self, sql: str, *, replica: bool = False) -> None:
-        """Run ``sql`` as the superuser; ``replica`` disables triggers and foreign keys first."""
+        """Run ``sql`` as the superuser; ``replica`` disables triggers and foreign keys first.
+
+        A corruption the triggers refuse as it happens (migrations 0001, 0004, 0011) needs
+        ``replica``: verify is for what got past them (a superuser, a restored backup).
+        """
         connection = await asyncpg.connect(self.database_url)
         try:
             if replica:
@@ -248,7 +252,7 @@ CORRUPTIONS = [
     Corruption("invoice-total-lowered-under-its-credits",
                "ALTER TABLE invoices DROP CONSTRAINT credits_within_total; "
                f"UPDATE invoices SET subtotal = 400, total = 400, amount_paid = 400 WHERE id = '{B}'",
-               "credits_exceed_total", f"invoice {B}"),
+               "credits_exceed_total", f"invoice {B}", replica=True),
     # 2.
     Corruption("pre-payment-credited-bumped",
                f"UPDATE invoices SET pre_payment_credited = pre_payment_credited + 1 WHERE id = '{A}'",
@@ -261,7 +265,7 @@ CORRUPTIONS = [
     Corruption("balance-applied-beyond-what-was-left",
                "ALTER TABLE invoices DROP CONSTRAINT amount_remaining_not_negative; "
                f"UPDATE invoices SET customer_balance_applied = total WHERE id = '{A}'",
-               "amount_remaining_negative", f"invoice {A}"),
+               "amount_remaining_negative", f"invoice {A}", replica=True),
     # 4.
     Corruption("refunded-bumped",
                f"UPDATE invoices SET refunded = refunded + 1 WHERE id = '{B}'",
@@ -269,13 +273,13 @@ CORRUPTIONS = [
     Corruption("cash-paid-below-refunded",
                _drop_checks_on("invoices", "refunded")
                + f"UPDATE invoices SET amount_paid = 100, status = 'uncollectible' WHERE id = '{B}'",
-               "refunds_exceed_cash", f"invoice {B}"),
+               "refunds_exceed_cash", f"invoice {B}", replica=True),
     # 5.
     Corruption("line-tax-below-its-credited-tax",
                "ALTER TABLE invoice_lines DROP CONSTRAINT line_tax_within_line; "
                f"UPDATE invoice_lines SET tax = credited_tax - 1 "
                f"WHERE invoice_id = '{A}' AND line_id = 'il_1'",
-               "line_over_credited", f"invoice line {A}/il_1"),
+               "line_over_credited", f"invoice line {A}/il_1", replica=True),
     Corruption("line-credited-net-lowered",
                "UPDATE invoice_lines SET credited_net = credited_net - 1 "
                f"WHERE invoice_id = '{A}' AND line_id = 'il_1'",
@@ -304,12 +308,12 @@ CORRUPTIONS = [
                "INSERT INTO journal_lines (credit_note_id, entry, position, account, debit, credit) "
                "SELECT credit_note_id, 'void', position, account, credit, debit "
                f"FROM journal_lines WHERE credit_note_id = {_note(A1)} AND entry = 'issue'",
-               "journal_unbalanced", f"credit note {A1}"),
+               "journal_unbalanced", f"credit note {A1}", replica=True),
     # 7.
     Corruption("extra-line-on-a-credit-note",
                "INSERT INTO credit_note_lines (credit_note_id, position, description, quantity, "
                f"unit_amount, tax_rate_bps, net, tax) SELECT {_note(B1)}, 99, 'Extra', 1, 1, 0, 1, 0",
-               "note_parts_disagree", f"credit note {B1}"),
+               "note_parts_disagree", f"credit note {B1}", replica=True),
     Corruption("settlement-parts-off-by-one",
                "ALTER TABLE credit_notes DROP CONSTRAINT settlement_adds_up; "
                f"UPDATE credit_notes SET credit_amount = credit_amount + 1 WHERE number = '{B1}'",
@@ -345,7 +349,7 @@ CORRUPTIONS = [
     Corruption("refund-event-amount-changed",
                "UPDATE outbox SET payload = jsonb_set(payload::jsonb, '{data,amount}', '199')::json "
                f"WHERE {_event('refund.requested', B1)}",
-               "refund_event_mismatched", f"credit note {B1}"),
+               "refund_event_mismatched", f"credit note {B1}", replica=True),
     Corruption("issued-event-for-a-credit-note-that-does-not-exist",
                _copy_outbox_row(_event("credit_note.issued", A1), event_id="'evt_ghost'",
                                 payload="""jsonb_set(payload::jsonb, '{data,id}', '"cn_ghost"')::json"""),

@@ -1,0 +1,449 @@
+"""The database refuses to rewrite history: each attack of issue 15 (findings 3 and 5), performed.
+
+A small ledger is written through the service's own handlers and unit of work
+as the application role (so the real code paths, the void and the re-claim of
+a released key included, run under the triggers of migration 0011). Then each
+attack is tried as the application role, as the migrator role and as a
+superuser; PostgreSQL must refuse it, for the expected reason, and every table
+that holds history must read exactly as before.
+
+What a superuser (or the tables' owner) can still do, drop or disable the
+triggers, is not attacked here: docs/security.md says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from itertools import product
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from service.adapters.unit_of_work import PostgresUnitOfWork
+from service.domain.commands import (
+    Command,
+    DraftLine,
+    FinalizeInvoice,
+    IssueCreditNote,
+    Trigger,
+    VoidCreditNote,
+)
+from service.domain.credit_note import derived_id
+from service.handlers import Delivery, Message, Outcome, Result, apply_batch
+from service.settings import Topics
+
+pytestmark = pytest.mark.integration
+
+SOURCE = "/tests"
+A, B, C = "in_1001", "in_2002", "in_3003"  # A open (10,000), B paid (500), C open, no notes
+A1, A2 = "ACME-1001-CN-01", "ACME-1001-CN-02"  # A1 issued (1,000), A2 void (2,000)
+HISTORY = ("invoices", "invoice_lines", "credit_notes", "credit_note_lines", "journal_lines",
+           "processed_messages", "outbox", "dlq_replays")
+PERMISSION = "permission denied"
+
+
+def _trigger(id_: str, type_: str = "credit_note.issue") -> Trigger:
+    return Trigger(SOURCE, id_, type_)
+
+
+def _invoice(invoice_id: str, status: str, unit_amount: int, **extra: int) -> FinalizeInvoice:
+    return FinalizeInvoice(_trigger(f"fin-{invoice_id}", "invoice.finalized"), invoice_id,
+                           f"ACME-{invoice_id[-4:]}", "cus_42", "usd", status,
+                           (DraftLine("il_1", "Widget", 1, unit_amount),), **extra)
+
+
+# ------------------------------------------------------------------------------ the roles
+
+
+def as_user(url: str, user: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{user}@{parts.netloc.rsplit('@', 1)[-1]}"))
+
+
+@dataclass(frozen=True)
+class Roles:
+    superuser: str
+    app: str
+    migrator: str
+    nobody: str  # a login in no group role: what PUBLIC may do
+
+    def url(self, role: str) -> str:
+        return {"superuser": self.superuser, "app": self.app, "migrator": self.migrator,
+                "nobody": self.nobody}[role]
+
+
+@pytest.fixture
+async def roles(database_url: str) -> AsyncIterator[Roles]:
+    """Login users that are members of creditnotes_app, of creditnotes_migrator, of nothing."""
+    suffix = uuid.uuid4().hex[:8]
+    users = {"app": f"cn_app_{suffix}", "migrator": f"cn_mig_{suffix}",
+             "nobody": f"cn_none_{suffix}"}
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute(f'CREATE ROLE "{users["app"]}" LOGIN IN ROLE creditnotes_app')
+        await admin.execute(f'CREATE ROLE "{users["migrator"]}" LOGIN IN ROLE creditnotes_migrator')
+        await admin.execute(f'CREATE ROLE "{users["nobody"]}" LOGIN')
+        yield Roles(database_url, *(as_user(database_url, users[name])
+                                    for name in ("app", "migrator", "nobody")))
+    finally:
+        for user in users.values():
+            await admin.execute(f'DROP OWNED BY "{user}"')
+            await admin.execute(f'DROP ROLE IF EXISTS "{user}"')
+        await admin.close()
+
+
+async def _apply(pool: asyncpg.Pool, command: Command) -> Result:
+    [result] = await apply_batch([Message(command, Delivery("tests"))],
+                                 lambda: PostgresUnitOfWork(pool, Topics()))
+    return result
+
+
+@pytest.fixture
+async def ledger(roles: Roles) -> Roles:
+    """Invoices A, B, C; on A a credit note issued and one voided; keys applied and released."""
+    pool = await asyncpg.create_pool(roles.app, min_size=1, max_size=2)
+    try:
+        for command in (_invoice(A, "open", 10_000), _invoice(B, "paid", 500, amount_paid=500),
+                        _invoice(C, "open", 300),
+                        IssueCreditNote(_trigger("cmd-a1"), A, "other", amount=1_000),
+                        IssueCreditNote(_trigger("cmd-a2"), A, "other", amount=2_000),
+                        VoidCreditNote(_trigger("cmd-a3", "credit_note.void"),
+                                       derived_id("cn", _trigger("cmd-a2")))):
+            assert (await _apply(pool, command)).outcome is Outcome.APPLIED
+        # a key given back by a dead letter, then re-claimed by its replay: the legal path
+        early = IssueCreditNote(_trigger("early"), "in_9009", "other", amount=100)
+        assert (await _apply(pool, early)).error is not None
+        assert (await _apply(pool, _invoice("in_9009", "open", 1_000))).outcome is Outcome.APPLIED
+        assert (await _apply(pool, early)).outcome is Outcome.APPLIED
+        # and one that stays released
+        late = IssueCreditNote(_trigger("late"), "in_8008", "other", amount=100)
+        assert (await _apply(pool, late)).error is not None
+        outcomes = dict(await pool.fetch("SELECT id, outcome FROM processed_messages "
+                                         "WHERE id IN ('early', 'late')"))
+        assert outcomes == {"early": "applied", "late": "released:invoice_not_found"}
+        statuses = dict(await pool.fetch("SELECT number, status FROM credit_notes"))
+        assert statuses == {A1: "issued", A2: "void", "ACME-9009-CN-01": "issued"}
+    finally:
+        await pool.close()
+    return roles
+
+
+async def _history(url: str) -> dict[str, list[str]]:
+    connection = await asyncpg.connect(url)
+    try:
+        return {table: [row[0] for row in await connection.fetch(
+                    f"SELECT to_jsonb(t)::text FROM {table} AS t ORDER BY 1")]
+                for table in HISTORY}
+    finally:
+        await connection.close()
+
+
+async def _attempt(url: str, statements: tuple[str, ...]) -> str | None:
+    """Run ``statements`` in one transaction; the error PostgreSQL refused them with, or None."""
+    connection = await asyncpg.connect(url)
+    try:
+        async with connection.transaction():
+            for statement in statements:
+                await connection.execute(statement)
+    except asyncpg.PostgresError as error:
+        return str(error)
+    finally:
+        await connection.close()
+    return None
+
+
+# ------------------------------------------------------------ finding 5: rewriting history
+
+
+def _note(number: str) -> str:
+    return f"(SELECT id FROM credit_notes WHERE number = '{number}')"
+
+
+_VOID_A1 = (f"UPDATE credit_notes SET status = 'void', voided_at = now(), "
+            f"voided_by_source = '/attacker', voided_by_id = 'forged' WHERE number = '{A1}'",
+            f"UPDATE invoices SET pre_payment_credited = pre_payment_credited - 1000 "
+            f"WHERE id = '{A}'")
+
+
+def _journal(number: str, entry: str, *lines: tuple[int, str, int, int]) -> str:
+    values = ", ".join(f"({_note(number)}, '{entry}', {position}, '{account}', {debit}, {credit})"
+                       for position, account, debit, credit in lines)
+    return ("INSERT INTO journal_lines (credit_note_id, entry, position, account, debit, credit) "
+            f"VALUES {values}")
+
+
+@dataclass(frozen=True)
+class Attack:
+    name: str
+    statements: tuple[str, ...]
+    refused: str  # what the refusal says (a regular expression)
+    refused_to_app: str | None = None  # when the application role is refused something else
+
+
+ATTACKS = [
+    # a void, set once and together
+    Attack("void-time-rewritten",
+           (f"UPDATE credit_notes SET voided_at = voided_at - interval '1 day' "
+            f"WHERE number = '{A2}'",), "never rewritten"),
+    Attack("voided-by-rewritten",
+           (f"UPDATE credit_notes SET voided_by_source = '/attacker', voided_by_id = 'forged' "
+            f"WHERE number = '{A2}'",), "never rewritten"),
+    Attack("void-columns-without-the-void",
+           (f"UPDATE credit_notes SET voided_by_source = '/attacker', voided_by_id = 'forged' "
+            f"WHERE number = '{A1}'",), "set only by its void"),
+    Attack("void-backdated",
+           (_VOID_A1[0].replace("voided_at = now()", "voided_at = now() - interval '1 day'"),
+            _VOID_A1[1]), "voided now"),
+    Attack("void-without-its-reversal", _VOID_A1, "without the reversal of its journal"),
+    Attack("void-with-a-balanced-reversal-that-is-not-the-reverse",
+           (*_VOID_A1, _journal(A1, "void", (0, "customer_credit_balance", 1_000, 0),
+                                (1, "contra_revenue", 0, 1_000))),
+           "without the reversal of its journal"),
+    Attack("credit-note-inserted-void",
+           ("INSERT INTO credit_notes (id, invoice_id, sequence, number, customer_id, currency, "
+            "status, reason, subtotal, tax, total, pre_payment_amount, refund_amount, "
+            "credit_amount, out_of_band_amount, trigger_source, trigger_id, trigger_type, "
+            f"voided_at) VALUES ('cn_x', '{A}', 9, 'ACME-1001-CN-09', 'cus_42', 'usd', 'void', "
+            "'other', 100, 0, 100, 100, 0, 0, 0, '/attacker', 'x', 'credit_note.issue', now())",),
+           "inserted issued"),
+    # nothing added to a posted note or journal
+    Attack("line-added-to-an-issued-credit-note",
+           ("INSERT INTO credit_note_lines (credit_note_id, position, description, tax_rate_bps, "
+            f"net, tax) VALUES ({_note(A1)}, 9, 'Extra', 0, 1, 0)",), "is posted"),
+    Attack("balanced-lines-added-to-a-posted-journal",
+           (_journal(A1, "issue", (9, "accounts_receivable", 500, 0),
+                     (10, "refunds_payable", 0, 500)),), "is posted"),
+    Attack("lines-added-to-a-posted-void-journal",
+           (_journal(A2, "void", (9, "accounts_receivable", 500, 0),
+                     (10, "contra_revenue", 0, 500)),), "written only by the void"),
+    Attack("void-journal-on-an-issued-note",
+           (_journal(A1, "void", (0, "contra_revenue", 0, 1_000),
+                     (1, "accounts_receivable", 1_000, 0)),), "written only by the void"),
+    # invoices: status along its edges, money received never taken back
+    Attack("paid-invoice-set-back-to-open",
+           (f"UPDATE invoices SET status = 'open' WHERE id = '{B}'",),
+           "cannot go from paid to open"),
+    Attack("amount-paid-set-back",
+           (f"UPDATE invoices SET amount_paid = 0, status = 'paid' WHERE id = '{B}'",),
+           "never decrease"),
+    Attack("credit-note-count-set-back",
+           (f"UPDATE invoices SET credit_note_count = 0 WHERE id = '{A}'",), "never decrease"),
+    # processed messages: written only by the transaction that claimed them
+    Attack("applied-message-marked-released",
+           ("UPDATE processed_messages SET outcome = 'released:invoice_not_found' "
+            "WHERE id = 'cmd-a1'",), "only by the transaction that claimed it"),
+    Attack("applied-message-touched-then-released",
+           ("UPDATE processed_messages SET outcome = outcome WHERE id = 'cmd-a1'",
+            "UPDATE processed_messages SET outcome = 'released:x' WHERE id = 'cmd-a1'"),
+           "only by the transaction that claimed it"),
+    Attack("applied-message-released-through-the-claim-statement",
+           ("INSERT INTO processed_messages (source, id, type, topic, outcome) VALUES "
+            "('/tests', 'cmd-a1', 'credit_note.issue', 'x', 'applied') ON CONFLICT (source, id) "
+            "DO UPDATE SET outcome = 'released:x'",), "only by the transaction that claimed it"),
+    Attack("released-message-marked-applied-in-the-past",
+           ("UPDATE processed_messages SET outcome = 'applied' WHERE id = 'late'",),
+           "only by the transaction that claimed it"),
+    Attack("message-outcome-rewritten",
+           ("UPDATE processed_messages SET outcome = 'rejected:invoice_void' "
+            "WHERE id = 'cmd-a2'",), "only by the transaction that claimed it"),
+    Attack("ledger-time-moved-back-to-make-a-key-prunable",
+           ("UPDATE processed_messages SET processed_at = now() - interval '400 days' "
+            "WHERE id = 'cmd-a1'",), "only by the transaction that claimed it"),
+    # what the application role may not even try; the migrator may, and the triggers refuse
+    Attack("invoice-figures-changed",
+           (f"UPDATE invoices SET subtotal = 1000000, total = 1000000 WHERE id = '{A}'",),
+           "figures of invoice .* never change", refused_to_app=PERMISSION),
+    Attack("invoice-line-changed",
+           (f"UPDATE invoice_lines SET unit_amount = 1 WHERE invoice_id = '{C}'",),
+           "figures of invoice line .* never change", refused_to_app=PERMISSION),
+    Attack("invoice-deleted", (f"DELETE FROM invoice_lines WHERE invoice_id = '{C}'",
+                               f"DELETE FROM invoices WHERE id = '{C}'"),
+           "DELETE of invoice_lines is refused", refused_to_app=PERMISSION),
+    Attack("outbox-event-rewritten",
+           ("UPDATE outbox SET payload = '{}' WHERE type = 'credit_note.issued'",),
+           "never changes", refused_to_app=PERMISSION),
+    *(Attack(f"{table}-truncated", (f"TRUNCATE {table} CASCADE",),
+             r"TRUNCATE of \w+ is refused: it holds history", refused_to_app=PERMISSION)
+      for table in HISTORY),
+]
+
+
+@pytest.mark.parametrize("role", ["app", "migrator", "superuser"])
+async def test_every_attack_on_history_is_refused_and_history_is_unchanged(
+        ledger: Roles, role: str) -> None:
+    before = await _history(ledger.superuser)
+    wrong = {}
+    for attack in ATTACKS:
+        expected = (attack.refused_to_app or attack.refused) if role == "app" else attack.refused
+        error = await _attempt(ledger.url(role), attack.statements)
+        if error is None or not re.search(expected, error):
+            wrong[attack.name] = error or "committed"
+
+    assert wrong == {}
+    assert await _history(ledger.superuser) == before
+
+
+async def test_the_claim_statement_still_re_claims_a_released_key(ledger: Roles) -> None:
+    # the legal path the ledger fixture took for 'early', here in plain SQL as the app role
+    claim = ("INSERT INTO processed_messages (source, id, type, topic, outcome) VALUES "
+             "('/tests', 'late', 'credit_note.issue', 'x', 'applied') ON CONFLICT (source, id) "
+             "DO UPDATE SET outcome = 'applied', processed_at = now() "
+             "WHERE processed_messages.outcome LIKE 'released:%'")
+    again = "UPDATE processed_messages SET outcome = 'released:invoice_not_found' WHERE id = 'late'"
+
+    assert await _attempt(ledger.app, (claim, again)) is None
+    assert await _attempt(ledger.app, (claim,)) is None
+
+    connection = await asyncpg.connect(ledger.superuser)
+    try:
+        assert await connection.fetchval(
+            "SELECT outcome FROM processed_messages WHERE id = 'late'") == "applied"
+    finally:
+        await connection.close()
+
+
+# ------------------------------------------------------ invoices: the status and the money
+
+
+STATUSES = ("open", "paid", "uncollectible", "void")
+EDGES = {("open", "paid"), ("open", "uncollectible"), ("open", "void"),
+         ("uncollectible", "void"), ("uncollectible", "paid")}
+_INSERT_INVOICE = (
+    "INSERT INTO invoices (id, number, customer_id, currency, status, subtotal, discount, tax, "
+    "total, customer_balance_applied, amount_paid) "
+    "VALUES ($1, 'ACME-1', 'cus_42', 'usd', $2, 10000, 0, 0, 10000, 0, $3)")
+
+
+async def test_an_invoice_status_moves_only_along_its_edges(roles: Roles) -> None:
+    app = await asyncpg.connect(roles.app)
+    moved = set()
+    try:
+        for before, after in product(STATUSES, STATUSES):
+            invoice_id = f"in_{before}_{after}"
+            await app.execute(_INSERT_INVOICE, invoice_id, before, 0)
+            error = await _attempt(roles.app, (
+                f"UPDATE invoices SET status = '{after}' WHERE id = '{invoice_id}'",))
+            if error is None:
+                moved.add((before, after))
+            else:
+                assert f"cannot go from {before} to {after}" in error
+    finally:
+        await app.close()
+
+    assert moved == EDGES | {(status, status) for status in STATUSES}
+
+
+@hypothesis_settings(max_examples=25, deadline=None,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(before=st.integers(min_value=0, max_value=10_000),
+       after=st.integers(min_value=0, max_value=10_000))
+def test_amount_paid_never_decreases(roles: Roles, before: int, after: int) -> None:
+    async def example() -> None:
+        app = await asyncpg.connect(roles.app)
+        try:
+            invoice_id = f"in_{uuid.uuid4().hex[:12]}"
+            await app.execute(_INSERT_INVOICE, invoice_id, "open", before)
+            error = await _attempt(roles.app, (
+                f"UPDATE invoices SET amount_paid = {after} WHERE id = '{invoice_id}'",))
+            assert (error is None) == (after >= before)
+            assert error is None or "never decrease" in error
+            paid = await app.fetchval("SELECT amount_paid FROM invoices WHERE id = $1", invoice_id)
+            assert paid == (after if after >= before else before)
+        finally:
+            await app.close()
+
+    _run(example)
+
+
+def _run(example: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    loop = asyncio.new_event_loop()  # its own loop: the session's is not running here
+    try:
+        loop.run_until_complete(example())
+    finally:
+        loop.close()
+
+
+# ------------------------------------------- finding 3: temporary tables and the search_path
+
+
+async def test_the_application_role_and_public_cannot_create_temporary_tables(
+        roles: Roles) -> None:
+    for role in ("app", "nobody"):
+        error = await _attempt(roles.url(role),
+                               ("CREATE TEMPORARY TABLE invoices (LIKE public.invoices)",))
+        assert error is not None and "permission denied" in error, role
+
+
+# the attack of finding 3: shadow the tables the invariant triggers read
+_SHADOWS = ("CREATE TEMPORARY TABLE invoices (LIKE public.invoices)",
+            "CREATE TEMPORARY TABLE credit_notes (LIKE public.credit_notes)",
+            "CREATE TEMPORARY TABLE journal_lines (LIKE public.journal_lines)",
+            "INSERT INTO pg_temp.invoices SELECT * FROM public.invoices",
+            "UPDATE pg_temp.invoices SET subtotal = 1000000000, total = 1000000000, "
+            "pre_payment_credited = 0, post_payment_credited = 0")
+
+
+def _forged_note(number: str, total: int) -> str:
+    return ("INSERT INTO public.credit_notes (id, invoice_id, sequence, number, customer_id, "
+            "currency, status, reason, subtotal, tax, total, pre_payment_amount, refund_amount, "
+            "credit_amount, out_of_band_amount, trigger_source, trigger_id, trigger_type) "
+            f"VALUES ('cn_{number}', '{A}', {int(number[-2:])}, '{number}', 'cus_42', 'usd', "
+            f"'issued', 'other', {total}, 0, {total}, {total}, 0, 0, 0, '/attacker', "
+            f"'{number}', 'credit_note.issue')")
+
+
+@pytest.mark.parametrize("role", ["migrator", "superuser"])  # the roles that may create them
+async def test_temporary_tables_named_like_the_real_ones_do_not_fool_the_triggers(
+        ledger: Roles, role: str) -> None:
+    before = await _history(ledger.superuser)
+    over_credit = (*_SHADOWS, _forged_note("ACME-1001-CN-08", 50_000))
+    unbalanced = (*_SHADOWS, _forged_note("ACME-1001-CN-09", 1_000),
+                  f"UPDATE public.invoices SET pre_payment_credited = pre_payment_credited + 1000, "
+                  f"credit_note_count = 9 WHERE id = '{A}'",
+                  "INSERT INTO public.journal_lines (credit_note_id, entry, position, account, "
+                  "debit, credit) VALUES ('cn_ACME-1001-CN-09', 'issue', 0, 'contra_revenue', "
+                  "1000, 0), ('cn_ACME-1001-CN-09', 'issue', 1, 'accounts_receivable', 0, 1)")
+
+    over = await _attempt(ledger.url(role), over_credit)
+    off = await _attempt(ledger.url(role), unbalanced)
+
+    assert over is not None and "credit notes of invoice in_1001 exceed its total" in over
+    assert off is not None and "does not balance" in off
+    assert await _history(ledger.superuser) == before
+
+
+async def test_every_function_in_the_schema_has_a_fixed_search_path(database_url: str) -> None:
+    # A later migration's function must say SET search_path = pg_catalog, public, pg_temp:
+    # without pg_temp listed last, PostgreSQL searches pg_temp FIRST for tables.
+    connection = await asyncpg.connect(database_url)
+    try:
+        rows = await connection.fetch(
+            """
+            SELECT p.oid::regprocedure::text AS name, coalesce(p.proconfig, '{}') AS config
+              FROM pg_proc AS p
+             WHERE p.pronamespace = 'public'::regnamespace AND p.prokind IN ('f', 'p')
+               AND NOT EXISTS (SELECT FROM pg_depend AS d
+                                WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid
+                                  AND d.deptype = 'e')
+            """)
+    finally:
+        await connection.close()
+
+    assert len(rows) >= 10
+    unpinned = [row["name"] for row in rows
+                if "search_path=pg_catalog, public, pg_temp" not in row["config"]]
+    assert unpinned == []
+
+
+def test_attack_names_are_unique() -> None:
+    names = [attack.name for attack in ATTACKS]
+    assert len(names) == len(set(names))

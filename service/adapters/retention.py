@@ -38,7 +38,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 log = structlog.get_logger(__name__)
 
-_LOCK_KEY = 0x70726E65  # "prne": one pruning replica at a time
+LOCK_KEY = 0x70726E65  # "prne": one pruning replica at a time
 PAYMENT_TYPE = "invoice.payment_succeeded"
 
 Connection = asyncpg.Connection | PoolConnectionProxy
@@ -153,7 +153,7 @@ async def _delete_in_batches(connection: Connection, target: _Target, cutoff: da
 async def prune_if_leader(connection: Connection, policy: Policy, *, dry_run: bool = False,
                           stop: Callable[[], bool] = lambda: False) -> list[Pruned] | None:
     """Prune unless another replica is pruning right now (then None)."""
-    if not await connection.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
+    if not await connection.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):
         return None
     try:
         # a batch never queues for long behind a lock; the next run tries again
@@ -162,7 +162,7 @@ async def prune_if_leader(connection: Connection, policy: Policy, *, dry_run: bo
     finally:
         with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
             await connection.execute("RESET lock_timeout; RESET statement_timeout")
-            await connection.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+            await connection.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
 
 
 class RetentionTask:

@@ -22,7 +22,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from service.adapters.invariants import check_invariants
-from service.adapters.retention import _LOCK_KEY, Policy, RetentionTask, prune_if_leader
+from service.adapters.retention import LOCK_KEY, Policy, RetentionTask, prune_if_leader
 from service.settings import Settings
 from tests.integration.test_health_and_shutdown import http_get
 from tests.support import (
@@ -201,7 +201,7 @@ async def test_only_one_prunes_at_a_time_and_the_command_says_so(
     other = await asyncpg.connect(database_url)
     try:
         await seed(admin, [Row("outbox", 24 * 30, "published", "old")])
-        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY)
+        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY)
         assert await prune_if_leader(admin, POLICY) is None
         busy = await creditnotes(settings, "prune")
         assert busy.returncode == 1 and "another replica is pruning" in busy.stdout

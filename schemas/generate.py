@@ -275,7 +275,7 @@ class CreditNoteRejectedData(BaseModel):
                                               "unknown credit note).")
     reason: str = Field(pattern=r"^[a-z][a-z_]*$", examples=[
         "exceeds_creditable_amount", "invoice_void", "nothing_left_to_credit", "currency_mismatch",
-        "not_voidable", "already_void"], description="A machine code.")
+        "not_voidable", "already_void", "settlement_not_allowed"], description="A machine code.")
     message: str = Field(description="What is wrong, in words; never payload or personal data.")
 
 

@@ -37,13 +37,20 @@ def main(argv: list[str] | None = None) -> int:
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                          help="where embedded servers keep their data (default: .creditnotes)")
-    dlq = commands.add_parser("dlq", help="inspect and replay dead-letter topics")
+    from service.entrypoints.dlq import EXIT_CODES_HELP
+    dlq = commands.add_parser("dlq", help="inspect and replay dead-letter topics",
+                              epilog=EXIT_CODES_HELP,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
     for name, text in (("list", "one line per dead letter"),
                        ("show", "dead letters in full: headers and value"),
-                       ("replay", "republish dead letters to their original topics, once")):
-        sub = dlq_commands.add_parser(name, help=text)
+                       ("replay", "republish dead letters to their own input topic "
+                                  "(returns.dlq -> returns), each at most once")):
+        sub = dlq_commands.add_parser(name, help=text, description=text, epilog=EXIT_CODES_HELP,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.add_argument("topic", help="a dead-letter topic, e.g. returns.dlq")
+        sub.add_argument("--debug", action="store_true",
+                         help="show the traceback of an error instead of one line")
         sub.add_argument("--reason", help="only this dlq.error.reason, e.g. invoice_not_found")
         sub.add_argument("--since", type=_timestamp,
                          help="only records dead-lettered at or after this ISO 8601 time")
@@ -53,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("--offset", type=int)
         if name == "replay":
             sub.add_argument("--dry-run", action="store_true",
-                             help="say what would be replayed; publish and commit nothing")
+                             help="say what would be replayed; publish and record nothing")
+            sub.add_argument("--force", action="store_true",
+                             help="also replay records held back: unparseable, refused by the "
+                                  "service's checks, dead-lettered again for the same reason "
+                                  "after a replay, or maybe sent by a run that did not confirm "
+                                  "(never records naming another topic or with bad headers)")
     commands.add_parser("verify", help="check every invariant of the database and report")
     outbox = commands.add_parser("outbox", help="events the broker refused: list, retry")
     outbox_commands = outbox.add_subparsers(dest="outbox_command", required=True)
@@ -187,34 +199,7 @@ def _timestamp(text: str) -> datetime:
 def dead_letters(args: argparse.Namespace, settings: Settings) -> int:
     from service.entrypoints import dlq
 
-    console = Console()
-    filters = dlq.Filters(reason=args.reason, since=args.since, key=args.key)
-    if args.dlq_command == "replay":
-        summary = asyncio.run(dlq.replay(settings, args.topic, filters, dry_run=args.dry_run,
-                                         console=console))
-        if args.dry_run:
-            console.print(dlq.list_table(f"{args.topic}: would replay", summary.would_replay))
-        console.print(
-            f"republished {summary.republished}, already replayed {summary.already_replayed}, "
-            f"left by the filters {summary.filtered_out}"
-            + (f", would replay {len(summary.would_replay)}" if args.dry_run else "")
-            + (f", without an original topic {summary.unreplayable}" if summary.unreplayable
-               else ""))
-        return 0
-    records = [record for record in asyncio.run(dlq.read_all(settings, args.topic))
-               if filters.match(record)]
-    if args.dlq_command == "list":
-        console.print(dlq.list_table(args.topic, records))
-        console.print(f"{len(records)} dead letter(s)")
-        return 0
-    chosen = [record for record in records
-              if (args.partition is None or record.partition == args.partition)
-              and (args.offset is None or record.offset == args.offset)]
-    for record in chosen:
-        console.print(dlq.show_panel(record))
-    if not chosen:
-        console.print("no dead letter matches")
-    return 0 if chosen else 1
+    return dlq.command(args, settings)
 
 
 def prune_now(args: argparse.Namespace, settings: Settings) -> int:

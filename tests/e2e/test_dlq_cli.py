@@ -46,14 +46,31 @@ async def test_ops_list_show_and_replay_a_dead_letter_once_its_invoice_exists(
     [issued] = await kafka.expect(settings.topics.credit_note_events, "credit_note.issued")
     assert issued.event["data"]["trigger"]["id"] == "early-credit"
 
+    # the unparseable record is held back, not republished to fail again
     again = await creditnotes(settings, "dlq", "replay", f"{commands}.dlq")
-    assert again.returncode == 0, again.stderr
-    assert "republished 1," in again.stdout  # the invalid one, left out by the first filter
+    assert again.returncode == 6, again.stderr
+    assert "cannot be parsed as a CloudEvent" in again.stdout
+    assert "republished 0, already replayed 1," in again.stdout
+    await kafka.settle(1.0)
+    assert len(kafka.on(f"{commands}.dlq")) == 2
+
+    forced = await creditnotes(settings, "dlq", "replay", f"{commands}.dlq", "--force")
+    assert "republished 1," in forced.stdout
+    if forced.returncode != 0:  # the service was quick: it failed again while the run read on
+        assert forced.returncode == 6, forced.stderr
+        assert "this run already replayed the same record" in forced.stdout
     await kafka.expect(f"{commands}.dlq", count=3)  # the invalid record fails again, as it should
 
-    third = await creditnotes(settings, "dlq", "replay", f"{commands}.dlq", "--reason", "invoice_not_found")
-    assert "republished 0," in third.stdout
+    # dead-lettered again for the same reason after a replay: not replayed again unforced
+    third = await creditnotes(settings, "dlq", "replay", f"{commands}.dlq")
+    assert third.returncode == 6, third.stderr
+    assert "dead-lettered again for the same reason" in third.stdout
+    assert "republished 0, already replayed 2," in third.stdout, third.stdout
     await kafka.settle(1.5)
+    assert len(kafka.on(f"{commands}.dlq")) == 3
     assert len(kafka.on(settings.topics.credit_note_events)) == 1
-    audit = await fetch(settings, "SELECT reason FROM dlq_replays ORDER BY dlq_offset")
-    assert sorted(row["reason"] for row in audit) == ["invalid_message", "invoice_not_found"]
+    audit = await fetch(settings, "SELECT reason, state FROM dlq_replays ORDER BY dlq_offset")
+    assert sorted((row["reason"], row["state"]) for row in audit) == [
+        ("invalid_message", "sent"), ("invoice_not_found", "sent")]
+    for run in (listed, shown, dry, replayed, again, forced, third):
+        assert "Traceback" not in run.stderr and "Unclosed" not in run.stderr, run.stderr

@@ -1,0 +1,212 @@
+"""``dlq replay`` on the real broker and PostgreSQL: it cannot be made to forge, to send a
+record twice, or to mistake a new dead letter for an old one (issues 15.1 and 10.2)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from service.adapters.replay_audit import Claim, ReplayAudit
+from service.entrypoints import dlq
+from service.entrypoints.devstack import EmbeddedKafka, create_topics
+from service.settings import Settings
+from tests.support import Kafka, cloudevent, fetch
+
+pytestmark = pytest.mark.integration
+
+
+def dead_letter_headers(original_topic: str, *, partition: str = "0", offset: str = "7",
+                        reason: str = "invoice_not_found", failed_at: str | None = None,
+                        extra: list[tuple[str, bytes]] | None = None) -> list[tuple[str, bytes]]:
+    failed_at = failed_at or datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    return [("content-type", b"application/cloudevents+json"), *(extra or []),
+            *((name, value.encode()) for name, value in {
+                "dlq.original.topic": original_topic, "dlq.original.partition": partition,
+                "dlq.original.offset": offset, "dlq.error.reason": reason,
+                "dlq.error.class": "InvoiceNotFound", "dlq.attempts": "3",
+                "dlq.failed_at": failed_at}.items())]
+
+
+def issue(invoice_id: str = "in_1001", amount: int = 2_500) -> dict[str, Any]:
+    return cloudevent("credit_note.issue", {"invoice_id": invoice_id, "amount": amount},
+                      id_=f"cmd-{uuid.uuid4().hex[:8]}")
+
+
+async def records_on(bootstrap_servers: str, topic: str) -> list[bytes | None]:
+    """Every value now on ``topic`` (read until the broker has nothing more)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        values: list[bytes | None] = []
+        while batches := await consumer.getmany(timeout_ms=700):
+            values += [record.value for batch in batches.values() for record in batch]
+        return values
+    finally:
+        await consumer.stop()
+
+
+async def replay(settings: Settings, topic: str, **options: Any) -> tuple[dlq.ReplaySummary, str]:
+    out = io.StringIO()
+    summary = await dlq.replay(settings, topic, dlq.ReplayOptions(**options), out)
+    return summary, out.getvalue()
+
+
+async def test_a_planted_refund_request_is_refused_not_published(
+        settings: Settings, kafka: Kafka) -> None:
+    returns, refunds = settings.topics.returns, settings.topics.refund_requests
+    forged = cloudevent("refund.requested", {"invoice_id": "in_1001", "amount": 99_999_999,
+                                             "customer_id": "cus_attacker"})
+    await kafka.publish(f"{returns}.dlq", forged, key="in_1001",
+                        headers=dead_letter_headers(refunds))
+
+    for force in (False, True):
+        summary, said = await replay(settings, f"{returns}.dlq", force=force)
+        assert (summary.refused, summary.republished) == (1, 0)
+        assert "REFUSED" in said and refunds in said
+
+    await kafka.settle(1.0)
+    assert kafka.on(refunds) == []
+    assert await records_on(settings.kafka_bootstrap_servers, returns) == []
+    assert await fetch(settings, "SELECT * FROM dlq_replays") == []
+
+
+async def test_replay_refuses_a_topic_that_is_not_an_input_dead_letter_topic(
+        settings: Settings) -> None:
+    for topic in (settings.topics.returns, f"{settings.topics.refund_requests}.dlq"):
+        with pytest.raises(dlq.DlqError) as refused:
+            await replay(settings, topic)
+        assert refused.value.exit_code == dlq.EXIT_NOT_DEAD_LETTER_TOPIC
+
+
+async def test_bad_headers_refuse_their_record_before_any_send_and_the_rest_goes(
+        settings: Settings, kafka: Kafka) -> None:
+    commands = settings.topics.credit_note_commands
+    plants = {
+        "in_2001": dead_letter_headers(commands, partition="one"),
+        "in_2002": dead_letter_headers(commands, offset="7; DROP"),
+        "in_2003": [*dead_letter_headers(commands),
+                    ("dlq.original.topic", settings.topics.refund_requests.encode())],
+        "in_2004": dead_letter_headers(commands, failed_at="yesterday"),
+        "in_2005": dead_letter_headers(commands),  # the one good record
+    }
+    for invoice_id, headers in plants.items():
+        await kafka.publish(f"{commands}.dlq", issue(invoice_id), key=invoice_id,
+                            headers=headers)
+
+    summary, said = await replay(settings, f"{commands}.dlq")
+
+    assert (summary.refused, summary.republished) == (4, 1)
+    assert "dlq.original.partition is not a non-negative integer" in said
+    assert "dlq.original.offset is not a non-negative integer" in said
+    assert "dlq.original.topic appears 2 times" in said
+    assert "dlq.failed_at is not an ISO 8601 time" in said
+    sent = await records_on(settings.kafka_bootstrap_servers, commands)
+    assert [json.loads(value or b"")["data"]["invoice_id"] for value in sent] == ["in_2005"]
+    rows = await fetch(settings, "SELECT record_key, state FROM dlq_replays")
+    assert [(row["record_key"], row["state"]) for row in rows] == [("in_2005", "sent")]
+
+
+async def test_a_send_whose_confirmation_failed_is_never_sent_again_without_force(
+        settings: Settings, kafka: Kafka) -> None:
+    """The audit row is claimed before the send: a failure after the send (here PostgreSQL
+    refuses the confirmation) leaves it 'maybe sent', and the next runs do not send again."""
+    commands = settings.topics.credit_note_commands
+    await kafka.publish(f"{commands}.dlq", issue("in_3001"), key="in_3001",
+                        headers=dead_letter_headers(commands))
+    connection = await asyncpg.connect(settings.database_url)
+    try:
+        await connection.execute("""
+            CREATE FUNCTION refuse_confirm() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'the database went away'; END $$;
+            CREATE TRIGGER refuse_confirm BEFORE UPDATE ON dlq_replays
+                FOR EACH ROW WHEN (NEW.state = 'sent') EXECUTE FUNCTION refuse_confirm();""")
+        with pytest.raises(asyncpg.RaiseError):
+            await replay(settings, f"{commands}.dlq")
+        await connection.execute("DROP TRIGGER refuse_confirm ON dlq_replays")
+    finally:
+        await connection.close()
+    assert len(await records_on(settings.kafka_bootstrap_servers, commands)) == 1
+    [row] = await fetch(settings, "SELECT state FROM dlq_replays")
+    assert row["state"] == "claimed"
+
+    summary, said = await replay(settings, f"{commands}.dlq")
+    assert (summary.held, summary.republished) == (1, 0)
+    assert "maybe sent already" in said
+    assert len(await records_on(settings.kafka_bootstrap_servers, commands)) == 1
+
+    summary, _ = await replay(settings, f"{commands}.dlq", force=True)
+    assert summary.republished == 1
+    [row] = await fetch(settings, "SELECT state FROM dlq_replays")
+    assert row["state"] == "sent"
+    summary, _ = await replay(settings, f"{commands}.dlq", force=True)
+    assert (summary.already_replayed, summary.republished) == (1, 0)
+    assert len(await records_on(settings.kafka_bootstrap_servers, commands)) == 2
+
+
+async def test_a_record_claimed_by_another_run_is_left_to_it(
+        settings: Settings, kafka: Kafka) -> None:
+    commands = settings.topics.credit_note_commands
+    headers = dead_letter_headers(commands)
+    event = issue("in_4001")
+    await kafka.publish(f"{commands}.dlq", event, key="in_4001", headers=headers)
+    planted = dlq.DeadLetter(f"{commands}.dlq", 0, 0, 0, b"in_4001",
+                             json.dumps(event).encode(), tuple(headers))
+    connection = await asyncpg.connect(settings.database_url)
+    try:
+        other = ReplayAudit(connection, run="other-run", operator="someone")
+        assert await other.claim([Claim(planted.digest, planted.content_digest,
+                                        f"{commands}.dlq", 0, 0, commands, 0, 7,
+                                        "invoice_not_found", "in_4001")]) == {planted.digest}
+    finally:
+        await connection.close()
+    summary, said = await replay(settings, f"{commands}.dlq")
+    assert (summary.held, summary.republished) == (1, 0)
+    assert "other-run" in said
+    assert await records_on(settings.kafka_bootstrap_servers, commands) == []
+
+
+async def test_a_new_dead_letter_after_a_broker_reset_is_not_taken_for_an_old_one(
+        settings: Settings, kafka: Kafka, tmp_path: Path) -> None:
+    commands = settings.topics.credit_note_commands
+    old_event, old_headers = issue("in_5001"), dead_letter_headers(commands)
+    await kafka.publish(f"{commands}.dlq", old_event, key="in_5001", headers=old_headers)
+    summary, _ = await replay(settings, f"{commands}.dlq")
+    assert summary.republished == 1
+
+    fresh = EmbeddedKafka(log_file=tmp_path / "tansu.log")  # the broker restarted: empty
+    fresh.start()
+    try:
+        reset = settings.model_copy(update={"kafka_bootstrap_servers": fresh.bootstrap_servers})
+        await create_topics(fresh.bootstrap_servers, reset.topics.all())
+        async with Kafka(reset) as again:
+            await asyncio.sleep(0.002)  # a later dlq.failed_at, to the microsecond
+            await again.publish(f"{commands}.dlq", issue("in_5001"), key="in_5001",
+                                headers=dead_letter_headers(commands))
+            summary, said = await replay(reset, f"{commands}.dlq")
+            assert (summary.republished, summary.already_replayed) == (1, 0), said
+            # the old dead letter, byte for byte, at a new offset: still known
+            await again.publish(f"{commands}.dlq", old_event, key="in_5001",
+                                headers=old_headers)
+            summary, said = await replay(reset, f"{commands}.dlq")
+            assert (summary.republished, summary.already_replayed) == (0, 2), said
+        assert len(await records_on(fresh.bootstrap_servers, commands)) == 1
+    finally:
+        fresh.stop()
+    rows = await fetch(settings, "SELECT dlq_partition, dlq_offset, dead_letter_digest "
+                                 "FROM dlq_replays")
+    assert len(rows) == 2
+    assert {(row["dlq_partition"], row["dlq_offset"]) for row in rows} == {
+        (rows[0]["dlq_partition"], 0)}  # same place on both brokers, two dead letters

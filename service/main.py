@@ -31,7 +31,7 @@ from service.adapters.outbox_relay import OutboxRelay
 from service.adapters.probe_connection import ProbeConnection
 from service.adapters.retention import Policy, RetentionTask
 from service.adapters.unit_of_work import PostgresUnitOfWork
-from service.entrypoints.consumer import Backoff, Pipeline
+from service.entrypoints.consumer import Backoff, Pipeline, decode_records, parse_records
 from service.entrypoints.dead_letters import DeadLetterWriter
 from service.entrypoints.http import Cached, HealthServer, Limits
 from service.entrypoints.metrics import Metrics
@@ -242,6 +242,8 @@ async def start_subscribers(broker: KafkaBroker, table: Mapping[str, Route],
             # bounded memory: a batch holds at most what one fetch brought
             fetch_max_bytes=settings.kafka_fetch_max_bytes,
             max_partition_fetch_bytes=settings.kafka_max_partition_fetch_bytes,
+            # FastStream neither decodes headers nor bodies: the pipeline judges each record
+            parser=parse_records, decoder=decode_records,
         )
 
         async def consume(message: KafkaMessage) -> None:

@@ -28,9 +28,11 @@ that is after the transaction committed or the dead letter was acknowledged.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 from opentelemetry import trace
@@ -59,6 +61,50 @@ log = structlog.get_logger(__name__)
 ATTEMPTS = 3
 #: The failures worth a second attempt alone: a race with another replica may explain them.
 RETRIED_ALONE = (errors.ProcessingFailed, errors.RefusedByDatabase)
+
+
+async def parse_records(records: tuple[Any, ...],
+                        original: Callable[[tuple[Any, ...]], Awaitable[Any]]) -> Any:
+    """FastStream's batch parser, shown only headers it can decode (a custom ``parser``).
+
+    FastStream decodes every header of every record as UTF-8 for its own use;
+    one header that is not would raise before the pipeline sees the batch, and
+    the batch would be redelivered for ever. The pipeline gets the records
+    untouched (``raw_message``) and judges them itself.
+    """
+    clean = tuple(dataclasses.replace(record, headers=[
+        (name, value) for name, value in record.headers if _decodes(value)])
+        for record in records)
+    message = await original(clean)
+    message.raw_message = records
+    return message
+
+
+async def decode_records(message: Any) -> None:
+    """No decoding by FastStream (a custom ``decoder``): the pipeline decodes each record.
+
+    FastStream's decoder parses a whole batch as JSON when the first record
+    says ``content-type: application/json``; one record that is not JSON
+    would raise before the pipeline sees the batch.
+    """
+
+
+def _decodes(value: object) -> bool:
+    if not isinstance(value, bytes):
+        return False
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _upstream_context(record: Record) -> Any:
+    """The producer's trace context, if its headers carry a readable one."""
+    try:
+        return context_from_headers(list(record.headers))
+    except Exception:  # a malformed header only loses the link to the upstream trace
+        return None
 
 
 class Backoff:
@@ -138,7 +184,7 @@ class Pipeline:
         try:
             for index, record in enumerate(records):
                 span = self._tracer.start_span(
-                    "process", context=context_from_headers(list(record.headers)),
+                    "process", context=_upstream_context(record),
                     kind=trace.SpanKind.CONSUMER,
                     attributes=messaging_attributes(record.topic, record.partition,
                                                     record.offset))

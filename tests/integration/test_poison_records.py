@@ -65,6 +65,7 @@ class Poison:
     reason: str
     #: the invoice must exist first (a credit), or comes after the bad record (an invoice)
     invoice_first: bool = True
+    headers: tuple[tuple[str, bytes], ...] = (CE_JSON,)
 
 
 HUGE_INT = b'{"specversion": "1.0", "id": "cmd-huge", "source": "/tests", ' \
@@ -98,6 +99,16 @@ CASES = {
         "credit_note_commands", encode({**issue("cmd-naive-time"),
                                         "time": "2026-10-16T00:00:00"}),
         issue("cmd-after"), "invalid_message"),
+    # FastStream decoded a batch as JSON when its first record said application/json
+    "binary-mode-json-content-type-invalid-utf-8": Poison(
+        "credit_note_commands", b"\xff\xfe{}", issue("cmd-after"), "invalid_message",
+        headers=(("content-type", b"application/json"), ("ce_specversion", b"1.0"),
+                 ("ce_id", b"cmd-bin"), ("ce_source", b"/tests"),
+                 ("ce_type", b"credit_note.issue"))),
+    # ... and every header as UTF-8
+    "a-header-that-is-not-utf-8": Poison(
+        "credit_note_commands", encode(issue("cmd-header")), issue("cmd-after"),
+        "invalid_message", headers=(CE_JSON, ("ce_source", b"/te\xffsts"))),
     "nan-token": Poison(
         "credit_note_commands", encode(issue("cmd-nan")).replace(b'"amount": 1000', b'"amount": NaN'),
         issue("cmd-after"), "invalid_message"),
@@ -120,7 +131,7 @@ async def test_a_poison_record_is_dead_lettered_and_the_partition_flows(
     topic = getattr(settings.topics, case.topic)
     if case.invoice_first:
         await publish(kafka, settings.topics.invoices, finalized())
-    await publish(kafka, topic, case.bad)
+    await kafka.publish(topic, case.bad, key=INVOICE, headers=list(case.headers))
     await publish(kafka, topic, case.good)
 
     [dead] = await kafka.expect(f"{topic}.dlq", timeout_s=TIMEOUT_S)

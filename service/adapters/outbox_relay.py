@@ -145,6 +145,11 @@ class OutboxRelay:
                             retry_in_s=backoff)
                 await _sleep_unless(stopping, backoff)
                 backoff = min(backoff * 2, self._max_backoff)
+            except Exception as error:  # a relay that stopped would wedge the outbox
+                log.exception("outbox relay failed, retrying", error=type(error).__name__,
+                              retry_in_s=backoff)
+                await _sleep_unless(stopping, backoff)
+                backoff = min(backoff * 2, self._max_backoff)
 
     async def _run_as_leader(self, stopping: asyncio.Event) -> None:
         lock = await asyncpg.connect(self._database_url)
@@ -217,7 +222,9 @@ class OutboxRelay:
     async def _lock_query(self, query: Any) -> Any:
         try:
             return await asyncio.wait_for(query, _LOCK_QUERY_TIMEOUT_SECONDS)
-        except (asyncpg.InterfaceError, asyncpg.PostgresConnectionError, OSError) as error:
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                OSError, TimeoutError) as error:
+            # killed mid-query, asyncpg may also answer "another operation is in progress"
             raise LeadershipLost(f"the relay's lock connection failed: {type(error).__name__}") \
                 from error
 

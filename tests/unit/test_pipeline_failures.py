@@ -26,7 +26,7 @@ from service.domain import errors
 from service.domain.commands import Trigger
 from service.domain.credit_note import derived_id
 from service.entrypoints import wire
-from service.entrypoints.translators import decode_envelope, parse
+from service.entrypoints.translators import Route, decode_envelope, parse, translate
 
 # --------------------------------------------------------------- what is the infrastructure's
 
@@ -241,3 +241,18 @@ def test_derived_ids_of_valid_input_are_unchanged() -> None:
         "cn_4fa0e8a251665cc09cda9bfd")
     assert derived_id("re", Trigger("/tests", "cmd-1", "credit_note.issue"), "refund") == (
         "re_e41ef528220c576eb512bf44")
+
+
+def test_a_refused_source_or_type_is_named_by_its_topic_never_by_its_value() -> None:
+    table = {"commands": Route({"credit_note.issue": lambda event, trigger: None},  # type: ignore[dict-item,return-value,arg-type]
+                               frozenset({"/billing"}))}
+    event = parse(wire.CloudEvent, {"specversion": "1.0", "id": "a", "source": f"/{PERSONAL}",
+                                    "type": "credit_note.issue"}, "CloudEvent")
+    with pytest.raises(errors.UnauthorizedSource) as refused:
+        translate(event, "commands", table)
+    assert PERSONAL not in refused.value.message and "commands" in refused.value.message
+    event = parse(wire.CloudEvent, {"specversion": "1.0", "id": "a", "source": "/billing",
+                                    "type": f"{PERSONAL}.issue"}, "CloudEvent")
+    with pytest.raises(errors.UnsupportedType) as unsupported:
+        translate(event, "commands", table)
+    assert PERSONAL not in unsupported.value.message and "commands" in unsupported.value.message

@@ -263,6 +263,7 @@ class OutboxRelay:
                     batch: _Batch) -> None:
         blocked: dict[str, int] = {}  # key -> seq of its parked row: later rows wait
         sent: list[tuple[asyncpg.Record, asyncio.Future[Any]]] = []
+        span_of = {row["seq"]: span for row, span in zip(rows, spans, strict=True)}
         for row, span in zip(rows, spans, strict=True):
             if row["key"] in blocked:
                 continue
@@ -293,7 +294,7 @@ class OutboxRelay:
             if row["key"] in blocked:
                 continue
             try:
-                await (await self._enqueue(row, None))
+                await (await self._enqueue(row, span_of[row["seq"]]))
                 batch.published.append(row["seq"])
             except KafkaError as error:
                 if not parkable(error):
@@ -302,12 +303,10 @@ class OutboxRelay:
                 await self._park(row, error, blocked)
                 batch.parked += 1
 
-    async def _enqueue(self, row: asyncpg.Record, span: trace.Span | None) -> asyncio.Future[Any]:
+    async def _enqueue(self, row: asyncpg.Record, span: trace.Span) -> asyncio.Future[Any]:
         key = row["key"].encode() if row["key"] is not None else None
         value = row["payload"].encode()
-        headers: list[Header] = [("content-type", CONTENT_TYPE.encode())]
-        if span is not None:
-            headers.extend(headers_for(span))
+        headers: list[Header] = [("content-type", CONTENT_TYPE.encode()), *headers_for(span)]
         if not _LEGAL_TOPIC.fullmatch(row["topic"]):
             raise InvalidTopicError(f"{row['topic']!r} is not a legal Kafka topic name")
         size = KafkaProducer.estimated_size(key, value, headers)

@@ -2,7 +2,7 @@
 
 Fills ``<returns>.dlq`` with N small dead letters (default 1,000,000; the headers
 the service writes, a small CloudEvent value), then runs each command as its own
-process with its output thrown away and reports its peak RSS (``ru_maxrss``)
+process with its output counted and reports its peak RSS (``ru_maxrss``)
 and wall time. A flat peak RSS means the tools stream.
 
     .venv/bin/python -m bench.dlq_memory [--records 1000000] [--partitions 1]
@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
@@ -71,19 +72,37 @@ async def fill(bootstrap_servers: str, dlq_topic: str, topic: str, records: int)
     return time.monotonic() - started
 
 
-def measure(env: dict[str, str], *args: str) -> tuple[float, float, int]:
-    """Wall seconds, peak RSS (MiB) and exit code of one ``creditnotes`` run."""
+@dataclass(frozen=True)
+class Run:
+    seconds: float  # wall time
+    cpu_seconds: float  # user + system: what a shared, busy machine does not inflate
+    peak_rss_mib: float
+    exit_code: int
+    lines: int
+    last_line: str
+
+    def __str__(self) -> str:
+        return (f"{self.seconds:.1f} s wall, {self.cpu_seconds:.1f} s CPU, peak RSS "
+                f"{self.peak_rss_mib:.0f} MiB, exit {self.exit_code}, {self.lines:,} lines; "
+                f"last: {self.last_line}")
+
+
+def measure(env: dict[str, str], *args: str) -> Run:
+    """One ``creditnotes`` run (its output is read and counted, not kept)."""
     started = time.monotonic()
-    with open(os.devnull, "w") as sink:
-        process = subprocess.Popen([CREDITNOTES, *args], env=env, stdout=sink,  # noqa: S603
-                                   stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-        stderr = process.stderr.read().decode() if process.stderr else ""
+    process = subprocess.Popen([CREDITNOTES, *args], env=env,  # noqa: S603
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert process.stdout is not None
+    lines, tail = 0, b""
+    while chunk := process.stdout.read(1 << 20):
+        lines += chunk.count(b"\n")
+        tail = (tail + chunk)[-4096:]
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
     elapsed = time.monotonic() - started
-    if process.returncode not in (0, 6):
-        print(stderr, file=sys.stderr)
-    return elapsed, usage.ru_maxrss / 1024, process.returncode
+    last = tail.decode(errors="replace").rstrip("\n").rsplit("\n", 1)[-1]
+    return Run(elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024,
+               process.returncode, lines, last)
 
 
 def main() -> int:
@@ -103,13 +122,11 @@ def main() -> int:
                                   options.records))
         print(f"produced {options.records:,} dead letters to {dlq_topic} in {filled:.1f} s")
         env = stack.env()
-        baseline = measure(env, "dlq", "list", f"{topic}.no-such.dlq")
-        print(f"baseline (start, fail at once): {baseline[0]:.1f} s, peak RSS "
-              f"{baseline[1]:.0f} MiB, exit {baseline[2]}")
+        print(f"baseline (start, fail at once): {measure(env, 'dlq', 'list', 'no-such.dlq')}")
         for args in (("dlq", "list", dlq_topic), ("dlq", "replay", dlq_topic, "--dry-run")):
-            seconds, rss, code = measure(env, *args)
-            print(f"{' '.join(args)}: {seconds:.1f} s, peak RSS {rss:.0f} MiB, exit {code}, "
-                  f"{options.records / seconds:,.0f} records/s")
+            run = measure(env, *args)
+            print(f"{' '.join(args)}: {run}; {options.records / run.cpu_seconds:,.0f} "
+                  f"records per CPU second")
     finally:
         stack.stop()
     return 0

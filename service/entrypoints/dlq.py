@@ -53,8 +53,10 @@ from service.settings import Settings
 
 #: Records read (and, for replay, checked against the audit table) at a time.
 CHUNK = 500
-#: An empty poll this long, once past the reported end offset, ends a partition.
-_QUIET_MS = 500
+#: This many empty polls this long in a row, once past the reported end offset, end a
+#: partition (a single slow fetch on a busy broker must not end it early).
+_QUIET_MS = 400
+_QUIET_POLLS = 2
 DLQ_SUFFIX = ".dlq"
 
 EXIT_OK = 0
@@ -146,7 +148,13 @@ class DeadLetter:
                 f"@{self.header('dlq.original.offset') or '?'}")
 
     def original_headers(self) -> list[tuple[str, bytes]]:
-        return [(name, value) for name, value in self.headers if not name.startswith("dlq.")]
+        """The headers the record had before it was dead-lettered (what a replay sends)."""
+        return list(self._original_headers)
+
+    @cached_property
+    def _original_headers(self) -> tuple[tuple[str, bytes], ...]:
+        return tuple((name, value) for name, value in self.headers
+                     if not name.startswith("dlq."))
 
     @cached_property
     def digest(self) -> str:
@@ -254,14 +262,18 @@ async def _chunks(consumer: AIOKafkaConsumer, tp: TopicPartition,
     else:
         consumer.seek(tp, start)
     end = (await consumer.end_offsets([tp]))[tp]
+    quiet = 0
     while True:
         batches = await consumer.getmany(tp, timeout_ms=_QUIET_MS, max_records=CHUNK)
         records = batches.get(tp, [])
         if records:
+            quiet = 0
             yield [DeadLetter(tp.topic, r.partition, r.offset, r.timestamp, r.key, r.value,
                               tuple(r.headers)) for r in records]
         elif await consumer.position(tp) >= end:
-            return
+            quiet += 1
+            if quiet >= _QUIET_POLLS:
+                return
 
 
 # --------------------------------------------------------------------------- list and show
@@ -615,7 +627,9 @@ def command(args: Any, settings: Settings) -> int:
 
 async def _command(args: Any, settings: Settings, out: IO[str]) -> int:
     filters = Filters(reason=args.reason, since=args.since, key=args.key)
-    print(f"creditnotes dlq: broker {settings.kafka_bootstrap_servers}", file=sys.stderr)
+    print(f"creditnotes dlq: broker {settings.kafka_bootstrap_servers}"
+          + (f", PostgreSQL {database_location(settings.database_url)}"
+             if args.dlq_command == "replay" else ""), file=sys.stderr)
     if args.dlq_command == "list":
         count = await list_records(settings, args.topic, filters, out)
         out.write(f"{count} dead letter(s)\n")

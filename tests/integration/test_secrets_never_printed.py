@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -114,3 +116,31 @@ async def test_an_unreachable_broker_is_one_line_without_the_sasl_password(
         assert output.code == 3, output.text
         assert "creditnotes: cannot start: Kafka at 127.0.0.1:" in output.text
         assert_no_secret(output)
+
+
+async def test_dev_names_its_database_without_the_password(
+        settings: Settings, tmp_path: Path) -> None:
+    """``creditnotes dev`` prints the servers it uses: the URL, redacted."""
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith("CREDITNOTES_")}
+    env |= {"CREDITNOTES_LOG_LEVEL": "DEBUG", "CREDITNOTES_KAFKA_SASL_PASSWORD": MARKER,
+            "CREDITNOTES_DATABASE_URL": with_password(settings.database_url),
+            "CREDITNOTES_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+            "CREDITNOTES_HTTP_PORT": str(free_port()), "COLUMNS": "200"}
+    process = await asyncio.create_subprocess_exec(
+        CREDITNOTES, "dev", "--data-dir", str(tmp_path / "dev"), env=env, cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    assert process.stdout is not None
+    seen = b""
+    try:
+        async with asyncio.timeout(90):
+            while b"service started" not in seen:
+                chunk = await process.stdout.read(4096)
+                assert chunk, seen.decode(errors="replace")
+                seen += chunk
+    finally:
+        process.send_signal(signal.SIGINT)
+        rest, _ = await asyncio.wait_for(process.communicate(), 60)
+    output = Output(process.returncode or 0, (seen + rest).decode(errors="replace"))
+    assert ":***@" in output.text, output.text
+    assert_no_secret(output)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
@@ -48,8 +49,19 @@ Currency = Annotated[str, Field(pattern=r"^[a-z]{3}$")]
 Reason = Literal["duplicate", "fraudulent", "order_change", "product_unsatisfactory",
                  "service_credit", "subscription_change", "subscription_cancellation", "other"]
 SettlementName = Literal["refund", "customer_balance", "out_of_band"]
+
+
+def _in_utc_range(moment: datetime) -> datetime:
+    """A time whose UTC equivalent exists (9999-12-31T23:59-23:59 does not: year 10000)."""
+    try:
+        moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("the time is out of range once converted to UTC") from None
+    return moment
+
+
 #: Every time on input carries its UTC offset: a naive time is refused, never guessed.
-Time = AwareDatetime
+Time = Annotated[AwareDatetime, AfterValidator(_in_utc_range)]
 
 
 def _printable(text: str) -> str:

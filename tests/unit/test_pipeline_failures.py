@@ -256,3 +256,12 @@ def test_a_refused_source_or_type_is_named_by_its_topic_never_by_its_value() -> 
     with pytest.raises(errors.UnsupportedType) as unsupported:
         translate(event, "commands", table)
     assert PERSONAL not in unsupported.value.message and "commands" in unsupported.value.message
+
+
+@pytest.mark.parametrize("moment", ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+14:00"])
+def test_a_time_that_has_no_utc_equivalent_is_an_invalid_message(moment: str) -> None:
+    with pytest.raises(errors.InvalidMessage, match="out of range once converted to UTC"):
+        parse(wire.SubscriptionCanceled, {"invoice_id": "in_1", "invoice_line_id": "il_1",
+                                          "canceled_at": moment}, "data")
+    assert parse(wire.SubscriptionCanceled, {"invoice_id": "in_1", "invoice_line_id": "il_1",
+                                             "canceled_at": "9999-12-31T23:59:59Z"}, "data")

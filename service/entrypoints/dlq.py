@@ -28,6 +28,7 @@ import getpass
 import hashlib
 import json
 import logging
+import os
 import re
 import secrets
 import struct
@@ -41,7 +42,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import KafkaError
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
@@ -616,12 +617,16 @@ def command(args: Any, settings: Settings) -> int:
         out.flush()
         print(f"creditnotes dlq: {error}", file=sys.stderr)
         return error.exit_code
-    except (KafkaConnectionError, OSError) as error:
+    except BrokenPipeError:  # the reader went away (``| head``): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except (KafkaError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
         if args.debug:
             raise
-        print(f"creditnotes dlq: lost the broker at {settings.kafka_bootstrap_servers} or "
-              f"PostgreSQL ({type(error).__name__}); --debug shows the traceback",
-              file=sys.stderr)
+        print(f"creditnotes dlq: the broker at {settings.kafka_bootstrap_servers} or PostgreSQL "
+              f"at {database_location(settings.database_url)} failed ({type(error).__name__}); "
+              "a record sent but not confirmed is held back as 'maybe sent' by the next replay; "
+              "--debug shows the traceback", file=sys.stderr)
         return EXIT_UNREACHABLE
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -124,6 +125,11 @@ def run(_: argparse.Namespace, settings: Settings) -> int:
     try:
         asyncio.run(_serve(settings))
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
+            ports = sorted({settings.http_port, settings.metrics_port or settings.http_port})
+            print(f"creditnotes: cannot start: port {' or '.join(map(str, ports))} is in use"
+                  " (CREDITNOTES_HTTP_PORT, CREDITNOTES_METRICS_PORT)", file=sys.stderr)
+            return 3
         print(f"creditnotes: cannot start: PostgreSQL at {redact_url(settings.database_url)}:"
               f" {_one_line(error)}", file=sys.stderr)
         return 3

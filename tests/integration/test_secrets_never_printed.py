@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,4 +144,17 @@ async def test_dev_names_its_database_without_the_password(
         rest, _ = await asyncio.wait_for(process.communicate(), 60)
     output = Output(process.returncode or 0, (seen + rest).decode(errors="replace"))
     assert ":***@" in output.text, output.text
+    assert_no_secret(output)
+
+
+async def test_a_health_port_in_use_is_named_as_such(settings: Settings) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))  # noqa: S104  (where the health server listens)
+        taken.listen()
+        port = taken.getsockname()[1]
+        output = await creditnotes("run", DATABASE_URL=with_password(settings.database_url),
+                                   KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
+                                   HTTP_PORT=str(port), **ALLOW_ANY)
+    assert output.code == 3, output.text
+    assert f"creditnotes: cannot start: port {port} is in use" in output.text
     assert_no_secret(output)

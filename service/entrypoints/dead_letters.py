@@ -5,7 +5,9 @@ headers of CONTRACT.md say where it came from and why it failed, in words
 that carry no payload data. The caller commits the original offset only
 after :meth:`DeadLetterWriter.write` returned, that is after the broker
 acknowledged the dead-letter record. A broker that cannot take it raises
-``errors.Unavailable``, and the record is tried again in place.
+``errors.Unavailable``, and the record is tried again in place. A record too
+large for the broker is dead-lettered without its value (``dlq.value.omitted``
+says how many bytes it had; the original stays at ``dlq.original.*``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
+
+from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 
 from service.adapters.kafka_producer import Header, KafkaProducer
 from service.adapters.unavailable import mapped_to_unavailable
@@ -67,10 +71,18 @@ class DeadLetterWriter:
             "dlq.failed_at": _iso(failed_at),
             "dlq.service.version": self._version,
         }.items()]
+        topic = dead_letter_topic(record.topic)
         with mapped_to_unavailable("the broker"):
-            await self._producer.send(dead_letter_topic(record.topic), value=record.value,
-                                      key=record.key, headers=headers,
-                                      timestamp_ms=record.timestamp)
+            try:
+                await self._producer.send(topic, value=record.value, key=record.key,
+                                          headers=headers, timestamp_ms=record.timestamp)
+            except (MessageSizeTooLargeError, RecordTooLargeError):
+                # Larger than the broker takes (the input topic allowed more): the dead
+                # letter keeps where the original is, not its value, rather than hold the
+                # partition for ever.
+                headers.append(("dlq.value.omitted", str(len(record.value or b"")).encode()))
+                await self._producer.send(topic, value=None, key=record.key, headers=headers,
+                                          timestamp_ms=record.timestamp)
 
 
 def _iso(moment: datetime) -> str:

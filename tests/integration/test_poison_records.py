@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import structlog
+from aiokafka import AIOKafkaProducer
 
 from service import handlers
 from service.domain.commands import IssueCreditNote
@@ -215,3 +216,29 @@ async def test_a_lost_connection_is_waited_out_in_place_and_nothing_is_dead_lett
                if entry["event"] == "processing failed, will retry the same records"]
     assert len(retries) >= 5 and all(entry["unavailable"] for entry in retries)
     assert {entry["error"] for entry in retries} == {"ConnectionResetError"}
+
+
+async def test_a_record_larger_than_the_broker_takes_back_is_dead_lettered_without_its_value(
+        service: RunningService, kafka: Kafka, settings: Settings) -> None:
+    """The input topic took 2.5 MB; the dead letter cannot carry them (the producer's limit is
+    twice ``max_message_bytes``): before, the partition was held for ever."""
+    topic = settings.topics.credit_note_commands
+    huge = encode({**issue("cmd-huge-record"), "padding": "x" * 2_500_000})
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers,
+                                max_request_size=4_000_000, enable_idempotence=False)
+    await producer.start()
+    try:
+        await publish(kafka, settings.topics.invoices, finalized())
+        sent = await producer.send_and_wait(topic, huge, key=INVOICE.encode(),
+                                            headers=[CE_JSON])
+        await publish(kafka, topic, issue("cmd-after"))
+    finally:
+        await producer.stop()
+
+    [dead] = await kafka.expect(f"{topic}.dlq", timeout_s=TIMEOUT_S)
+    await kafka.wait_for(lambda: applied(kafka, settings, "cmd-after"), TIMEOUT_S)
+    assert dead.value is None
+    assert dead.headers["dlq.value.omitted"] == str(len(huge)).encode()
+    assert dead.headers["dlq.error.reason"] == b"message_too_large"
+    assert (dead.headers["dlq.original.partition"], dead.headers["dlq.original.offset"]) == (
+        str(sent.partition).encode(), str(sent.offset).encode())

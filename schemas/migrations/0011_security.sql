@@ -14,6 +14,12 @@ DO $$
 BEGIN
     EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC, creditnotes_app',
                    current_database());
+    -- only the database's owner (or a superuser) can revoke PUBLIC's default: say so
+    IF has_database_privilege('creditnotes_app', current_database(), 'TEMPORARY') THEN
+        RAISE WARNING 'creditnotes_app can still create temporary tables: the owner of '
+            'database % must REVOKE TEMPORARY ON DATABASE % FROM PUBLIC', current_database(),
+            current_database();
+    END IF;
 END $$;
 REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 

@@ -55,10 +55,12 @@ def _trigger(id_: str, type_: str = "credit_note.issue") -> Trigger:
     return Trigger(SOURCE, id_, type_)
 
 
-def _invoice(invoice_id: str, status: str, unit_amount: int, **extra: int) -> FinalizeInvoice:
+def _invoice(invoice_id: str, status: str, unit_amount: int,
+             amount_paid: int | None = None) -> FinalizeInvoice:
     return FinalizeInvoice(_trigger(f"fin-{invoice_id}", "invoice.finalized"), invoice_id,
                            f"ACME-{invoice_id[-4:]}", "cus_42", "usd", status,
-                           (DraftLine("il_1", "Widget", 1, unit_amount),), **extra)
+                           (DraftLine("il_1", "Widget", 1, unit_amount),),
+                           amount_paid=amount_paid)
 
 
 # ------------------------------------------------------------------------------ the roles
@@ -127,10 +129,11 @@ async def ledger(roles: Roles) -> Roles:
         # and one that stays released
         late = IssueCreditNote(_trigger("late"), "in_8008", "other", amount=100)
         assert (await _apply(pool, late)).error is not None
-        outcomes = dict(await pool.fetch("SELECT id, outcome FROM processed_messages "
-                                         "WHERE id IN ('early', 'late')"))
+        outcomes = {row["id"]: row["outcome"] for row in await pool.fetch(
+            "SELECT id, outcome FROM processed_messages WHERE id IN ('early', 'late')")}
         assert outcomes == {"early": "applied", "late": "released:invoice_not_found"}
-        statuses = dict(await pool.fetch("SELECT number, status FROM credit_notes"))
+        statuses = {row["number"]: row["status"] for row in await pool.fetch(
+            "SELECT number, status FROM credit_notes")}
         assert statuses == {A1: "issued", A2: "void", "ACME-9009-CN-01": "issued"}
     finally:
         await pool.close()

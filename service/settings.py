@@ -152,9 +152,10 @@ class Settings(BaseSettings):
     #: The outbox relay polls this often when no NOTIFY arrives (seconds).
     outbox_poll_seconds: float = Field(default=1.0, gt=0)
     outbox_batch_size: int = Field(default=500, gt=0)
-    #: A relay batch gives up after this long; a new leader waits out a former
-    #: leader's batch for as long (plus 5 s to mark it), so no two publish at once.
-    outbox_publish_timeout_seconds: float = Field(default=15.0, gt=0)
+    #: A relay batch gives up after this long (the producer's own request timeout is
+    #: 30 s); a new leader waits out a former leader's batch, if that relay is still
+    #: alive, for as long plus 5 s to mark it, so no two relays publish at once.
+    outbox_publish_timeout_seconds: float = Field(default=30.0, gt=0)
     #: The largest outbox record the relay sends (key, value, headers and batch
     #: overhead, as the broker counts them); a larger one is parked. Kafka's default
     #: ``message.max.bytes`` is 1,048,588.

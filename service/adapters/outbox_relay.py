@@ -7,9 +7,11 @@
 - A fence keeps a former leader's last batch and a new leader apart: before
   each batch the leader writes, on the lock connection, until when the batch
   may still be publishing (``outbox_relay_fence``) and clears it when done; a
-  relay that has just taken the lock waits until a fence it finds has passed.
-  A batch gives up at that time, so an old leader never publishes beside a new
-  one. The in-flight batch is not cancelled when the lock is lost: what the
+  relay that has just taken the lock waits until a fence it finds has passed,
+  unless the relay that wrote it is gone (each relay holds an "alive" advisory
+  lock on one more connection for its whole life: a crashed replica costs no
+  wait). A batch gives up at that time, so an old leader never publishes beside
+  a new one. The in-flight batch is not cancelled when the lock is lost: what the
   producer holds goes out anyway, and marking what the broker acked (through
   the pool) is what keeps the new leader from publishing it a second time.
 - It wakes on ``NOTIFY creditnotes_outbox`` (sent by a trigger on insert) and
@@ -28,8 +30,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import secrets
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +61,9 @@ from service.adapters.kafka_producer import Header, KafkaProducer
 from service.tracing import context_from_traceparent, headers_for, messaging_attributes
 
 _RELAY_LOCK_KEY = 0x6F757462  # "outb"
+#: (this, a relay's random key): held for the relay's life on a connection of its own, so a
+#: new leader can tell a former leader that is gone (no fence to wait out) from one alive
+_ALIVE_CLASS = 0x6F757463  # "outc"
 _CHANNEL = "creditnotes_outbox"
 #: How long marking and clearing the fence may take after a batch's publish deadline.
 _MARK_MARGIN_SECONDS = 5.0
@@ -82,6 +87,12 @@ _PENDING = """
       AND NOT EXISTS (SELECT FROM outbox p
                       WHERE p.parked_at IS NOT NULL AND p.key = o.key AND p.seq < o.seq)
     ORDER BY seq LIMIT $1
+"""
+_HOLDER_ALIVE = """
+    SELECT EXISTS (
+        SELECT FROM pg_locks WHERE locktype = 'advisory' AND classid = $1
+          AND objid = $2 AND objsubid = 2 AND granted
+          AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))
 """
 _STILL_LEADER = """
     UPDATE outbox_relay_fence
@@ -113,7 +124,7 @@ class _Batch:
 class OutboxRelay:
     def __init__(self, database_url: str, pool: asyncpg.Pool, producer: KafkaProducer,
                  batch_size: int = 500, poll_seconds: float = 1.0,
-                 max_backoff_seconds: float = 5.0, publish_timeout_seconds: float = 15.0,
+                 max_backoff_seconds: float = 5.0, publish_timeout_seconds: float = 30.0,
                  max_event_bytes: int = 1_048_576,
                  tracer: trace.Tracer | None = None) -> None:
         self._database_url = database_url
@@ -128,28 +139,52 @@ class OutboxRelay:
         self._tracer = tracer or trace.NoOpTracer()
         #: who wrote a fence: a relay never waits for a fence of its own (its batches
         #: have ended when it takes the lock again)
-        self._holder = uuid.uuid4().hex
+        self._alive_key = secrets.randbelow(2**31 - 1) + 1
+        self._holder = str(self._alive_key)
+        self._alive: asyncpg.Connection | None = None
         #: set while this relay leads (tests and ``/metrics`` look at it)
         self.leading = asyncio.Event()
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Relay until ``stopping`` is set; survives database and broker outages."""
         backoff = self._poll_seconds
-        while not stopping.is_set():
-            try:
-                await self._run_as_leader(stopping)
-                backoff = self._poll_seconds
-            except (TimeoutError, OSError, KafkaError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                    RuntimeError, LeadershipLost) as error:
-                log.warning("outbox relay interrupted, retrying", error=type(error).__name__,
-                            retry_in_s=backoff)
-                await _sleep_unless(stopping, backoff)
-                backoff = min(backoff * 2, self._max_backoff)
-            except Exception as error:  # a relay that stopped would wedge the outbox
-                log.exception("outbox relay failed, retrying", error=type(error).__name__,
-                              retry_in_s=backoff)
-                await _sleep_unless(stopping, backoff)
-                backoff = min(backoff * 2, self._max_backoff)
+        try:
+            while not stopping.is_set():
+                try:
+                    await self._stay_alive()
+                    await self._run_as_leader(stopping)
+                    backoff = self._poll_seconds
+                except (TimeoutError, OSError, KafkaError, asyncpg.PostgresError,
+                        asyncpg.InterfaceError, RuntimeError, LeadershipLost) as error:
+                    log.warning("outbox relay interrupted, retrying", error=type(error).__name__,
+                                retry_in_s=backoff)
+                    await _sleep_unless(stopping, backoff)
+                    backoff = min(backoff * 2, self._max_backoff)
+                except Exception as error:  # a relay that stopped would wedge the outbox
+                    log.exception("outbox relay failed, retrying", error=type(error).__name__,
+                                  retry_in_s=backoff)
+                    await _sleep_unless(stopping, backoff)
+                    backoff = min(backoff * 2, self._max_backoff)
+        finally:
+            if self._alive is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._alive.close(), 5)
+
+    async def _stay_alive(self) -> None:
+        """Hold this relay's own "alive" lock (again, after its connection was lost)."""
+        if self._alive is not None and not self._alive.is_closed():
+            return
+        if self._alive is not None:
+            self._alive.terminate()
+        self._alive = None
+        connection = await asyncpg.connect(self._database_url)
+        try:
+            await connection.execute("SELECT pg_advisory_lock($1, $2)", _ALIVE_CLASS,
+                                     self._alive_key)
+        except BaseException:
+            connection.terminate()
+            raise
+        self._alive = connection
 
     async def _run_as_leader(self, stopping: asyncio.Event) -> None:
         lock = await asyncpg.connect(self._database_url)
@@ -194,6 +229,10 @@ class OutboxRelay:
             remaining = fence["remaining"]
             if remaining is None or remaining <= 0:
                 return
+            holder = fence["holder"] or ""
+            if holder.isdigit() and not await self._pool.fetchval(
+                    _HOLDER_ALIVE, _ALIVE_CLASS, int(holder)):
+                return  # its process is gone, and with it whatever it was sending
             if not announced:
                 log.info("outbox relay waiting for the former leader's batch",
                          wait_s=round(float(remaining), 3))

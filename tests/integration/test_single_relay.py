@@ -20,6 +20,7 @@ from tests.integration.outbox_support import insert_row, running_relay
 from tests.support import Kafka
 
 LOCK_KEY = 0x6F757462
+ALIVE_CLASS = 0x6F757463
 
 
 async def leader_pid(admin: asyncpg.Connection) -> int | None:
@@ -124,4 +125,34 @@ async def test_killing_the_leaders_lock_connection_mid_stream_publishes_every_ev
             assert ids == sorted(ids), key
     finally:
         await writer.close()
+        await admin.close()
+
+
+async def test_a_new_leader_waits_out_the_fence_of_a_live_former_leader_but_not_of_a_dead_one(
+        settings: Settings, kafka: Kafka) -> None:
+    topic = settings.topics.credit_note_events
+    admin = await asyncpg.connect(settings.database_url)
+    try:
+        # a former leader, alive (its "alive" lock held), fenced for a minute
+        await admin.execute("SELECT pg_advisory_lock($1, $2)", ALIVE_CLASS, 12345)
+        await admin.execute("UPDATE outbox_relay_fence SET holder = '12345',"
+                            " fence_until = now() + interval '60 seconds'")
+        await insert_row(admin, topic, "in_1", "evt_fenced")
+        async with running_relay(settings):
+            await kafka.settle(1.5)
+            assert kafka.records == [], "nothing is published while a live leader is fenced"
+            await admin.execute("UPDATE outbox_relay_fence SET fence_until = NULL")
+            await kafka.wait_for(lambda: len(kafka.records) == 1, 10)
+
+        # the same fence, but its relay is gone (crashed: its sessions ended)
+        await admin.execute("SELECT pg_advisory_unlock($1, $2)", ALIVE_CLASS, 12345)
+        await admin.execute("UPDATE outbox_relay_fence SET holder = '12345',"
+                            " fence_until = now() + interval '60 seconds'")
+        await insert_row(admin, topic, "in_1", "evt_after_crash")
+        started = time.monotonic()
+        async with running_relay(settings):
+            await kafka.wait_for(lambda: len(kafka.records) == 2, 10)
+            assert time.monotonic() - started < 5, "a dead leader's fence costs no wait"
+        assert [r.event["id"] for r in kafka.records] == ["evt_fenced", "evt_after_crash"]
+    finally:
         await admin.close()

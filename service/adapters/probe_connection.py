@@ -3,7 +3,8 @@
 The health endpoints never take a connection from the consumers' pool: a flood
 of probes, or a pool busy with long batches, cannot starve one from the other.
 The connection is opened on first use, used by one check at a time, and
-dropped after any error so that the next check reconnects.
+dropped after any error so that the next check reconnects. It names itself
+``creditnotes-health`` (``application_name``) in ``pg_stat_activity``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
+
+APPLICATION_NAME = "creditnotes-health"
 
 
 class ProbeConnection:
@@ -26,7 +29,9 @@ class ProbeConnection:
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
         async with self._lock:
             if self._connection is None or self._connection.is_closed():
-                self._connection = await asyncpg.connect(self._url, timeout=self._timeout)
+                self._connection = await asyncpg.connect(
+                    self._url, timeout=self._timeout,
+                    server_settings={"application_name": APPLICATION_NAME})
             try:
                 yield self._connection
             except BaseException:

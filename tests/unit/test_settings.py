@@ -56,8 +56,9 @@ def test_topic_names_and_policies_come_from_the_environment(
 
 # --- secrets and sources (issues 10.3 and 15.2) ------------------------------------------------
 
-_PASSWORD = st.text(alphabet=string.ascii_letters + string.digits + "-_.~!$&'()*+,;=%",
-                    min_size=6, max_size=40)
+_PASSWORD = st.builds(  # a marker-like password: nothing else in a repr could contain it
+    "Pw7{}".format, st.text(alphabet=string.ascii_letters + string.digits + "-_.~!$&'()*+,;=%",
+                            min_size=8, max_size=40))
 
 
 @given(password=_PASSWORD, user=st.sampled_from(["app", "creditnotes_service"]),

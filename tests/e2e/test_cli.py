@@ -61,7 +61,7 @@ def test_demo_prints_every_example_with_the_expected_figures(
         assert f"Example {example}:" in done.stdout
     assert "Downgrade:" in done.stdout
     assert "every example matched RULES.md" in done.stdout
-    assert "800.00 due, open" in done.stdout
+    assert "800.00 USD due, open" in done.stdout  # major units, labelled with the currency
     assert "exceeds_creditable_amount" in done.stdout
     assert "✗" not in done.stdout
     assert "19.20" in done.stdout  # example 11

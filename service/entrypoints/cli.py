@@ -182,7 +182,7 @@ def demo(args: argparse.Namespace, settings: Settings) -> int:
 
     _unwind_on_sigterm()
 
-    console = Console(width=None if sys.stdout.isatty() else 180)
+    console = Console(width=None if sys.stdout.isatty() else 200)
     # the table is the output: keep the service's own logs to warnings unless asked otherwise
     level = "WARNING" if settings.log_level == "INFO" else settings.log_level
     configure_logging(settings.log_format, level)

@@ -220,6 +220,40 @@ def _examples(run: str) -> list[Example]:
                  Expect("credit_note.issued", total=1_920, pre_payment=0, refund=1_920,
                         remaining=0, status="paid", events=frozenset({"refund.requested"}))),
         ]),
+        Example("Example 13", "Cancellation after half the units were returned", [
+            Step("paid invoice 100.00", "invoice.finalized",
+                 invoice(run, "13", [line("il_1", 10, 1_000, 0, "Seat", OCTOBER)],
+                         status="paid", amount_paid=10_000)),
+            Step("return 5 units", "return.received",
+                 {"invoice_id": inv("13"), "return_id": "rma-13",
+                  "lines": [{"invoice_line_id": "il_1", "quantity": 5}]},
+                 Expect("credit_note.issued", total=5_000, pre_payment=0, refund=5_000,
+                        remaining=0, status="paid", events=frozenset({"refund.requested"}))),
+            Step("cancel 16 Oct 00:00", "subscription.canceled",
+                 {"invoice_id": inv("13"), "invoice_line_id": "il_1",
+                  "canceled_at": "2026-10-16T00:00:00Z"},
+                 Expect("credit_note.issued", total=2_581, pre_payment=0, refund=2_581,
+                        remaining=0, status="paid", events=frozenset({"refund.requested"}))),
+        ]),
+        Example("Example 14", "Downgrade, then a cancellation credits only uncovered time", [
+            Step("paid invoice 100.00", "invoice.finalized",
+                 invoice(run, "14", [line("il_1", 10, 1_000, 0, "Seat", OCTOBER)],
+                         status="paid", amount_paid=10_000)),
+            Step("downgrade 16 Oct 00:00", "subscription.downgraded",
+                 {"invoice_id": inv("14"), "invoice_line_id": "il_1",
+                  "effective_at": "2026-10-16T00:00:00Z"},
+                 Expect("credit_note.issued", total=5_161, pre_payment=0, balance=5_161,
+                        remaining=0, status="paid")),
+            Step("cancel 21 Oct 00:00", "subscription.canceled",
+                 {"invoice_id": inv("14"), "invoice_line_id": "il_1",
+                  "canceled_at": "2026-10-21T00:00:00Z"},
+                 Expect("credit_note.rejected", reason="nothing_left_to_credit")),
+            Step("or cancel 11 Oct 00:00", "subscription.canceled",
+                 {"invoice_id": inv("14"), "invoice_line_id": "il_1",
+                  "canceled_at": "2026-10-11T00:00:00Z"},
+                 Expect("credit_note.issued", total=1_613, pre_payment=0, refund=1_613,
+                        remaining=0, status="paid", events=frozenset({"refund.requested"}))),
+        ]),
         Example("Downgrade", "Unused time of the old plan goes to the customer balance", [
             Step("paid invoice 31.00", "invoice.finalized",
                  invoice(run, "dg", [line("il_1", 1, 3_100, 0, "Pro plan", OCTOBER)],
@@ -301,7 +335,7 @@ async def run_demo(settings: Settings, console: Console, timeout_s: float = 90.0
         console.print(f"[bold]creditnotes demo[/] (run {run}): the RULES.md worked examples, "
                       "published as CloudEvents, checked against what the service publishes")
         for example in examples(run):
-            table = _table(f"{example.name}: {example.title}")
+            table = _table(f"{example.name}: {example.title} (amounts in {CURRENCY.upper()})")
             for index, step in enumerate(example.steps):
                 event_id = f"demo-{run}-{example.name.split()[-1]}-{index}"
                 data = step.data(notes) if callable(step.data) else step.data
@@ -334,8 +368,7 @@ def _table(title: str) -> Table:
     numeric = ("total", "pre-payment", "refund", "balance", "out of band")
     for column in ("step", "outcome", "credit note", *numeric, "invoice after", "other events",
                    "check"):
-        header = f"{column} ({CURRENCY.upper()})" if column in numeric else column
-        table.add_column(header, justify="right" if column in numeric else "left", no_wrap=True)
+        table.add_column(column, justify="right" if column in numeric else "left", no_wrap=True)
     return table
 
 

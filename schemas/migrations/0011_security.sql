@@ -235,6 +235,35 @@ END $$;
 CREATE TRIGGER processed_messages_written_by_their_claim BEFORE UPDATE ON processed_messages
     FOR EACH ROW EXECUTE FUNCTION processed_messages_written_by_their_claim();
 
+-- The replay audit (0010): a claimed row ("maybe sent") may be re-claimed by a
+-- later run (--force: replay_run, replayed_by, replayed_at = now()) and becomes
+-- 'sent' once, stamped now; a sent row never changes; what was replayed (the
+-- digests, where the dead letter was, where it went) never changes. Backdating
+-- replayed_at would make the row prunable (0009), and the dead letter replayable again.
+CREATE FUNCTION dlq_replays_legal_transition() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.state = 'sent' AND ROW(NEW.*) IS DISTINCT FROM ROW(OLD.*) THEN
+        RAISE EXCEPTION 'a sent replay is never rewritten'
+            USING ERRCODE = 'integrity_constraint_violation';
+    END IF;
+    IF (NEW.dead_letter_digest, NEW.content_digest, NEW.dlq_topic, NEW.dlq_partition,
+        NEW.dlq_offset, NEW.original_topic, NEW.original_partition, NEW.original_offset,
+        NEW.reason, NEW.record_key)
+       IS DISTINCT FROM
+       (OLD.dead_letter_digest, OLD.content_digest, OLD.dlq_topic, OLD.dlq_partition,
+        OLD.dlq_offset, OLD.original_topic, OLD.original_partition, OLD.original_offset,
+        OLD.reason, OLD.record_key)
+       OR (NEW.replayed_at IS DISTINCT FROM OLD.replayed_at AND NEW.replayed_at <> now())
+       OR (NEW.state = 'sent' AND OLD.state <> 'sent' AND NEW.sent_at IS DISTINCT FROM now())
+       OR (NEW.state = 'claimed' AND NEW.sent_at IS NOT NULL) THEN
+        RAISE EXCEPTION 'a replay is claimed, re-claimed now or sent now; nothing else changes'
+            USING ERRCODE = 'integrity_constraint_violation';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER dlq_replays_legal_transition BEFORE UPDATE ON dlq_replays
+    FOR EACH ROW EXECUTE FUNCTION dlq_replays_legal_transition();
+
 -- 5. History is never truncated (TRUNCATE fires no DELETE trigger), by anyone;
 -- invoices are never deleted either (credit notes and lines already refuse it;
 -- retention deletes only eligible outbox, ledger and audit rows, 0009).

@@ -135,6 +135,21 @@ async def ledger(roles: Roles) -> Roles:
         statuses = {row["number"]: row["status"] for row in await pool.fetch(
             "SELECT number, status FROM credit_notes")}
         assert statuses == {A1: "issued", A2: "void", "ACME-9009-CN-01": "issued"}
+        # two replays audited as `creditnotes dlq replay` does: one claimed, re-claimed by a
+        # later run (--force) and sent; one left claimed ("maybe sent")
+        await pool.execute(
+            "INSERT INTO dlq_replays (dead_letter_digest, content_digest, dlq_topic, "
+            "dlq_partition, dlq_offset, original_topic, original_partition, original_offset, "
+            "reason, record_key, replay_run, replayed_by, state) VALUES "
+            "('d-sent', 'c-1', 'cmds.dlq', 0, 1, 'cmds', 0, 1, 'invoice_not_found', 'in_8008', "
+            "'run-1', 'ops', 'claimed'), "
+            "('d-claimed', 'c-2', 'cmds.dlq', 0, 2, 'cmds', 0, 2, 'invoice_not_found', "
+            "'in_8008', 'run-1', 'ops', 'claimed')")
+        await pool.execute("UPDATE dlq_replays SET replay_run = 'run-2', replayed_by = 'ops', "
+                           "replayed_at = now() WHERE dead_letter_digest = 'd-sent' "
+                           "AND state = 'claimed'")
+        await pool.execute("UPDATE dlq_replays SET state = 'sent', sent_at = now() "
+                           "WHERE dead_letter_digest = 'd-sent' AND replay_run = 'run-2'")
     finally:
         await pool.close()
     return roles
@@ -261,6 +276,20 @@ ATTACKS = [
     Attack("ledger-time-moved-back-to-make-a-key-prunable",
            ("UPDATE processed_messages SET processed_at = now() - interval '400 days' "
             "WHERE id = 'cmd-a1'",), "only by the transaction that claimed it"),
+    # the replay audit: sent once, never set back, never backdated (to be pruned and replayed)
+    Attack("sent-replay-set-back-to-maybe-sent",
+           ("UPDATE dlq_replays SET state = 'claimed', sent_at = NULL "
+            "WHERE dead_letter_digest = 'd-sent'",), "a sent replay is never rewritten"),
+    Attack("replay-backdated-to-be-pruned",
+           ("UPDATE dlq_replays SET replayed_at = now() - interval '400 days' "
+            "WHERE dead_letter_digest = 'd-claimed'",), "nothing else changes"),
+    Attack("replay-marked-sent-in-the-past",
+           ("UPDATE dlq_replays SET state = 'sent', sent_at = now() - interval '400 days' "
+            "WHERE dead_letter_digest = 'd-claimed'",), "nothing else changes"),
+    Attack("replay-target-rewritten",
+           ("UPDATE dlq_replays SET original_topic = 'refund-requests' "
+            "WHERE dead_letter_digest = 'd-claimed'",), "nothing else changes",
+           refused_to_app=PERMISSION),
     # what the application role may not even try; the migrator may, and the triggers refuse
     Attack("invoice-figures-changed",
            (f"UPDATE invoices SET subtotal = 1000000, total = 1000000 WHERE id = '{A}'",),

@@ -111,7 +111,8 @@ async def _apply(pool: asyncpg.Pool, command: Command) -> Result:
 
 @pytest.fixture
 async def ledger(roles: Roles) -> Roles:
-    """Invoices A, B, C; on A a credit note issued and one voided; keys applied and released."""
+    """Invoices A, B, C; on A a note issued and one voided; keys applied, released, re-claimed;
+    two replays audited. All written as the application role, through the real code paths."""
     pool = await asyncpg.create_pool(roles.app, min_size=1, max_size=2)
     try:
         for command in (_invoice(A, "open", 10_000), _invoice(B, "paid", 500, amount_paid=500),

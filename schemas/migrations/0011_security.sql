@@ -290,7 +290,8 @@ CREATE TRIGGER invoice_lines_never_deleted BEFORE DELETE ON invoice_lines
 -- 6. Every function of the schema (these, 0001-0010's and any an extension did
 -- not bring) resolves names in pg_catalog, then public, and pg_temp last: not
 -- listing pg_temp would search it FIRST for tables. A later migration that adds
--- a function must set the same (test_every_function_has_a_fixed_search_path).
+-- a function must set the same: see
+-- test_database_attacks.py::test_every_function_in_the_schema_has_a_fixed_search_path.
 DO $$
 DECLARE
     routine regprocedure;

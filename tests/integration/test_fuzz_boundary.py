@@ -125,7 +125,8 @@ RAW = {  # placeholders replaced in the encoded JSON text by what json.dumps can
 
 TEXTS = st.one_of(
     st.sampled_from(["", MARKER, NAME, f"{NAME} <{MARKER}>", MARKER + "x" * 10_000,
-                     FOUR_BYTE + MARKER, f"{MARKER}\n{NAME}", f"{NAME}\x85", f"{MARKER}\x00",
+                     FOUR_BYTE + MARKER, FOUR_BYTE[:1_000], FOUR_BYTE[:200] + MARKER,
+                     f"{MARKER}\n{NAME}", f"{NAME}\x85", f"{MARKER}\x00",
                      "\u202e" + MARKER, "2026-10-16T00:00:00", "2026-10-16T00:00:00+05:30",
                      "9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+14:00",
                      "9999-12-31T23:59:59Z", "2026-13-45T99:00:00Z", "usd", "eur", "il_1",

@@ -210,3 +210,33 @@ async def test_a_new_dead_letter_after_a_broker_reset_is_not_taken_for_an_old_on
     assert len(rows) == 2
     assert {(row["dlq_partition"], row["dlq_offset"]) for row in rows} == {
         (rows[0]["dlq_partition"], 0)}  # same place on both brokers, two dead letters
+
+
+async def test_replay_runs_as_the_application_role_claiming_confirming_and_reclaiming(
+        settings: Settings, kafka: Kafka) -> None:
+    commands = settings.topics.credit_note_commands
+    events = {invoice_id: issue(invoice_id) for invoice_id in ("in_8001", "in_8002")}
+    headers = {invoice_id: dead_letter_headers(commands) for invoice_id in events}
+    for invoice_id, event in events.items():
+        await kafka.publish(f"{commands}.dlq", event, key=invoice_id, headers=headers[invoice_id])
+    maybe_sent = dlq.DeadLetter(f"{commands}.dlq", 0, 0, 0, b"in_8002",
+                                json.dumps(events["in_8002"]).encode(), tuple(headers["in_8002"]))
+    user = f"cn_app_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(settings.database_url)
+    try:
+        await admin.execute(f'CREATE ROLE "{user}" LOGIN IN ROLE creditnotes_app')
+        await ReplayAudit(admin, run="crashed-run", operator="someone").claim([Claim(
+            maybe_sent.digest, maybe_sent.content_digest, f"{commands}.dlq", 0, 0, commands, 0,
+            7, "invoice_not_found", "in_8002")])
+        host = settings.database_url.split("@", 1)[1]
+        as_app = settings.model_copy(update={"database_url": f"postgresql://{user}@{host}"})
+        summary, said = await replay(as_app, f"{commands}.dlq")
+        assert (summary.republished, summary.held) == (1, 1), said
+        summary, said = await replay(as_app, f"{commands}.dlq", force=True)
+        assert (summary.republished, summary.already_replayed) == (1, 1), said
+    finally:
+        await admin.execute(f'DROP OWNED BY "{user}"; DROP ROLE IF EXISTS "{user}"')
+        await admin.close()
+    rows = await fetch(settings, "SELECT record_key, state, sent_at IS NOT NULL AS stamped "
+                                 "FROM dlq_replays ORDER BY record_key")
+    assert [tuple(row) for row in rows] == [("in_8001", "sent", True), ("in_8002", "sent", True)]

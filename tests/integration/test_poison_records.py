@@ -242,3 +242,22 @@ async def test_a_record_larger_than_the_broker_takes_back_is_dead_lettered_witho
     assert dead.headers["dlq.error.reason"] == b"message_too_large"
     assert (dead.headers["dlq.original.partition"], dead.headers["dlq.original.offset"]) == (
         str(sent.partition).encode(), str(sent.offset).encode())
+
+
+async def test_two_events_cannot_be_made_to_share_a_derived_id(
+        service: RunningService, kafka: Kafka, settings: Settings) -> None:
+    """``/billing\\npay-9`` + ``x`` and ``/billing`` + ``pay-9\\nx`` joined with newlines are the
+    same text, so they derived the same credit-note id: the second took the first's place
+    (or was refused by the database). A newline in ``source`` or ``id`` is now refused."""
+    topic = settings.topics.credit_note_commands
+    await publish(kafka, settings.topics.invoices, finalized())
+    await publish(kafka, topic, issue("x", source="/billing\npay-9"))
+    await publish(kafka, topic, issue("pay-9\nx", source="/billing"))
+    await publish(kafka, topic, issue("cmd-after"))
+
+    dead = await kafka.expect(f"{topic}.dlq", count=2, timeout_s=TIMEOUT_S)
+    await kafka.wait_for(lambda: applied(kafka, settings, "cmd-after"), TIMEOUT_S)
+    assert [record.headers["dlq.error.reason"] for record in dead] == [b"invalid_message"] * 2
+    assert all(b"control characters" in record.headers["dlq.error.message"] for record in dead)
+    notes = await fetchrow(settings, "SELECT count(*) AS n FROM credit_notes")
+    assert notes is not None and notes["n"] == 1

@@ -142,7 +142,7 @@ class OutboxRelay:
         self._alive_key = secrets.randbelow(2**31 - 1) + 1
         self._holder = str(self._alive_key)
         self._alive: asyncpg.Connection | None = None
-        #: set while this relay leads (tests and ``/metrics`` look at it)
+        #: set while this relay leads
         self.leading = asyncio.Event()
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -289,10 +289,10 @@ class OutboxRelay:
         finally:
             for span in spans:
                 span.end()
-        if batch.published:
-            await self._pool.execute(
+        if batch.published:  # within the fence's margin, so a successor never reads them unmarked
+            await asyncio.wait_for(self._pool.execute(
                 "UPDATE outbox SET published_at = now() WHERE seq = ANY($1::bigint[])",
-                batch.published)
+                batch.published), None if deadline is None else _MARK_MARGIN_SECONDS)
         log.debug("outbox published", count=len(batch.published), parked=batch.parked)
         if batch.interrupted is not None:
             raise batch.interrupted

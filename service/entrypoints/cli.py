@@ -7,6 +7,8 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -18,14 +20,15 @@ import structlog
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from service.adapters.migrations import migrate
+from service.entrypoints import dev_state, ops_context
 from service.logging import configure_logging
 from service.main import Service, SourcesNotConfigured
 from service.settings import Settings, redact_url
 
 log = structlog.get_logger(__name__)
-DEFAULT_DATA_DIR = Path(".creditnotes")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,8 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in (("dev", "embedded PostgreSQL and broker, migrate, create topics, run"),
                        ("demo", "run the RULES.md worked examples end to end and check them")):
         sub = commands.add_parser(name, help=text)
-        sub.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
-                         help="where embedded servers keep their data (default: .creditnotes)")
+        sub.add_argument("--data-dir", type=Path, default=dev_state.data_dir(name),
+                         help="where embedded servers keep their data "
+                              f"(default: {dev_state.data_dir(name)}; dev and demo each "
+                              "have their own, and one process at a time holds it)")
+    publish = commands.add_parser(
+        "publish", help="publish CloudEvents from a file (or - for stdin) as an upstream would",
+        epilog=ops_context.EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    publish.add_argument("topic", help="the topic, e.g. invoices or credit-note-commands")
+    publish.add_argument("file", help="a JSON CloudEvent, a JSON array of them, or JSON lines; "
+                                      "- reads standard input")
+    publish.add_argument("--key", help="the record key (default: the event's invoice id)")
+    publish.add_argument("--raw", action="store_true",
+                         help="send even what the service would dead-letter (to try that)")
     from service.entrypoints.dlq import EXIT_CODES_HELP
     dlq = commands.add_parser("dlq", help="inspect and replay dead-letter topics",
                               epilog=EXIT_CODES_HELP,
@@ -92,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     invoice_commands = invoice.add_subparsers(dest="invoice_command", required=True)
     show = invoice_commands.add_parser("show", help="an invoice, its credit notes and events")
     show.add_argument("invoice_id")
+    for sub in _ops_parsers(commands):
+        sub.epilog = sub.epilog or ops_context.EXIT_CODES_HELP
+        sub.formatter_class = argparse.RawDescriptionHelpFormatter
+        if not any("--debug" in action.option_strings for action in sub._actions):
+            sub.add_argument("--debug", action="store_true",
+                             help="show the traceback of an error instead of one line")
     args = parser.parse_args(argv)
     try:
         settings = Settings()
@@ -103,8 +123,46 @@ def main(argv: list[str] | None = None) -> int:
     handlers: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
         "run": run, "migrate": migrate_command, "dev": dev, "demo": demo, "dlq": dead_letters,
         "verify": verify, "preview": preview_credit_note, "invoice": show_invoice,
-        "prune": prune_now, "outbox": outbox_rows}
-    return handlers[args.command](args, settings)
+        "prune": prune_now, "outbox": outbox_rows, "publish": publish_events}
+    if args.command not in OPS_COMMANDS:
+        return handlers[args.command](args, settings)
+    if not getattr(args, "debug", False):  # the one-line error says it; aiokafka need not
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    servers = ops_context.with_dev_servers(settings)
+    if args.command != "dlq":  # dlq names its servers itself
+        print(f"creditnotes {args.command}: " + ops_context.describe(
+            servers, *OPS_COMMANDS[args.command]), file=sys.stderr)
+    try:
+        return handlers[args.command](args, servers.settings)
+    except Exception as error:
+        failure = ops_context.expected_failure(error, servers.settings)
+        if failure is None or getattr(args, "debug", False):
+            raise
+        print(f"creditnotes {args.command}: {redact_url(str(failure))}", file=sys.stderr)
+        return failure.exit_code
+
+
+#: The commands that look at or feed a running service, and which servers each uses
+#: (PostgreSQL, the broker): they find a running ``creditnotes dev`` and fail in one line.
+OPS_COMMANDS = {"migrate": (True, False), "dlq": (True, True), "verify": (True, False),
+                "preview": (True, False), "invoice": (True, False), "prune": (True, False),
+                "outbox": (True, False), "publish": (False, True)}
+
+
+def _ops_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser],
+                 ) -> list[argparse.ArgumentParser]:
+    """The parsers of the ops commands, their sub-commands' too."""
+    found = []
+    stack = [parser for name, parser in commands.choices.items() if name in OPS_COMMANDS]
+    while stack:
+        parser = stack.pop()
+        children = [action for action in parser._actions
+                    if isinstance(action, argparse._SubParsersAction)]
+        if not children:
+            found.append(parser)
+        for action in children:
+            stack.extend(action.choices.values())
+    return found
 
 
 def configuration_errors(error: ValueError) -> list[str]:
@@ -166,14 +224,42 @@ def dev(args: argparse.Namespace, settings: Settings) -> int:
 
     # a local stack: topics without an allow-list accept any source (logged at start)
     open_settings = settings.model_copy(update={"allow_any_source": True})
-    with stack.servers(open_settings, args.data_dir) as local:
-        asyncio.run(_prepare(local))
-        Console(stderr=True).print(
-            f"[bold]creditnotes dev[/]: PostgreSQL {redact_url(local.database_url)}\n"
-            f"  Kafka bootstrap servers {local.kafka_bootstrap_servers}\n"
-            f"  health http://127.0.0.1:{local.http_port}/readyz   (Ctrl-C stops everything)")
-        asyncio.run(_serve(local))
+    try:
+        with dev_state.exclusive(args.data_dir, "dev"), \
+                stack.servers(open_settings, args.data_dir) as local:
+            asyncio.run(_prepare(local))
+            with dev_state.advertised(args.data_dir, local.database_url,
+                                      local.kafka_bootstrap_servers, local.http_port):
+                Console(stderr=True, highlight=False).print(_dev_banner(local, args.data_dir),
+                                                            soft_wrap=True)
+                asyncio.run(_serve(local))
+    except dev_state.StackBusy as busy:
+        print(f"creditnotes dev: {busy}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _dev_banner(local: Settings, data_dir: Path) -> str:
+    embedded_db = "CREDITNOTES_DATABASE_URL" not in os.environ
+    embedded_kafka = "CREDITNOTES_KAFKA_BOOTSTRAP_SERVERS" not in os.environ
+    cli = ".venv/bin/creditnotes" if Path(".venv/bin/creditnotes").exists() else "creditnotes"
+    return "\n".join([
+        "[bold]creditnotes dev[/] is running (Ctrl-C stops everything it started)",
+        f"  PostgreSQL  {escape(redact_url(local.database_url))}"
+        + (f"  [dim](tables kept in {data_dir}/postgres across restarts)[/]"
+           if embedded_db else ""),
+        f"  Kafka       {escape(local.kafka_bootstrap_servers)}"
+        + ("  [dim](tansu keeps topics in memory: they and their dead letters are gone "
+           "when dev stops)[/]" if embedded_kafka else ""),
+        f"  health      http://127.0.0.1:{local.http_port}/readyz",
+        f"The other commands find these servers through {data_dir}/servers.json. Try, in "
+        "another terminal:",
+        f"  {cli} publish invoices schemas/examples/invoice.finalized.json",
+        f"  {cli} publish invoices schemas/examples/invoice.payment_succeeded.json",
+        f"  {cli} publish credit-note-commands schemas/examples/credit_note.issue.json",
+        f"  {cli} invoice show in_1001",
+        f"  {cli} dlq list credit-note-commands.dlq",
+    ])
 
 
 def demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -188,9 +274,14 @@ def demo(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging(settings.log_format, level)
     quiet = settings.model_copy(update={"http_port": 0, "log_level": level,
                                         "allow_any_source": True})
-    with stack.servers(quiet, args.data_dir) as local:
-        asyncio.run(_prepare(local))
-        ok = asyncio.run(_serve(local, lambda: run_demo(local, console)))
+    try:
+        with dev_state.exclusive(args.data_dir, "demo"), \
+                stack.servers(quiet, args.data_dir) as local:
+            asyncio.run(_prepare(local))
+            ok = asyncio.run(_serve(local, lambda: run_demo(local, console)))
+    except dev_state.StackBusy as busy:
+        print(f"creditnotes demo: {busy}", file=sys.stderr)
+        return 2
     return 0 if ok else 1
 
 
@@ -200,6 +291,26 @@ def _timestamp(text: str) -> datetime:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def publish_events(args: argparse.Namespace, settings: Settings) -> int:
+    from service.entrypoints import publish
+
+    try:
+        events = publish.prepare(publish.read_events(args.file), args.key, args.raw)
+    except publish.PublishError as error:
+        print(f"creditnotes publish: {error}; nothing was published", file=sys.stderr)
+        return ops_context.INVALID
+    try:
+        sent = asyncio.run(publish.publish(settings, args.topic, events))
+    except publish.NoSuchTopic as error:
+        raise ops_context.OpsError(
+            f"{error} at {settings.kafka_bootstrap_servers}; nothing was published",
+            ops_context.NOT_THERE) from error
+    for record in sent:
+        print(f"published {record.label} to {record.topic}[{record.partition}]@{record.offset}"
+              f" key {record.key if record.key is not None else '(none)'}")
+    return ops_context.OK
 
 
 def dead_letters(args: argparse.Namespace, settings: Settings) -> int:
@@ -227,7 +338,7 @@ def verify(_: argparse.Namespace, settings: Settings) -> int:
 
     from service.adapters.invariants import INVARIANTS, check_invariants
 
-    console = Console()
+    console = ops_context.console()
     violations = asyncio.run(check_invariants(settings.database_url))
     table = Table(title="creditnotes verify", title_justify="left")
     for column in ("invariant", "result"):
@@ -248,7 +359,7 @@ def preview_credit_note(args: argparse.Namespace, settings: Settings) -> int:
     from service.domain.errors import InvalidMessage
     from service.entrypoints import ops_views
 
-    console = Console()
+    console = ops_context.console()
     try:
         data = ops_views.parse_data(args.data)
         for name in ("amount", "refund_amount", "credit_amount", "out_of_band_amount", "reason"):
@@ -264,7 +375,8 @@ def preview_credit_note(args: argparse.Namespace, settings: Settings) -> int:
 def show_invoice(args: argparse.Namespace, settings: Settings) -> int:
     from service.entrypoints import ops_views
 
-    return asyncio.run(ops_views.show_invoice(settings.database_url, args.invoice_id, Console()))
+    return asyncio.run(ops_views.show_invoice(settings.database_url, args.invoice_id,
+                                              ops_context.console()))
 
 
 async def _prepare(settings: Settings) -> None:

@@ -118,8 +118,8 @@ async def publish(settings: Settings, topic: str, events: Sequence[Outgoing]) ->
         raise NoSuchTopic(f"no topic {topic!r} on the broker")
     producer = AIOKafkaProducer(**connection_options(settings), acks="all",
                                 enable_idempotence=False)
-    await producer.start()
     try:
+        await producer.start()
         sent = []
         for event in events:
             metadata = await producer.send_and_wait(
@@ -135,8 +135,8 @@ async def existing_topics(settings: Settings) -> set[str]:
     """The topics the broker has, asked without naming one (naming one auto-creates it on
     brokers that allow that, tansu among them)."""
     consumer = AIOKafkaConsumer(**connection_options(settings), enable_auto_commit=False)
-    await consumer.start()
     try:
+        await consumer.start()
         return set(await consumer.topics())
     finally:
         await consumer.stop()

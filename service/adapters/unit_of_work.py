@@ -118,18 +118,25 @@ class PostgresUnitOfWork:
             await self._load_credit_notes(void_ids)
         keys = sorted({(m.command.trigger.source, m.command.trigger.id): m for m in messages}
                       .items())
+        # A key is claimed when it is new (or was released); one whose event already
+        # issued a credit note is a duplicate even after retention pruned its ledger row.
         rows = await self.connection.fetch(
             """
-            INSERT INTO processed_messages
-                (source, id, type, topic, kafka_partition, kafka_offset, outcome)
-            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[],
-                                 $6::bigint[], $7::text[])
-            ON CONFLICT (source, id) DO UPDATE
-                SET outcome = 'applied', type = EXCLUDED.type, topic = EXCLUDED.topic,
-                    kafka_partition = EXCLUDED.kafka_partition,
-                    kafka_offset = EXCLUDED.kafka_offset, processed_at = now()
-                WHERE processed_messages.outcome LIKE 'released:%'
-            RETURNING source, id
+            WITH claimed AS (
+                INSERT INTO processed_messages
+                    (source, id, type, topic, kafka_partition, kafka_offset, outcome)
+                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[],
+                                     $6::bigint[], $7::text[])
+                ON CONFLICT (source, id) DO UPDATE
+                    SET outcome = 'applied', type = EXCLUDED.type, topic = EXCLUDED.topic,
+                        kafka_partition = EXCLUDED.kafka_partition,
+                        kafka_offset = EXCLUDED.kafka_offset, processed_at = now()
+                    WHERE processed_messages.outcome LIKE 'released:%'
+                RETURNING source, id
+            )
+            SELECT source, id FROM claimed
+            WHERE NOT EXISTS (SELECT FROM credit_notes
+                              WHERE trigger_source = claimed.source AND trigger_id = claimed.id)
             """,
             [key[0] for key, _ in keys], [key[1] for key, _ in keys],
             [m.command.trigger.type for _, m in keys], [m.delivery.topic for _, m in keys],

@@ -1,5 +1,5 @@
-"""The ``creditnotes`` command line (CONTRACT.md): run, migrate, dev, demo, dlq, verify,
-preview, invoice show."""
+"""The ``creditnotes`` command line (docs/contract.md): run, migrate, dev, demo, publish,
+dlq, outbox, prune, verify, preview, invoice show."""
 
 from __future__ import annotations
 

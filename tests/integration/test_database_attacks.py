@@ -18,6 +18,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from itertools import product
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -28,13 +29,18 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from service.adapters.invariants import check_invariants
 from service.adapters.unit_of_work import PostgresUnitOfWork
 from service.domain.commands import (
     Command,
     DraftLine,
     FinalizeInvoice,
+    InvoiceLineByQuantity,
     IssueCreditNote,
+    OnExcess,
+    ServicePeriod,
     Trigger,
+    UnusedTime,
     VoidCreditNote,
 )
 from service.domain.credit_note import derived_id
@@ -46,8 +52,13 @@ pytestmark = pytest.mark.integration
 SOURCE = "/tests"
 A, B, C = "in_1001", "in_2002", "in_3003"  # A open (10,000), B paid (500), C open, no notes
 A1, A2 = "ACME-1001-CN-01", "ACME-1001-CN-02"  # A1 issued (1,000), A2 void (2,000)
+# D: a line with a service period, credited by quantity (D1: 2 of 10) and for unused time (D2)
+D, D1, D2 = "in_4004", "ACME-4004-CN-01", "ACME-4004-CN-02"
+OCT1, NOV1, OCT16 = (datetime(2026, month, day, tzinfo=UTC) for month, day in
+                     ((10, 1), (11, 1), (10, 16)))
 HISTORY = ("invoices", "invoice_lines", "credit_notes", "credit_note_lines", "journal_lines",
-           "processed_messages", "outbox", "dlq_replays")
+           "processed_messages", "outbox", "dlq_replays", "retention_horizons")
+ROLES = ("app", "migrator", "superuser")
 PERMISSION = "permission denied"
 
 
@@ -120,7 +131,17 @@ async def ledger(roles: Roles) -> Roles:
                         IssueCreditNote(_trigger("cmd-a1"), A, "other", amount=1_000),
                         IssueCreditNote(_trigger("cmd-a2"), A, "other", amount=2_000),
                         VoidCreditNote(_trigger("cmd-a3", "credit_note.void"),
-                                       derived_id("cn", _trigger("cmd-a2")))):
+                                       derived_id("cn", _trigger("cmd-a2"))),
+                        FinalizeInvoice(_trigger(f"fin-{D}", "invoice.finalized"), D, "ACME-4004",
+                                        "cus_42", "usd", "open",
+                                        (DraftLine("il_1", "Seats", 10, 1_000,
+                                                   period=ServicePeriod(OCT1, NOV1)),)),
+                        IssueCreditNote(_trigger("cmd-d1", "return.received"), D, "order_change",
+                                        lines=(InvoiceLineByQuantity("il_1", 2),)),
+                        IssueCreditNote(_trigger("cmd-d2", "subscription.canceled"), D,
+                                        "subscription_cancellation",
+                                        lines=(UnusedTime("il_1", OCT16),),
+                                        on_excess=OnExcess.CAP)):
             assert (await _apply(pool, command)).outcome is Outcome.APPLIED
         # a key given back by a dead letter, then re-claimed by its replay: the legal path
         early = IssueCreditNote(_trigger("early"), "in_9009", "other", amount=100)
@@ -135,7 +156,18 @@ async def ledger(roles: Roles) -> Roles:
         assert outcomes == {"early": "applied", "late": "released:invoice_not_found"}
         statuses = {row["number"]: row["status"] for row in await pool.fetch(
             "SELECT number, status FROM credit_notes")}
-        assert statuses == {A1: "issued", A2: "void", "ACME-9009-CN-01": "issued"}
+        assert statuses == {A1: "issued", A2: "void", "ACME-9009-CN-01": "issued",
+                            D1: "issued", D2: "issued"}
+        line = await pool.fetchrow("SELECT credit_method, time_credits FROM invoice_lines"
+                                   f" WHERE invoice_id = '{D}'")
+        assert (line["credit_method"], line["time_credits"]) == ("quantity", [OCT16])
+        # the relay published A's events and parked D's first one (its later ones wait,
+        # unpublished); retention pruned the outbox up to ten days ago
+        await pool.execute(f"UPDATE outbox SET published_at = now() WHERE key = '{A}'")
+        await pool.execute("UPDATE outbox SET parked_at = now(), park_error = 'too large'"
+                           f" WHERE seq = (SELECT min(seq) FROM outbox WHERE key = '{D}')")
+        await pool.execute("INSERT INTO retention_horizons (table_name, pruned_before)"
+                           " VALUES ('outbox', now() - interval '10 days')")
         # two replays audited as `creditnotes dlq replay` does: one claimed, re-claimed by a
         # later run (--force) and sent; one left claimed ("maybe sent")
         await pool.execute(
@@ -153,6 +185,15 @@ async def ledger(roles: Roles) -> Roles:
                            "WHERE dead_letter_digest = 'd-sent' AND replay_run = 'run-2'")
     finally:
         await pool.close()
+    # two days pass for the replay audit (a superuser bypassing the triggers: time passing)
+    admin = await asyncpg.connect(roles.superuser)
+    try:
+        async with admin.transaction():
+            await admin.execute("SET LOCAL session_replication_role = replica")
+            await admin.execute("UPDATE dlq_replays SET replayed_at = replayed_at - interval"
+                                " '2 days', sent_at = sent_at - interval '2 days'")
+    finally:
+        await admin.close()
     return roles
 
 
@@ -193,6 +234,16 @@ _VOID_A1 = (f"UPDATE credit_notes SET status = 'void', voided_at = now(), "
             f"WHERE id = '{A}'")
 
 
+# a void of A1 complete but for its invoice line: the void, its reversal, the invoice's counter
+_REVERSE_A1 = ("INSERT INTO journal_lines (credit_note_id, entry, position, account, debit, "
+               f"credit) SELECT credit_note_id, 'void', position, account, credit, debit "
+               f"FROM journal_lines WHERE credit_note_id = {_note(A1)} AND entry = 'issue'")
+_TAKE_BACK_A1 = ("UPDATE invoice_lines AS il SET credited_net = il.credited_net - l.net, "
+                 "credited_tax = il.credited_tax - l.tax FROM credit_note_lines AS l "
+                 f"WHERE l.credit_note_id = {_note(A1)} AND il.invoice_id = '{A}' "
+                 "AND il.line_id = l.invoice_line_id")
+
+
 def _journal(number: str, entry: str, *lines: tuple[int, str, int, int]) -> str:
     values = ", ".join(f"({_note(number)}, '{entry}', {position}, '{account}', {debit}, {credit})"
                        for position, account, debit, credit in lines)
@@ -206,6 +257,7 @@ class Attack:
     statements: tuple[str, ...]
     refused: str  # what the refusal says (a regular expression)
     refused_to_app: str | None = None  # when the application role is refused something else
+    roles: tuple[str, ...] = ROLES  # who is refused (the others may repair by hand)
 
 
 ATTACKS = [
@@ -307,15 +359,101 @@ ATTACKS = [
     *(Attack(f"{table}-truncated", (f"TRUNCATE {table} CASCADE",),
              r"TRUNCATE of \w+ is refused: it holds history", refused_to_app=PERMISSION)
       for table in HISTORY),
+    # 0013: the outbox's delivery state only moves forward (published now, once; parked
+    # now or un-parked, while unpublished), so no event is made prunable before it is sent
+    Attack("unpublished-event-published-in-the-past-then-deleted",
+           ("UPDATE outbox SET published_at = now() - interval '2 days' "
+            "WHERE published_at IS NULL AND parked_at IS NULL",
+            "DELETE FROM outbox WHERE published_at < now() - interval '1 day'"),
+           "is published now, once, and only while not parked"),
+    Attack("published-event-set-back-to-unpublished",
+           ("UPDATE outbox SET published_at = NULL WHERE published_at IS NOT NULL",),
+           "was published: it never changes again"),
+    Attack("publication-backdated-to-be-pruned",
+           ("UPDATE outbox SET published_at = published_at - interval '2 days' "
+            "WHERE published_at IS NOT NULL",), "was published: it never changes again"),
+    Attack("published-event-parked",
+           ("UPDATE outbox SET parked_at = now() WHERE published_at IS NOT NULL",),
+           "was published: it never changes again"),
+    Attack("parked-event-marked-published",
+           ("UPDATE outbox SET published_at = now() WHERE parked_at IS NOT NULL",),
+           "only while not parked"),
+    Attack("parked-event-un-parked-and-published-at-once",
+           ("UPDATE outbox SET parked_at = NULL, published_at = now() "
+            "WHERE parked_at IS NOT NULL",), "only while not parked"),
+    Attack("parking-time-rewritten",
+           ("UPDATE outbox SET parked_at = parked_at - interval '1 day' "
+            "WHERE parked_at IS NOT NULL",), "parked_at is never rewritten"),
+    Attack("event-parked-in-the-past",
+           ("UPDATE outbox SET parked_at = now() - interval '1 day' "
+            "WHERE parked_at IS NULL AND published_at IS NULL",), "parked_at is never rewritten"),
+    # the retention horizon (verify forgives missing events older than it) only moves
+    # forward, to a day ago at most, and is kept
+    Attack("retention-horizon-moved-to-infinity",
+           ("INSERT INTO retention_horizons (table_name, pruned_before) VALUES ('outbox', "
+            "'infinity') ON CONFLICT (table_name) DO UPDATE SET pruned_before = 'infinity'",),
+           "only moves forward, to a day ago at most"),
+    Attack("retention-horizon-moved-closer-than-a-day",
+           ("UPDATE retention_horizons SET pruned_before = now() - interval '1 hour'",),
+           "only moves forward, to a day ago at most"),
+    Attack("retention-horizon-moved-back",
+           ("UPDATE retention_horizons SET pruned_before = pruned_before - interval '1 day'",),
+           "only moves forward, to a day ago at most"),
+    Attack("retention-horizon-of-a-new-table-in-the-future",
+           ("INSERT INTO retention_horizons (table_name, pruned_before) "
+            "VALUES ('processed_messages', now() + interval '1 day')",),
+           "only moves forward, to a day ago at most"),
+    Attack("retention-horizon-deleted", ("DELETE FROM retention_horizons",),
+           "DELETE of retention_horizons is refused", refused_to_app=PERMISSION),
+    # a replay still 'claimed' (maybe sent) is kept, however old: the migrator and a
+    # superuser may still delete it by hand (0009's manual repair)
+    Attack("maybe-sent-replay-deleted",
+           ("DELETE FROM dlq_replays WHERE state = 'claimed'",),
+           "only retention may delete dlq_replays rows", roles=("app",)),
+    # what has been credited of an invoice line is what its non-void credit notes say
+    Attack("line-credits-set-back",
+           ("UPDATE invoice_lines SET credited_net = 0, credited_tax = 0, "
+            f"credited_quantity = 0 WHERE invoice_id IN ('{A}', '{D}')",),
+           "records as credited disagrees with its credit notes"),
+    Attack("line-credited-net-lowered",
+           (f"UPDATE invoice_lines SET credited_net = credited_net - 1 WHERE invoice_id = '{A}'",),
+           "records as credited disagrees with its credit notes"),
+    Attack("line-credited-quantity-raised",
+           ("UPDATE invoice_lines SET credited_quantity = credited_quantity + 1 "
+            f"WHERE invoice_id = '{D}'",), "records as credited disagrees with its credit notes"),
+    Attack("line-time-credits-cleared",
+           (f"UPDATE invoice_lines SET time_credits = '{{}}' WHERE invoice_id = '{D}'",),
+           "records as credited disagrees with its credit notes"),
+    Attack("line-time-credit-counted-twice",
+           ("UPDATE invoice_lines SET time_credits = time_credits || time_credits "
+            f"WHERE invoice_id = '{D}'",), "records as credited disagrees with its credit notes"),
+    Attack("line-time-credit-moved-later",
+           ("UPDATE invoice_lines SET time_credits = ARRAY[period_end] "
+            f"WHERE invoice_id = '{D}'",), "records as credited disagrees with its credit notes"),
+    Attack("line-credit-method-switched",
+           (f"UPDATE invoice_lines SET credit_method = 'amount' WHERE invoice_id = '{D}'",),
+           "keeps its credit method while anything is credited"),
+    Attack("line-credit-method-cleared",
+           (f"UPDATE invoice_lines SET credit_method = NULL WHERE invoice_id = '{D}'",),
+           "keeps its credit method while anything is credited"),
+    Attack("line-inserted-already-credited",
+           ("INSERT INTO invoice_lines (invoice_id, line_id, position, description, quantity, "
+            "unit_amount, tax_rate_bps, discount, tax, credited_net) "
+            f"VALUES ('{C}', 'il_9', 9, 'Extra', 1, 100, 0, 0, 0, 100)",),
+           "records as credited disagrees with its credit notes"),
+    Attack("void-leaving-its-lines-credited",
+           (*_VOID_A1, _REVERSE_A1), f"does not record what credit note {A1} credits of it"),
 ]
 
 
-@pytest.mark.parametrize("role", ["app", "migrator", "superuser"])
+@pytest.mark.parametrize("role", ROLES)
 async def test_every_attack_on_history_is_refused_and_history_is_unchanged(
         ledger: Roles, role: str) -> None:
     before = await _history(ledger.superuser)
     wrong = {}
     for attack in ATTACKS:
+        if role not in attack.roles:
+            continue
         expected = (attack.refused_to_app or attack.refused) if role == "app" else attack.refused
         error = await _attempt(ledger.url(role), attack.statements)
         if error is None or not re.search(expected, error):
@@ -342,6 +480,51 @@ async def test_the_claim_statement_still_re_claims_a_released_key(ledger: Roles)
             "SELECT outcome FROM processed_messages WHERE id = 'late'") == "applied"
     finally:
         await connection.close()
+
+
+
+async def test_what_the_service_writes_by_hand_still_commits_as_the_application_role(
+        ledger: Roles) -> None:
+    """The legal paths of 0013's guards, in plain SQL as the application role: the relay
+    publishes and parks, `outbox retry` un-parks, retention moves its horizon and deletes a
+    day-old sent replay, a void takes its lines back (verify agrees)."""
+    steps = {
+        "publish": ("UPDATE outbox SET published_at = now() WHERE key = 'in_9009'"
+                    " AND published_at IS NULL AND parked_at IS NULL",),
+        "retry": ("UPDATE outbox SET parked_at = NULL, park_error = NULL"
+                  " WHERE parked_at IS NOT NULL",),
+        "park again, and hold the later row": (
+            f"UPDATE outbox SET parked_at = now(), park_error = 'too large' WHERE key = '{D}'"
+            " AND published_at IS NULL",),
+        "retry and publish": ("UPDATE outbox SET parked_at = NULL, park_error = NULL"
+                              " WHERE parked_at IS NOT NULL",
+                              f"UPDATE outbox SET published_at = now() WHERE key = '{D}'"),
+        "move the horizon": (
+            "INSERT INTO retention_horizons (table_name, pruned_before) VALUES ('outbox', "
+            "now() - interval '1 day') ON CONFLICT (table_name) DO UPDATE SET pruned_before"
+            " = greatest(retention_horizons.pruned_before, EXCLUDED.pruned_before),"
+            " updated_at = now()",),
+        "keep the horizon": (
+            "INSERT INTO retention_horizons (table_name, pruned_before) VALUES ('outbox', "
+            "now() - interval '30 days') ON CONFLICT (table_name) DO UPDATE SET pruned_before"
+            " = greatest(retention_horizons.pruned_before, EXCLUDED.pruned_before)",),
+        "prune the sent replay": ("DELETE FROM dlq_replays WHERE state = 'sent'",),
+        "void with its lines taken back": (*_VOID_A1, _REVERSE_A1, _TAKE_BACK_A1),
+    }
+    failed = {name: error for name, statements in steps.items()
+              if (error := await _attempt(ledger.app, statements)) is not None}
+
+    assert failed == {}
+    connection = await asyncpg.connect(ledger.superuser)
+    try:
+        assert await connection.fetchval(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL OR parked_at IS NOT NULL") == 0
+        assert await connection.fetchval(
+            "SELECT array_agg(state) FROM dlq_replays") == ["claimed"]
+    finally:
+        await connection.close()
+    lines = [v for v in await check_invariants(ledger.superuser) if v.invariant.startswith("line")]
+    assert lines == []
 
 
 # ------------------------------------------------------ invoices: the status and the money

@@ -113,7 +113,7 @@ def test_dev_runs_on_embedded_servers_and_stops_everything_on_sigterm(tmp_path: 
     while _children_using(data_dir) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _children_using(data_dir) == []
-    broker_port = int(output.split("Kafka bootstrap servers 127.0.0.1:")[1].split()[0])
+    broker_port = int(output.split("Kafka       127.0.0.1:")[1].split()[0])
     assert not [c for c in psutil.net_connections("tcp")
                 if c.status == psutil.CONN_LISTEN and c.laddr.port == broker_port], (
         "the embedded broker should be stopped")

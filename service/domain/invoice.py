@@ -132,6 +132,17 @@ class Invoice:
         """Cash actually collected and not yet refunded (balance applied is not cash)."""
         return self.amount_paid - self.refunded
 
+    def load_credited_by_trigger(self, trigger_type: str, total: object) -> None:
+        """Record what the non-void credit notes of ``trigger_type`` add up to (as stored).
+
+        Money is an ``int`` of minor units; anything else (a ``Decimal`` from a
+        SQL ``sum``, say) is refused here, where it enters, not deep in a cap.
+        """
+        if type(total) is not int:
+            raise TypeError(f"credited total of {trigger_type} is a {type(total).__name__},"
+                            " not an int of minor units")
+        self.credited_by_trigger[trigger_type] = total
+
     def pop_events(self) -> list[Event]:
         """The events recorded since the last call (each is written to the outbox once)."""
         events, self.events = self.events, []

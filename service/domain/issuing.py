@@ -211,7 +211,12 @@ def _price(invoice: Invoice, command: IssueCreditNote) -> list[_Credit]:
 
 
 def _price_quantity(line: InvoiceLine, quantity: int, on_excess: OnExcess) -> _Credit | None:
-    """A quantity of a line, carrying its discount share and its tax in proportion."""
+    """A quantity of a line, carrying its discount share and its tax in proportion.
+
+    On a line no time-based credit covers, ``quantity`` of the line's net (on the
+    cumulative quantity). Once time is covered, ``quantity`` of the units left
+    share of what is left: ``remaining net * quantity / units left``.
+    """
     if line.credit_method is CreditMethod.AMOUNT:
         raise errors.CreditMethodConflict(
             f"line {line.id} was credited by amount and can only be credited by amount"
@@ -224,6 +229,11 @@ def _price_quantity(line: InvoiceLine, quantity: int, on_excess: OnExcess) -> _C
         return None  # nothing left on this line
     if quantity == left:  # the final sweep: exactly what is left, net and tax
         net, tax = line.remaining_net, line.remaining_tax
+    elif line.time_credits:
+        # time credits took every unit's covered time: the units left share what is left,
+        # so a return and a cancellation credit the same in either order
+        net = money.proportion(line.remaining_net, quantity, left)
+        tax = _tax_share(line, net)
     else:
         # priced on the cumulative quantity, so rounding never drifts over many returns
         done = line.credited_quantity

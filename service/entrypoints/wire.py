@@ -10,11 +10,20 @@ The JSON Schemas in ``schemas/`` are generated from these models.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
 
 #: No amount may exceed 10^15 minor units (10 trillion in a two-decimal currency),
 #: so that any sum the service makes stays far inside a 64-bit integer.
@@ -60,8 +69,24 @@ def _in_utc_range(moment: datetime) -> datetime:
     return moment
 
 
-#: Every time on input carries its UTC offset: a naive time is refused, never guessed.
-Time = Annotated[AwareDatetime, AfterValidator(_in_utc_range)]
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _rfc3339_text(value: object) -> object:
+    """Only an RFC 3339 string with its offset: a JSON number (or a numeric string) would be
+    read as epoch seconds or milliseconds, guessed by size, with UTC assumed."""
+    if isinstance(value, datetime):  # built in Python, not read from JSON: no guess
+        return value
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        raise ValueError("a time must be an RFC 3339 string with its timezone offset"
+                         " (e.g. 2026-10-16T00:00:00Z)")
+    return value
+
+
+#: Every time on input is an RFC 3339 string carrying its UTC offset: a naive time, a
+#: number or any other form is refused, never guessed.
+Time = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text), AfterValidator(_in_utc_range)]
 
 
 def _printable(text: str) -> str:

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import functools
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -114,12 +115,64 @@ def test_tax_is_credited_in_proportion_and_exhausting_the_line_takes_all_tax_lef
     assert inv.line("L1").remaining_gross == 0
 
 
-def test_a_return_after_a_cancellation_credits_units_as_before_and_caps_at_what_is_left() -> None:
+def test_a_return_after_a_cancellation_credits_its_units_share_of_what_is_left() -> None:
+    # the cancellation credited [16 Oct, end) of every unit: the returned units' share of
+    # what is left is their [1 Oct, 16 Oct), not their whole month a second time
     inv = plan()
-    cancel(inv, at(16))  # 5161
+    cancel(inv, at(16))  # 5161, 4839 left on 10 units
     note = issue(inv, lines=[by_quantity("L1", 6)], on_excess=OnExcess.CAP)
-    assert note.total == 4_839  # 6000 asked, capped at what is left
+    assert note.total == 2_903  # 4839 * 6 / 10 = 2903.4
+    rest = issue(inv, lines=[by_quantity("L1", 4)], on_excess=OnExcess.CAP)
+    assert rest.total == 4_839 - 2_903  # the last units sweep exactly what is left
     assert inv.line("L1").remaining_gross == 0
+
+
+def returned(inv: Invoice, quantity: int) -> CreditNote:
+    return issue_credit_note(inv, trigger_command("return.received", {
+        "invoice_id": inv.id, "return_id": f"ret-{next(_ids)}",
+        "lines": [{"invoice_line_id": "L1", "quantity": quantity}]}))
+
+
+def credited(step: tuple[str, int], inv: Invoice) -> int:
+    """Apply a return (units) or a cancellation (second of the period); what it credited."""
+    kind, value = step
+    try:
+        if kind == "return":
+            return returned(inv, value).total
+        return cancel(inv, (START + timedelta(seconds=value)).isoformat()).total
+    except errors.NothingLeftToCredit:
+        return 0
+
+
+def test_example_13_in_the_other_order_credits_the_same() -> None:
+    # RULES.md example 13: return 5 units, then cancel at 16 Oct: 50.00 + 25.81
+    inv = plan()
+    assert returned(inv, 5).total + cancel(inv, at(16)).total == 7_581
+    inv = plan()  # the two topics are not ordered: cancellation first, 51.61 + 24.20
+    assert cancel(inv, at(16)).total == 5_161
+    assert returned(inv, 5).total == 2_420  # 4839 * 5 / 10 = 2419.5
+    assert inv.line("L1").credited_net == 7_581
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(data=st.data(), quantity=st.integers(1, 30), unit=st.integers(1, 10**6),
+       rate=st.integers(0, 3_000), length_s=st.integers(1, 62 * 86_400))
+def test_returns_and_time_credits_on_a_line_credit_the_same_in_any_order(
+        data: st.DataObject, quantity: int, unit: int, rate: int, length_s: int) -> None:
+    """Returns and cancellations arrive on unordered topics: the order must not matter."""
+    units = data.draw(st.lists(st.integers(1, quantity), max_size=4).filter(
+        lambda qs: sum(qs) <= quantity), label="returns")
+    times = data.draw(st.lists(st.integers(0, length_s), max_size=3), label="cancellations")
+    steps = [("return", q) for q in units] + [("cancel", t) for t in times]
+    other = data.draw(st.permutations(steps), label="other order")
+    period = ServicePeriod(START, START + timedelta(seconds=length_s))
+    totals = []
+    for order in (steps, other):
+        inv = invoice(lines=[line("L1", quantity=quantity, unit_amount=unit, tax_rate_bps=rate,
+                                  period=period)])
+        totals.append(sum(credited(step, inv) for step in order))
+        assert inv.line("L1").remaining_net >= 0 and inv.line("L1").remaining_tax >= 0
+    assert abs(totals[0] - totals[1]) <= len(steps)  # one minor unit of rounding per credit
 
 
 def test_voiding_the_only_time_based_credit_uncovers_its_time() -> None:
@@ -186,6 +239,18 @@ def test_a_time_credit_scaled_down_by_its_policy_still_covers_its_time() -> None
 def sla(inv: Invoice, configured: Settings | None = None, **data: Any) -> CreditNote:
     return issue_credit_note(inv, trigger_command("sla.breached", {
         "invoice_id": inv.id, "sla_id": "sla-1", **data}, configured))
+
+
+@pytest.mark.parametrize("total", [Decimal(5_000), 5_000.0, "5000", True])
+def test_a_credited_figure_that_is_not_an_int_of_minor_units_is_refused_where_it_is_loaded(
+        total: object) -> None:
+    # PostgreSQL's sum(bigint) is numeric: a Decimal must never reach the caps' arithmetic
+    inv = plan()
+    with pytest.raises(TypeError, match="not an int"):
+        inv.load_credited_by_trigger("sla.breached", total)
+    assert inv.credited_by_trigger == {}
+    inv.load_credited_by_trigger("sla.breached", 5_000)
+    assert inv.credited_by_trigger == {"sla.breached": 5_000}
 
 
 def test_two_sla_breaches_of_100_percent_credit_50_percent_in_total_under_a_50_percent_cap() -> None:
@@ -355,3 +420,32 @@ def test_the_same_trigger_type_name_is_what_a_policy_counts() -> None:
     note = sla(inv, credit_amount=100)
     assert note.trigger == Trigger("/upstream", note.trigger.id, "sla.breached")
     assert note.policy == "sla.breached:max_credit_bps=5000"
+
+
+# --- times on input: RFC 3339 strings with their offset, nothing guessed ------------------
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(value=st.one_of(
+    st.integers(-10**13, 10**13), st.floats(allow_nan=False, allow_infinity=False),
+    st.integers(0, 10**13).map(str), st.booleans(), st.none(),
+    st.sampled_from(["2026-10-16", "2026-10-16T00:00:00", "2026-10-16T00:00Z",
+                     "16 Oct 2026 00:00:00 +0000", "2026-10-16T00:00:00+0000", "now", ""])))
+def test_a_time_that_is_not_an_rfc_3339_string_with_its_offset_is_an_invalid_message(
+        value: object) -> None:
+    # a number was read as epoch seconds, or milliseconds when large, with UTC assumed
+    with pytest.raises(errors.InvalidMessage, match="canceled_at"):
+        cancel(plan(), value)  # type: ignore[arg-type]
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(minutes=st.integers(-(23 * 60 + 59), 23 * 60 + 59))
+def test_any_rfc_3339_offset_is_read_as_its_instant(minutes: int) -> None:
+    offset = timedelta(minutes=minutes)
+    instant = datetime(2026, 10, 16, tzinfo=UTC)
+    sign, size = ("+" if minutes >= 0 else "-"), abs(minutes)
+    text = (instant + offset).replace(tzinfo=None).isoformat() + f"{sign}{size // 60:02d}:{size % 60:02d}"
+    inv = plan()
+    note = cancel(inv, text)
+    assert note.total == 5_161
+    assert inv.line("L1").covered_from == instant

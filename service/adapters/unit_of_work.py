@@ -11,7 +11,7 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -102,17 +102,16 @@ class PostgresUnitOfWork:
                     self._connection = None
 
     async def prepare(self, messages: Sequence[Message]) -> None:
-        """Lock the batch's invoices in a stable order, then claim its messages' keys."""
+        """Lock the batch's invoices in a stable order, then claim its messages' keys.
+
+        A void's credit note is read only once its invoice is locked (see
+        ``_load_credit_notes``); its invoice is looked up first, unlocked, so
+        that it is locked in the same sorted round as the others.
+        """
         void_ids = [m.command.credit_note_id for m in messages
                     if isinstance(m.command, VoidCreditNote)]
-        if void_ids:
-            rows = await self.connection.fetch(
-                "SELECT id, invoice_id FROM credit_notes WHERE id = ANY($1::text[])", void_ids)
-            note_invoices = [row["invoice_id"] for row in rows]
-        else:
-            note_invoices = []
-        invoice_ids = sorted({invoice_of(m.command) for m in messages} - {""}
-                             | set(note_invoices))
+        note_invoices = await self._invoices_of_notes(void_ids) if void_ids else set()
+        invoice_ids = sorted({invoice_of(m.command) for m in messages} - {""} | note_invoices)
         await self._load_invoices(invoice_ids)
         if void_ids:
             await self._load_credit_notes(void_ids)
@@ -211,17 +210,41 @@ class PostgresUnitOfWork:
         # per trigger type, what its non-void credit notes add up to (policy caps are
         # cumulative); read under the invoices' locks, so no other batch changes it
         for credited in await self.connection.fetch(
-                "SELECT invoice_id, trigger_type, sum(total) AS total FROM credit_notes"
+                "SELECT invoice_id, trigger_type, sum(total)::bigint AS total FROM credit_notes"
                 " WHERE invoice_id = ANY($1::text[]) AND status = 'issued'"
                 " GROUP BY invoice_id, trigger_type", [row["id"] for row in rows]):
+            # sum(bigint) is numeric (a Decimal): cast back to bigint, an int of minor units
             invoice = self._invoices[credited["invoice_id"]]
             assert invoice is not None
-            invoice.credited_by_trigger[credited["trigger_type"]] = credited["total"]
+            invoice.load_credited_by_trigger(credited["trigger_type"], credited["total"])
+
+    async def _invoices_of_notes(self, note_ids: Sequence[str]) -> set[str]:
+        """The invoices of existing credit notes (read unlocked: a note's invoice never changes)."""
+        rows = await self.connection.fetch(
+            "SELECT invoice_id FROM credit_notes WHERE id = ANY($1::text[])", note_ids)
+        return {row["invoice_id"] for row in rows}
 
     async def _load_credit_notes(self, note_ids: Sequence[str]) -> None:
+        """Read credit notes under their invoices' locks, locking any invoice not locked yet.
+
+        A note is issued and voided under its invoice's lock, so only a note read
+        with its invoice locked shows a status no other batch is changing. A note
+        created since ``prepare`` looked (another replica issued it) has an invoice
+        this batch has not locked: it is locked now, in id order, and the notes are
+        read again. That second round may wait on a batch locking in the usual
+        order; PostgreSQL then reports a deadlock (40P01), an ``Unavailable`` the
+        consumer retries, and the retry finds the note up front in one round.
+        """
         wanted = [note_id for note_id in note_ids if note_id not in self._notes]
-        rows = await self.connection.fetch(
-            "SELECT * FROM credit_notes WHERE id = ANY($1::text[])", wanted)
+        if not wanted:
+            return
+        while True:
+            rows = await self.connection.fetch(
+                "SELECT * FROM credit_notes WHERE id = ANY($1::text[])", wanted)
+            missed = sorted({row["invoice_id"] for row in rows} - self._invoices.keys())
+            if not missed:
+                break
+            await self._load_invoices(missed)
         lines = await self.connection.fetch(
             "SELECT * FROM credit_note_lines WHERE credit_note_id = ANY($1::text[])"
             " ORDER BY credit_note_id, position", wanted)
@@ -242,8 +265,8 @@ class PostgresUnitOfWork:
              i.tax, i.total, i.customer_balance_applied, i.amount_paid) for i in new])
         await _insert(connection, _INVOICE_LINES, [
             (i.id, line.id, line.position, line.description, line.quantity, line.unit_amount,
-             line.tax_rate_bps, line.period.start if line.period else None,
-             line.period.end if line.period else None, line.discount, line.tax)
+             line.tax_rate_bps, _utc(line.period.start) if line.period else None,
+             _utc(line.period.end) if line.period else None, line.discount, line.tax)
             for i in new for line in i.lines])
         notes = self._new_notes
         await _insert(connection, _CREDIT_NOTES, [
@@ -254,7 +277,8 @@ class PostgresUnitOfWork:
              json.dumps(n.metadata)) for n in notes])
         await _insert(connection, _CREDIT_NOTE_LINES, [
             (n.id, position, line.invoice_line_id, line.description, line.quantity,
-             line.unit_amount, line.tax_rate_bps, line.net, line.tax, line.covers_from)
+             line.unit_amount, line.tax_rate_bps, line.net, line.tax,
+             _utc(line.covers_from) if line.covers_from else None)
             for n in notes for position, line in enumerate(n.lines)])
         await _update(connection, _VOIDS, [
             (n.id, trigger.source, trigger.id) for n, trigger in self._voided])
@@ -263,8 +287,9 @@ class PostgresUnitOfWork:
             for n in notes for position, line in enumerate(n.journal)] + [
             (n.id, "void", position, line.account.value, line.debit, line.credit)
             for n, _ in self._voided for position, line in enumerate(n.void_journal)])
-        new_ids = {invoice.id for invoice in new}
-        dirty = [i for i in self._dirty_invoices.values() if i.id not in new_ids]
+        # invoices new in this batch too: they were inserted as finalized, and what the
+        # batch credited on them (counters, number count, coverage) is written here
+        dirty = list(self._dirty_invoices.values())
         await _update(connection, _INVOICE_FIGURES, [
             (i.id, i.status.value, i.amount_paid, i.pre_payment_credited,
              i.post_payment_credited, i.refunded, i.credit_note_count) for i in dirty])
@@ -369,8 +394,13 @@ _OUTCOMES = _Table("processed_messages", (
 
 
 def _timestamps_literal(times: Sequence[datetime]) -> str:
-    """A ``timestamptz[]`` as PostgreSQL's text form (ISO times, UTC offset included)."""
-    return "{" + ",".join(f'"{time.isoformat()}"' for time in times) + "}"
+    """A ``timestamptz[]`` as PostgreSQL's text form (ISO times in UTC)."""
+    return "{" + ",".join(f'"{_utc(time).isoformat()}"' for time in times) + "}"
+
+
+def _utc(time: datetime) -> datetime:
+    """A time as written: in UTC (RFC 3339 allows offsets to +-23:59, PostgreSQL +-15:59)."""
+    return time.astimezone(UTC)
 
 
 def invoice_from_rows(row: asyncpg.Record, lines: Sequence[asyncpg.Record]) -> Invoice:

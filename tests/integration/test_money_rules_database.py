@@ -5,18 +5,39 @@ policy's cap is checked at commit over all the non-void credit notes of its
 trigger type on the invoice; time-based coverage stays inside the service
 period; and verify names a line whose coverage disagrees with its credit
 notes, and an invoice whose status disagrees with its amounts.
+
+Then the service's own unit of work (``apply_batch`` + ``PostgresUnitOfWork``,
+the consumer's path) writes what the domain decided: times in UTC whatever
+their offset, the figures of an invoice finalized in the same batch, and a
+void's credit note read only under its invoice's lock.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import asyncpg
 import pytest
 from asyncpg.exceptions import CheckViolationError
 
 from service.adapters.invariants import check_invariants
+from service.adapters.unit_of_work import PostgresUnitOfWork
+from service.domain.commands import (
+    DraftLine,
+    FinalizeInvoice,
+    IssueCreditNote,
+    OnExcess,
+    ServicePeriod,
+    Settlement,
+    Trigger,
+    UnusedTime,
+    VoidCreditNote,
+)
+from service.domain.credit_note import derived_id
+from service.handlers import Delivery, Message, Outcome, Result, apply_batch
+from service.settings import Topics
 from tests.integration.test_database_constraints import (
     INVOICE,
     TOTAL,
@@ -74,13 +95,20 @@ async def test_time_based_coverage_stays_inside_the_service_period(
     with pytest.raises(CheckViolationError):
         await db.execute("UPDATE invoice_lines SET time_credits = $1 WHERE invoice_id = 'in_1002'",
                          [datetime(2026, 11, 2, tzinfo=UTC)])
+    # at the end: covers nothing, the CHECK allows it (0013's guard would then refuse it at
+    # commit, as no credit note covers it: rolled back here)
+    transaction = db.transaction()
+    await transaction.start()
     await db.execute("UPDATE invoice_lines SET time_credits = $1 WHERE invoice_id = 'in_1002'",
-                     [datetime(2026, 11, 1, tzinfo=UTC)])  # at the end: covers nothing, allowed
+                     [datetime(2026, 11, 1, tzinfo=UTC)])
+    await transaction.rollback()
 
 
 async def test_verify_names_coverage_and_status_that_disagree(
         db: asyncpg.Connection, database_url: str) -> None:
     await add_october_invoice(db, "in_1002")
+    # a writer past the guards (a superuser without triggers; 0013 refuses this at commit)
+    await db.execute("SET session_replication_role = replica")
     # a line that says it was credited from 16 Oct, with no time-based credit note on it
     await db.execute("UPDATE invoice_lines SET time_credits = $1 WHERE invoice_id = 'in_1002'",
                      [datetime(2026, 10, 16, tzinfo=UTC)])
@@ -92,3 +120,136 @@ async def test_verify_names_coverage_and_status_that_disagree(
 
     assert found == {("line_coverage_disagrees", "invoice line in_1002/il_1"),
                      ("status_disagrees_with_amounts", f"invoice {INVOICE}")}
+
+
+# --- the unit of work writes what the domain decided -----------------------------------
+
+OCT1, NOV1 = datetime(2026, 10, 1, tzinfo=UTC), datetime(2026, 11, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    async with asyncpg.create_pool(database_url, min_size=1, max_size=4) as created:
+        yield created
+
+
+def units(pool: asyncpg.Pool, kind: type[PostgresUnitOfWork] = PostgresUnitOfWork,
+          ) -> Callable[[], PostgresUnitOfWork]:
+    return lambda: kind(pool, Topics())
+
+
+def finalized(invoice_id: str) -> Message:
+    """An open invoice of one 100.00 line (10 x 10.00, no tax) over October."""
+    return Message(FinalizeInvoice(
+        Trigger("/tests", f"fin-{invoice_id}", "invoice.finalized"), invoice_id, invoice_id,
+        "cus_42", "usd", "open", (DraftLine("il_1", "Plan", 10, 1_000, 0, ServicePeriod(
+            OCT1, NOV1)),)), Delivery("invoices"))
+
+
+def canceled(event_id: str, invoice_id: str, at: datetime) -> Message:
+    return Message(IssueCreditNote(
+        Trigger("/tests", event_id, "subscription.canceled"), invoice_id,
+        "subscription_cancellation", lines=(UnusedTime("il_1", at),), max_credit_bps=10_000,
+        settlement=Settlement.CUSTOMER_BALANCE, on_excess=OnExcess.CAP,
+        policy="subscription.canceled:max_credit_bps=10000"), Delivery("cancellations"))
+
+
+def voided(event_id: str, of_event: str) -> Message:
+    note_id = derived_id("cn", Trigger("/tests", of_event, "subscription.canceled"))
+    return Message(VoidCreditNote(Trigger("/tests", event_id, "credit_note.void"), note_id),
+                   Delivery("credit-note-commands"))
+
+
+def outcomes(results: list[Result]) -> list[tuple[Outcome | None, str, Any]]:
+    return [(r.outcome, r.reason, r.error and r.error.code) for r in results]
+
+
+async def money_invariants(database_url: str) -> list[Any]:
+    # no relay runs here: only the events' publication is behind
+    return [v for v in await check_invariants(database_url)
+            if not v.invariant.endswith("_unpublished")]
+
+
+async def test_a_time_with_any_rfc_3339_offset_is_written_in_utc(
+        pool: asyncpg.Pool, database_url: str) -> None:
+    # 16 Oct 00:00 UTC written with -23:59 (RFC 3339 allows it; PostgreSQL's text form stops
+    # at +-15:59 and refused it, SQLSTATE 22009): credited, stored as the same instant
+    far = datetime(2026, 10, 15, 0, 1, tzinfo=timezone(-timedelta(hours=23, minutes=59)))
+    assert far == datetime(2026, 10, 16, tzinfo=UTC)
+    assert outcomes(await apply_batch([finalized("in_7001")], units(pool))) == [
+        (Outcome.APPLIED, "", None)]
+    results = await apply_batch([canceled("c-far", "in_7001", far)], units(pool))
+    assert outcomes(results) == [(Outcome.APPLIED, "", None)]
+    row = await pool.fetchrow("SELECT l.time_credits, n.total, nl.covers_from"
+                              " FROM invoice_lines l JOIN credit_notes n USING (invoice_id)"
+                              " JOIN credit_note_lines nl ON nl.credit_note_id = n.id"
+                              " WHERE l.invoice_id = 'in_7001'")
+    assert (row["time_credits"], row["covers_from"], row["total"]) == ([far], far, 5_161)
+    assert await money_invariants(database_url) == []
+
+
+async def test_a_batch_finalizing_crediting_and_voiding_an_invoice_keeps_its_numbering(
+        pool: asyncpg.Pool, database_url: str) -> None:
+    # the invoice new in the batch was inserted without what the batch credited on it:
+    # credit_note_count 0 beside CN-01, and every later credit collided on CN-01 for ever
+    batch = [finalized("in_7002"), canceled("c1", "in_7002", OCT1 + timedelta(days=15)),
+             voided("v1", of_event="c1")]
+    assert outcomes(await apply_batch(batch, units(pool))) == [(Outcome.APPLIED, "", None)] * 3
+    assert await pool.fetchval(
+        "SELECT credit_note_count FROM invoices WHERE id = 'in_7002'") == 1
+    later = await apply_batch([canceled("c2", "in_7002", OCT1 + timedelta(days=20))],
+                              units(pool))
+    assert outcomes(later) == [(Outcome.APPLIED, "", None)]
+    numbers = await pool.fetch("SELECT number, status FROM credit_notes ORDER BY sequence")
+    assert [tuple(row) for row in numbers] == [("in_7002-CN-01", "void"),
+                                               ("in_7002-CN-02", "issued")]
+    assert await money_invariants(database_url) == []
+
+
+async def test_a_batch_finalizing_and_crediting_an_invoice_commits_at_once(
+        pool: asyncpg.Pool, database_url: str) -> None:
+    # not refused at commit (counters left at 0) and re-applied one message at a time
+    opened: list[PostgresUnitOfWork] = []
+
+    def counted() -> PostgresUnitOfWork:
+        opened.append(PostgresUnitOfWork(pool, Topics()))
+        return opened[-1]
+
+    batch = [finalized("in_7003"), canceled("c1", "in_7003", OCT1 + timedelta(days=15))]
+    assert outcomes(await apply_batch(batch, counted)) == [(Outcome.APPLIED, "", None)] * 2
+    assert len(opened) == 1  # one transaction for the batch
+    row = await pool.fetchrow("SELECT pre_payment_credited, credit_note_count FROM invoices")
+    line = await pool.fetchrow("SELECT credited_net, time_credits FROM invoice_lines")
+    assert tuple(row) == (5_161, 1)
+    assert tuple(line) == (5_161, [OCT1 + timedelta(days=15)])
+    assert await money_invariants(database_url) == []
+
+
+async def test_a_void_reads_its_credit_note_only_under_its_invoices_lock(
+        pool: asyncpg.Pool, database_url: str) -> None:
+    """Replica A's void finds no note when it looks; another replica then issues the note,
+    and voids it just before A locks the invoice. A must see the void: already_void."""
+    await apply_batch([finalized("in_7004")], units(pool))
+
+    class Interleaved(PostgresUnitOfWork):
+        """Replica A: another replica runs before each of its first two lock rounds."""
+
+        rounds = 0
+
+        async def _load_invoices(self, invoice_ids: Any) -> None:
+            Interleaved.rounds += 1
+            if Interleaved.rounds == 1:  # A looked for the note: none yet; B issues it
+                await apply_batch([canceled("c1", "in_7004", OCT1 + timedelta(days=15))],
+                                  units(pool))
+            elif Interleaved.rounds == 2:  # A has seen the note; B voids it before A locks
+                [b] = await apply_batch([voided("void-b", of_event="c1")], units(pool))
+                assert b.outcome is Outcome.APPLIED
+            await super()._load_invoices(invoice_ids)
+
+    [a] = await apply_batch([voided("void-a", of_event="c1")], units(pool, Interleaved))
+
+    # before: A voided the note a second time in memory (given back twice), refused at commit
+    assert outcomes([a]) == [(Outcome.REJECTED, "already_void", None)]
+    row = await pool.fetchrow("SELECT pre_payment_credited, credit_note_count FROM invoices")
+    assert tuple(row) == (0, 1)
+    assert await money_invariants(database_url) == []

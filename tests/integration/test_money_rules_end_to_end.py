@@ -162,3 +162,30 @@ async def test_policy_caps_are_cumulative_and_settlements_can_be_restricted(
         assert sum(r.event["data"]["amount"] for r in refunds) == 50_000
         assert kafka.on(f"{strict.topics.sla_breaches}.dlq") == []
         await quiet_and_verified(kafka, strict)
+
+
+async def test_a_later_sla_breach_is_scaled_down_to_what_the_cumulative_cap_still_allows(
+        service: RunningService, kafka: Kafka, settings: Settings) -> None:
+    # the cap's running figure is read back from PostgreSQL for the second breach (a sum
+    # there is numeric): it must be capped, not dead-lettered processing_failed
+    notes = settings.topics.credit_note_events
+    assert settings.policy_sla_max_credit_bps == 5_000
+    await finalize(kafka, settings, "in_5001", status="paid", amount_paid=100_000)
+    await kafka.publish(settings.topics.sla_breaches, cloudevent("sla.breached", {
+        "invoice_id": "in_5001", "sla_id": "sla-1", "credit_bps": 1_000,
+        "settlement": "refund"}))
+    [first] = await kafka.expect(notes, "credit_note.issued")
+    assert first.event["data"]["total"] == 10_000
+    await quiet_and_verified(kafka, settings)  # committed: the next breach is a later batch
+
+    await kafka.publish(settings.topics.sla_breaches, cloudevent("sla.breached", {
+        "invoice_id": "in_5001", "sla_id": "sla-2", "credit_bps": 10_000,
+        "settlement": "refund"}))
+    issued = await kafka.expect(notes, "credit_note.issued", 2)
+    assert (issued[1].event["data"]["total"], issued[1].event["data"]["refund_amount"]) == (
+        40_000, 40_000)  # 50% of 1,000.00 less the 100.00 credited before
+    refunds = await kafka.expect(settings.topics.refund_requests, "refund.requested", 2)
+    assert sum(r.event["data"]["amount"] for r in refunds) == 50_000
+    await kafka.settle(1.0)
+    assert kafka.on(f"{settings.topics.sla_breaches}.dlq") == []
+    await quiet_and_verified(kafka, settings)

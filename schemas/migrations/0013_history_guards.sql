@@ -138,8 +138,9 @@ CREATE CONSTRAINT TRIGGER invoice_line_inserted_credited
     EXECUTE FUNCTION check_invoice_line_credits();
 
 -- the lines of a credit note issued or voided: recorded on (or taken off) their invoice lines
--- (named to fire after 0011's credit_notes_void_reversed: deferred triggers of one event
--- run in name order, so a void without its reversal is refused for that first)
+-- (named to fire after 0001's credit_notes_within_invoice and 0011's credit_notes_void_reversed:
+-- deferred triggers of one event run in name order, so a note over the invoice's total or a
+-- void without its reversal is refused for that first, as before)
 CREATE FUNCTION check_credit_note_lines_recorded() RETURNS trigger LANGUAGE plpgsql
 SET search_path = pg_catalog, public, pg_temp AS $$
 DECLARE
@@ -154,10 +155,10 @@ BEGIN
     END LOOP;
     RETURN NULL;
 END $$;
-CREATE CONSTRAINT TRIGGER credit_notes_issued_lines_recorded
+CREATE CONSTRAINT TRIGGER credit_notes_written_on_their_lines
     AFTER INSERT ON credit_notes DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
     EXECUTE FUNCTION check_credit_note_lines_recorded();
-CREATE CONSTRAINT TRIGGER credit_notes_voided_lines_taken_back
+CREATE CONSTRAINT TRIGGER credit_notes_written_off_their_lines
     AFTER UPDATE OF status ON credit_notes DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
     WHEN (OLD.status = 'issued' AND NEW.status = 'void')
     EXECUTE FUNCTION check_credit_note_lines_recorded();

@@ -262,6 +262,8 @@ async def test_a_void_credit_note_stays_void(db: asyncpg.Connection) -> None:
         await db.execute("UPDATE credit_notes SET status = 'void', voided_at = now(), "
                          "voided_by_source = '/tests', voided_by_id = 'void-1'")
         await db.execute("UPDATE invoices SET pre_payment_credited = 0")
+        await db.execute("UPDATE invoice_lines SET credited_net = 0, credited_tax = 0, "
+                         "credit_method = NULL")  # what the note credited, taken back
         await db.execute(  # the reversal of the issue journal
             "INSERT INTO journal_lines (credit_note_id, entry, position, account, debit, credit) "
             "SELECT credit_note_id, 'void', position, account, credit, debit FROM journal_lines")

@@ -283,11 +283,11 @@ CORRUPTIONS = [
     Corruption("line-credited-net-lowered",
                "UPDATE invoice_lines SET credited_net = credited_net - 1 "
                f"WHERE invoice_id = '{A}' AND line_id = 'il_1'",
-               "line_credits_disagree", f"invoice line {A}/il_1"),
+               "line_credits_disagree", f"invoice line {A}/il_1", replica=True),
     Corruption("line-credited-quantity-bumped",
                "UPDATE invoice_lines SET credited_quantity = credited_quantity + 1 "
                f"WHERE invoice_id = '{A}' AND line_id = 'il_1'",
-               "line_credits_disagree", f"invoice line {A}/il_1"),
+               "line_credits_disagree", f"invoice line {A}/il_1", replica=True),
     # 6.
     Corruption("issue-journal-line-unbalanced",
                f"UPDATE journal_lines SET debit = debit + 1 WHERE credit_note_id = {_note(A1)} "
@@ -324,7 +324,7 @@ CORRUPTIONS = [
                "issued_event_missing", f"credit note {A1}"),
     Corruption("issued-event-unpublished",
                f"UPDATE outbox SET published_at = NULL WHERE {_event('credit_note.issued', A1)}",
-               "issued_event_unpublished", f"credit note {A1}"),
+               "issued_event_unpublished", f"credit note {A1}", replica=True),
     Corruption("issued-event-written-twice",
                _copy_outbox_row(_event("credit_note.issued", A1)),
                "issued_event_duplicated", f"credit note {A1}"),
@@ -333,7 +333,7 @@ CORRUPTIONS = [
                "voided_event_missing", f"credit note {A2}"),
     Corruption("voided-event-unpublished",
                f"UPDATE outbox SET published_at = NULL WHERE {_event('credit_note.voided', A2)}",
-               "voided_event_unpublished", f"credit note {A2}"),
+               "voided_event_unpublished", f"credit note {A2}", replica=True),
     Corruption("voided-event-written-twice",
                _copy_outbox_row(_event("credit_note.voided", A2)),
                "voided_event_duplicated", f"credit note {A2}"),
@@ -342,7 +342,7 @@ CORRUPTIONS = [
                "refund_event_missing", f"credit note {C1}"),
     Corruption("refund-event-unpublished",
                f"UPDATE outbox SET published_at = NULL WHERE {_event('refund.requested', C1)}",
-               "refund_event_unpublished", f"credit note {C1}"),
+               "refund_event_unpublished", f"credit note {C1}", replica=True),
     Corruption("refund-event-written-twice",
                _copy_outbox_row(_event("refund.requested", C1)),
                "refund_event_duplicated", f"credit note {C1}"),
@@ -398,7 +398,7 @@ CORRUPTIONS = [
                "ALTER TABLE invoice_lines DROP CONSTRAINT time_credits_within_period; "
                f"UPDATE invoice_lines SET time_credits = ARRAY[now()] WHERE invoice_id = '{A}'"
                " AND line_id = 'il_1'",
-               "line_coverage_disagrees", f"invoice line {A}/il_1"),
+               "line_coverage_disagrees", f"invoice line {A}/il_1", replica=True),
     # 14. a credit note over the cap of the policy it says it was issued under
     Corruption("credit-note-over-its-policy-cap",
                "UPDATE credit_notes SET policy = 'credit_note.issue:max_credit_bps=1'"
@@ -443,7 +443,7 @@ async def test_several_violations_come_in_the_order_of_the_invariants(ledger: Le
     await ledger.corrupt(
         f"UPDATE outbox SET published_at = NULL WHERE {_event('credit_note.issued', B1)}; "
         f"UPDATE outbox SET published_at = NULL WHERE {_event('credit_note.issued', A1)}; "
-        f"UPDATE invoices SET refunded = refunded + 1 WHERE id = '{B}'")
+        f"UPDATE invoices SET refunded = refunded + 1 WHERE id = '{B}'", replica=True)
 
     assert await ledger.violations() == [
         ("refunds_exceed_cash", f"invoice {B}"),

@@ -31,7 +31,14 @@ from service.adapters.outbox_relay import OutboxRelay
 from service.adapters.probe_connection import ProbeConnection
 from service.adapters.retention import Policy, RetentionTask
 from service.adapters.unit_of_work import PostgresUnitOfWork
-from service.entrypoints.consumer import Backoff, Pipeline, decode_records, parse_records
+from service.entrypoints.consumer import (
+    ATTEMPTS,
+    Backoff,
+    Pipeline,
+    decode_records,
+    max_poll_interval_ms,
+    parse_records,
+)
 from service.entrypoints.dead_letters import DeadLetterWriter
 from service.entrypoints.http import Cached, HealthServer, Limits
 from service.entrypoints.metrics import Metrics
@@ -126,7 +133,8 @@ class Service:
                     row = await asyncio.wait_for(connection.fetchrow(
                         "SELECT count(*) AS backlog, coalesce(extract(epoch FROM now()"
                         " - min(created_at)), 0) AS oldest_seconds,"
-                        " count(*) FILTER (WHERE parked_at IS NOT NULL) AS parked FROM outbox"
+                        " count(*) FILTER (WHERE parked_at IS NOT NULL AND held_behind IS NULL)"
+                        " AS parked FROM outbox"
                         " WHERE published_at IS NULL"), 2)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
                 row = None
@@ -236,7 +244,12 @@ async def start_subscribers(broker: KafkaBroker, table: Mapping[str, Route],
             *topics, batch=True, max_records=settings.batch_max_records,
             batch_timeout_ms=settings.batch_timeout_ms,
             group_id=settings.consumer_group, auto_offset_reset="earliest",
-            ack_policy=AckPolicy.NACK_ON_ERROR, max_poll_interval_ms=600_000,
+            ack_policy=AckPolicy.NACK_ON_ERROR,
+            # above the longest a batch can take (retry budget, wait, backoff, per record)
+            max_poll_interval_ms=max_poll_interval_ms(
+                Backoff(settings.retry_initial_backoff_seconds,
+                        settings.retry_max_backoff_seconds),
+                ATTEMPTS, settings.not_found_retry_seconds, settings.batch_max_records),
             session_timeout_ms=settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms, persistent=False,
             # bounded memory: a batch holds at most what one fetch brought

@@ -2,27 +2,39 @@
 
 - One relay is active at a time across replicas: the leader holds a session
   advisory lock on a connection of its own. It leaves the leader loop as soon
-  as that connection is lost (a termination listener, and a check on that very
-  connection before every batch proves the lock is still held).
+  as that connection (or its "alive" connection, below) is lost: termination
+  listeners on both, and a statement on the lock connection before every batch
+  proving the lock and the alive lock are still held.
 - A fence keeps a former leader's last batch and a new leader apart: before
   each batch the leader writes, on the lock connection, until when the batch
   may still be publishing (``outbox_relay_fence``) and clears it when done; a
   relay that has just taken the lock waits until a fence it finds has passed,
   unless the relay that wrote it is gone (each relay holds an "alive" advisory
   lock on one more connection for its whole life: a crashed replica costs no
-  wait). A batch gives up at that time, so an old leader never publishes beside
-  a new one. The in-flight batch is not cancelled when the lock is lost: what the
-  producer holds goes out anyway, and marking what the broker acked (through
-  the pool) is what keeps the new leader from publishing it a second time.
+  wait). A batch hands no record to the producer once its deadline has passed
+  or leadership is lost (checked before every record), so an old leader never
+  publishes beside a new one. Records already handed over are not cancelled:
+  they go out anyway, and marking what the broker acked (through the pool, in
+  a ``finally``) is what keeps the new leader from publishing them again.
+- The relay's own connections keep their sessions (``idle_session_timeout`` 0)
+  and let the server drop a partitioned leader's session in about 30 s (TCP
+  keepalives and ``tcp_user_timeout``), which frees the lock for another replica.
 - It wakes on ``NOTIFY creditnotes_outbox`` (sent by a trigger on insert) and
   also polls, so a lost notification only delays an event.
+- Order: rows with the same key (the invoice id, on any topic) form a chain; a
+  chain hands its next row to the producer only after the broker acked the
+  previous one, so a refused or timed-out row is never overtaken. Different
+  keys are pipelined. A key-less row is a chain of its own (Kafka gives such
+  records no order to keep).
 - Rows are marked published only after the broker acknowledged them. A crash
   in between publishes them again with the same event ids (at-least-once on
   the wire, deduplicable downstream by ``id``).
-- A row the broker refuses for a reason retrying cannot fix (too large, an
-  invalid topic, not authorized) is parked with its error; later rows with the
-  same key (the invoice id, on any topic) wait behind it, every other row
-  flows. ``creditnotes outbox retry`` un-parks it.
+- A row the broker refuses for a fault of the record itself (too large, an
+  invalid topic or timestamp, a policy, the topic's ACL) is parked with its
+  error, and its key's later rows are held (parked with ``held_behind``) so the
+  batch read never walks them; every other key flows. Any other error (the
+  cluster, the client, the network, a timeout) is retried with backoff, never
+  parked. ``creditnotes outbox retry`` un-parks a row and the rows held behind it.
 """
 
 from __future__ import annotations
@@ -32,27 +44,20 @@ import contextlib
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import structlog
 from aiokafka.errors import (
-    AuthenticationFailedError,
-    BrokerNotAvailableError,
-    IllegalStateError,
-    IncompatibleBrokerVersion,
+    InvalidTimestampError,
     InvalidTopicError,
-    KafkaConfigurationError,
     KafkaError,
-    KafkaTimeoutError,
-    KafkaUnavailableError,
     MessageSizeTooLargeError,
-    ProducerClosed,
-    ReplicaNotAvailableError,
-    SaslAuthenticationFailed,
-    UnknownError,
-    UnrecognizedBrokerVersion,
+    PolicyViolationError,
+    RecordListTooLargeError,
+    TopicAuthorizationFailedError,
 )
 from opentelemetry import trace
 
@@ -70,23 +75,58 @@ _MARK_MARGIN_SECONDS = 5.0
 _LOCK_QUERY_TIMEOUT_SECONDS = 5.0
 #: Kafka's legal topic names; aiokafka would wait for metadata that never comes
 _LEGAL_TOPIC = re.compile(r"(?!\.{1,2}$)[a-zA-Z0-9._-]{1,249}")
+#: The relay's own connections (lock, alive): never closed for idling (a managed
+#: PostgreSQL's idle_session_timeout would drop the alive lock), and a peer that
+#: vanished without a FIN or RST is noticed by the server in about 30 s, not 2 h.
+RELAY_SESSION_SETTINGS = {
+    "idle_session_timeout": "0",
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "5",
+    "tcp_keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+}
 log = structlog.get_logger(__name__)
 
-#: Not retriable by aiokafka's own flag, yet about the connection or the client
-#: rather than the record: these interrupt the relay (it backs off and retries).
-_NOT_THE_RECORDS_FAULT = (
-    KafkaTimeoutError, ProducerClosed, KafkaUnavailableError, BrokerNotAvailableError,
-    ReplicaNotAvailableError, UnrecognizedBrokerVersion, IncompatibleBrokerVersion,
-    IllegalStateError, KafkaConfigurationError, AuthenticationFailedError,
-    SaslAuthenticationFailed, UnknownError,
+#: Refusals of the record itself: sending it again is refused again. Everything
+#: else (cluster authorization, versions, quotas, the network, timeouts) is retried.
+_RECORD_FAULTS = (
+    MessageSizeTooLargeError, RecordListTooLargeError, InvalidTopicError,
+    InvalidTimestampError, PolicyViolationError, TopicAuthorizationFailedError,
 )
 
+#: Rows the relay may send, each with the refused row it must be held behind, if
+#: any (a row of its key parked earlier); only the batch's rows are probed.
 _PENDING = """
-    SELECT seq, event_id, topic, key, type, payload, traceparent FROM outbox o
-    WHERE published_at IS NULL AND parked_at IS NULL
-      AND NOT EXISTS (SELECT FROM outbox p
-                      WHERE p.parked_at IS NOT NULL AND p.key = o.key AND p.seq < o.seq)
-    ORDER BY seq LIMIT $1
+    SELECT c.seq, c.event_id, c.topic, c.key, c.type, c.payload, c.traceparent,
+           (SELECT coalesce(p.held_behind, p.seq) FROM outbox p
+            WHERE p.parked_at IS NOT NULL AND p.key = c.key AND p.seq < c.seq
+            ORDER BY p.seq LIMIT 1) AS behind
+    FROM (SELECT seq, event_id, topic, key, type, payload, traceparent FROM outbox
+          WHERE published_at IS NULL AND parked_at IS NULL ORDER BY seq LIMIT $1) c
+    ORDER BY c.seq
+"""
+#: Hold rows behind refused ones, unless that refused row was un-parked meanwhile
+#: (FOR SHARE waits for a concurrent ``outbox retry`` and sees its result).
+_HOLD = """
+    WITH still_parked AS (
+        SELECT seq FROM outbox
+        WHERE seq = ANY($2::bigint[]) AND parked_at IS NOT NULL AND held_behind IS NULL
+        FOR SHARE)
+    UPDATE outbox o SET parked_at = now(), held_behind = h.root,
+                        park_error = 'waits behind seq ' || h.root
+    FROM unnest($1::bigint[], $2::bigint[]) AS h(seq, root)
+    JOIN still_parked r ON r.seq = h.root
+    WHERE o.seq = h.seq AND o.published_at IS NULL AND o.parked_at IS NULL
+"""
+#: Park a refused row and hold its key's later unpublished rows behind it.
+_PARK = """
+    WITH parked AS (
+        UPDATE outbox SET parked_at = now(), park_error = $2
+        WHERE seq = $1 AND published_at IS NULL AND parked_at IS NULL RETURNING seq, key)
+    UPDATE outbox o SET parked_at = now(), held_behind = p.seq,
+                        park_error = 'waits behind seq ' || p.seq
+    FROM parked p
+    WHERE o.key = p.key AND o.seq > p.seq AND o.published_at IS NULL AND o.parked_at IS NULL
 """
 _HOLDER_ALIVE = """
     SELECT EXISTS (
@@ -97,28 +137,38 @@ _HOLDER_ALIVE = """
 _STILL_LEADER = """
     UPDATE outbox_relay_fence
     SET holder = $1, fence_until = clock_timestamp() + make_interval(secs => $2)
-    WHERE id = 1 AND EXISTS (
+    WHERE id = 1
+      AND EXISTS (
         SELECT FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()
           AND classid = 0 AND objid = $3 AND objsubid = 1 AND granted)
+      AND EXISTS (
+        SELECT FROM pg_locks WHERE locktype = 'advisory' AND pid = $6
+          AND classid = $4 AND objid = $5 AND objsubid = 2 AND granted)
     RETURNING fence_until
 """
 
 
 def parkable(error: BaseException) -> bool:
-    """A refusal of this record that publishing it again cannot fix."""
-    return (isinstance(error, KafkaError) and not error.retriable
-            and not isinstance(error, _NOT_THE_RECORDS_FAULT))
+    """A refusal of this record that publishing it again cannot fix (an allow-list).
+
+    ``CorruptRecordException`` is not one: it is also a CRC mismatch on the
+    network (retriable in the Java client). Kafka's INVALID_RECORD (87) reaches
+    aiokafka as ``UnknownError``, indistinguishable from other faults: retried.
+    """
+    return isinstance(error, _RECORD_FAULTS)
 
 
 class LeadershipLost(Exception):
-    """The relay's lock connection is gone, or no longer holds the lock."""
+    """The relay's lock or alive connection is gone, or no longer holds its lock."""
 
 
 @dataclass
 class _Batch:
-    published: list[int]
-    parked: int
-    interrupted: BaseException | None
+    published: list[int] = field(default_factory=list)
+    parked: int = 0
+    held: int = 0
+    #: the first error that is not the record's fault: the relay backs off after the batch
+    error: BaseException | None = None
 
 
 class OutboxRelay:
@@ -142,6 +192,8 @@ class OutboxRelay:
         self._alive_key = secrets.randbelow(2**31 - 1) + 1
         self._holder = str(self._alive_key)
         self._alive: asyncpg.Connection | None = None
+        #: set when the alive connection is lost (the relay then stops leading)
+        self._alive_lost = asyncio.Event()
         #: set while this relay leads
         self.leading = asyncio.Event()
 
@@ -172,22 +224,31 @@ class OutboxRelay:
 
     async def _stay_alive(self) -> None:
         """Hold this relay's own "alive" lock (again, after its connection was lost)."""
-        if self._alive is not None and not self._alive.is_closed():
+        if self._alive is not None and not self._alive.is_closed() \
+                and not self._alive_lost.is_set():
             return
         if self._alive is not None:
             self._alive.terminate()
         self._alive = None
-        connection = await asyncpg.connect(self._database_url)
+        connection = await _connect(self._database_url)
         try:
             await connection.execute("SELECT pg_advisory_lock($1, $2)", _ALIVE_CLASS,
                                      self._alive_key)
         except BaseException:
             connection.terminate()
             raise
+        self._alive_lost.clear()
+        connection.add_termination_listener(lambda _: self._alive_lost.set())
         self._alive = connection
 
+    def _check_alive(self, lost: asyncio.Event) -> None:
+        if lost.is_set():
+            raise LeadershipLost("the relay's lock connection was lost")
+        if self._alive_lost.is_set():
+            raise LeadershipLost("the relay's alive connection was lost")
+
     async def _run_as_leader(self, stopping: asyncio.Event) -> None:
-        lock = await asyncpg.connect(self._database_url)
+        lock = await _connect(self._database_url)
         lost = asyncio.Event()
         lock.add_termination_listener(lambda _: lost.set())
         try:
@@ -196,6 +257,7 @@ class OutboxRelay:
                 await _sleep_unless(stopping, self._poll_seconds)
                 if stopping.is_set():
                     return
+                self._check_alive(lost)
             await self._wait_for_fence(stopping, lost)
             await lock.add_listener(_CHANNEL, self._on_notify)
             log.info("outbox relay active")
@@ -208,8 +270,7 @@ class OutboxRelay:
                     pass
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wait(stopping, lost), self._poll_seconds)
-                if lost.is_set():
-                    raise LeadershipLost("the relay's lock connection was lost")
+                self._check_alive(lost)
         finally:
             if self.leading.is_set():
                 log.info("outbox relay no longer active")
@@ -238,20 +299,21 @@ class OutboxRelay:
                          wait_s=round(float(remaining), 3))
                 announced = True
             await _sleep_unless(stopping, min(float(remaining), 0.2))
-            if lost.is_set():
-                raise LeadershipLost("the relay's lock connection was lost")
+            self._check_alive(lost)
 
     async def _publish_fenced(self, lock: asyncpg.Connection, lost: asyncio.Event) -> int:
         """One batch, after proving on the lock connection that this relay still leads."""
-        if lost.is_set():
-            raise LeadershipLost("the relay's lock connection was lost")
+        self._check_alive(lost)
         started = time.monotonic()
         fence = self._publish_timeout + _MARK_MARGIN_SECONDS
+        alive_pid = self._alive.get_server_pid() if self._alive is not None else 0
         if await self._lock_query(lock.fetchval(
-                _STILL_LEADER, self._holder, fence, _RELAY_LOCK_KEY)) is None:
-            raise LeadershipLost("the relay's lock is no longer held")
+                _STILL_LEADER, self._holder, fence, _RELAY_LOCK_KEY, _ALIVE_CLASS,
+                self._alive_key, alive_pid)) is None:
+            raise LeadershipLost("the relay's lock (or its alive lock) is no longer held")
         try:
-            return await self.publish_pending(deadline=started + self._publish_timeout)
+            return await self.publish_pending(deadline=started + self._publish_timeout,
+                                              may_send=lambda: self._check_alive(lost))
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pool.execute(
@@ -267,80 +329,84 @@ class OutboxRelay:
             raise LeadershipLost(f"the relay's lock connection failed: {type(error).__name__}") \
                 from error
 
-    async def publish_pending(self, deadline: float | None = None) -> int:
-        """Publish one batch of unpublished rows in order; returns how many were handled.
+    async def publish_pending(self, deadline: float | None = None,
+                              may_send: Callable[[], None] | None = None) -> int:
+        """Publish one batch of unpublished rows in order; returns how many were read.
 
-        Rows acked by the broker are marked published, rows it refuses for good
-        are parked; anything else interrupts the relay after marking what went out.
+        Each key's rows go out one after the other (the next only once the
+        broker acked the previous), keys side by side. Before handing any record
+        to the producer, ``may_send`` (raises when leadership is lost) and the
+        deadline are checked. Acked rows are marked published whatever happens
+        to the rest of the batch; a refused row is parked with its key's later
+        rows held; any other failure stops that key for this batch, and is
+        raised after marking so the relay backs off and sends it again.
         """
         rows = await self._pool.fetch(_PENDING, self._batch_size)
         if not rows:
             return 0
-        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.001)
-        spans = [self._tracer.start_span(
-            f"publish {row['type']}", context=context_from_traceparent(row["traceparent"]),
-            kind=trace.SpanKind.PRODUCER, attributes=messaging_attributes(row["topic"]))
-            for row in rows]
-        batch = _Batch(published=[], parked=0, interrupted=None)
+        batch = _Batch()
+        behind = [row for row in rows if row["behind"] is not None]
+        if behind:  # a key with a parked row: held, never walked again
+            await self._pool.execute(_HOLD, [row["seq"] for row in behind],
+                                     [row["behind"] for row in behind])
+            batch.held = len(behind)
+        chains: dict[object, list[asyncpg.Record]] = {}
+        for row in rows:
+            if row["behind"] is None:
+                key = row["key"] if row["key"] is not None else ("no key", row["seq"])
+                chains.setdefault(key, []).append(row)
+
+        def check() -> None:
+            if may_send is not None:
+                may_send()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError("the batch's publish deadline has passed")
+
         try:
-            await asyncio.wait_for(self._send(rows, spans, batch), timeout)
-        except TimeoutError as error:  # the fence runs out: mark what went out, stop
-            batch.interrupted = error
+            sends = [self._send_chain(chain, batch, check) for chain in chains.values()]
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
+            try:
+                results = await asyncio.wait_for(
+                    asyncio.gather(*sends, return_exceptions=True), timeout)
+            except TimeoutError as error:  # records still unacked: sent again next batch
+                results = [error]
+            for result in results:
+                if isinstance(result, BaseException) and batch.error is None:
+                    batch.error = result
         finally:
-            for span in spans:
-                span.end()
-        if batch.published:  # within the fence's margin, so a successor never reads them unmarked
-            await asyncio.wait_for(self._pool.execute(
-                "UPDATE outbox SET published_at = now() WHERE seq = ANY($1::bigint[])",
-                batch.published), None if deadline is None else _MARK_MARGIN_SECONDS)
-        log.debug("outbox published", count=len(batch.published), parked=batch.parked)
-        if batch.interrupted is not None:
-            raise batch.interrupted
+            if batch.published:  # within the fence's margin: a successor never reads them unmarked
+                await asyncio.wait_for(self._pool.execute(
+                    "UPDATE outbox SET published_at = now() WHERE seq = ANY($1::bigint[])",
+                    sorted(set(batch.published))),
+                    None if deadline is None else _MARK_MARGIN_SECONDS)
+        log.debug("outbox published", count=len(batch.published), parked=batch.parked,
+                  held=batch.held)
+        if batch.error is not None:
+            raise batch.error
         return len(rows)
 
-    async def _send(self, rows: list[asyncpg.Record], spans: list[trace.Span],
-                    batch: _Batch) -> None:
-        blocked: dict[str, int] = {}  # key -> seq of its parked row: later rows wait
-        sent: list[tuple[asyncpg.Record, asyncio.Future[Any]]] = []
-        span_of = {row["seq"]: span for row, span in zip(rows, spans, strict=True)}
-        for row, span in zip(rows, spans, strict=True):
-            if row["key"] in blocked:
-                continue
+    async def _send_chain(self, rows: list[asyncpg.Record], batch: _Batch,
+                          check: Callable[[], None]) -> None:
+        """Send one key's rows in order, each after the previous one was acked."""
+        for row in rows:
+            check()
+            span = self._tracer.start_span(
+                f"publish {row['type']}", context=context_from_traceparent(row["traceparent"]),
+                kind=trace.SpanKind.PRODUCER, attributes=messaging_attributes(row["topic"]))
             try:
-                sent.append((row, await self._enqueue(row, span)))
-            except KafkaError as error:
-                if not parkable(error):
-                    batch.interrupted = error
-                    break
-                await self._park(row, error, blocked)
-                batch.parked += 1
-        results = await asyncio.gather(*(future for _, future in sent), return_exceptions=True)
-        refused = []
-        for (row, _), result in zip(sent, results, strict=True):
-            if not isinstance(result, BaseException):
-                if row["key"] in blocked and row["seq"] > blocked[row["key"]]:
-                    log.warning("outbox event published ahead of a parked one",
-                                seq=row["seq"], event_id=row["event_id"], key=row["key"])
-                batch.published.append(row["seq"])
-            elif parkable(result):
-                refused.append(row)
-            elif batch.interrupted is None:
-                batch.interrupted = result
-        # a broker refuses a whole request: find the guilty rows by sending each alone
-        for row in refused:
-            if batch.interrupted is not None:
-                break
-            if row["key"] in blocked:
-                continue
-            try:
-                await (await self._enqueue(row, span_of[row["seq"]]))
-                batch.published.append(row["seq"])
-            except KafkaError as error:
-                if not parkable(error):
-                    batch.interrupted = error
-                    break
-                await self._park(row, error, blocked)
-                batch.parked += 1
+                try:
+                    future = await self._enqueue(row, span)
+                    future.add_done_callback(_recorder(batch, row["seq"]))
+                    # shielded: a deadline must not cancel a record the producer holds
+                    await asyncio.shield(future)
+                except KafkaError as error:
+                    if not parkable(error):
+                        raise
+                    await self._park(row, error)
+                    batch.parked += 1
+                    return
+            finally:
+                span.end()
 
     async def _enqueue(self, row: asyncpg.Record, span: trace.Span) -> asyncio.Future[Any]:
         key = row["key"].encode() if row["key"] is not None else None
@@ -355,14 +421,9 @@ class OutboxRelay:
                 " allowed (CREDITNOTES_OUTBOX_MAX_EVENT_BYTES)")
         return await self._producer.enqueue(row["topic"], key, value, headers)
 
-    async def _park(self, row: asyncpg.Record, error: BaseException,
-                    blocked: dict[str, int]) -> None:
-        if row["key"] is not None:
-            blocked.setdefault(row["key"], row["seq"])
+    async def _park(self, row: asyncpg.Record, error: BaseException) -> None:
         reason = f"{type(error).__name__}: {error}"[:1000]
-        await self._pool.execute(
-            "UPDATE outbox SET parked_at = now(), park_error = $2"
-            " WHERE seq = $1 AND published_at IS NULL", row["seq"], reason)
+        await self._pool.execute(_PARK, row["seq"], reason)
         log.error("outbox event parked", seq=row["seq"], event_id=row["event_id"],
                   topic=row["topic"], key=row["key"], type=row["type"],
                   error=type(error).__name__, size=len(row["payload"].encode()))
@@ -371,12 +432,27 @@ class OutboxRelay:
         self._wake.set()
 
     async def _wait(self, stopping: asyncio.Event, lost: asyncio.Event) -> None:
-        waits = [asyncio.ensure_future(event.wait()) for event in (self._wake, stopping, lost)]
+        waits = [asyncio.ensure_future(event.wait())
+                 for event in (self._wake, stopping, lost, self._alive_lost)]
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiter in waits:
                 waiter.cancel()
+
+
+def _recorder(batch: _Batch, seq: int) -> Callable[[asyncio.Future[Any]], None]:
+    """Record an ack the moment it arrives, so it is marked even if the batch then fails."""
+    def record(future: asyncio.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            batch.published.append(seq)
+    return record
+
+
+async def _connect(database_url: str) -> asyncpg.Connection:
+    connection: asyncpg.Connection = await asyncpg.connect(
+        database_url, server_settings=RELAY_SESSION_SETTINGS)
+    return connection
 
 
 async def _sleep_unless(stopping: asyncio.Event, seconds: float) -> None:

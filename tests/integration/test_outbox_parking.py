@@ -66,10 +66,13 @@ async def test_a_refused_event_is_parked_its_invoice_waits_others_flow_and_retry
                     "credit_note.issue", {"invoice_id": invoice_id, "amount": 1_000}))
             [issued_b] = await kafka.expect(topics.credit_note_events, "credit_note.issued")
             assert issued_b.key == b"in_B001"
-            waiting = await fetchrow(settings, "SELECT seq, published_at, parked_at FROM outbox"
+            waiting = await fetchrow(settings, "SELECT seq, published_at, held_behind,"
+                                     " park_error FROM outbox"
                                      " WHERE key = 'in_A001' AND type = 'credit_note.issued'")
             assert waiting is not None and waiting["published_at"] is None
-            assert waiting["parked_at"] is None  # it waits; it is not itself refused
+            # it waits (held, out of the relay's scan); it is not itself refused
+            assert waiting["held_behind"] == parked_seq
+            assert waiting["park_error"] == f"waits behind seq {parked_seq}"
             await kafka.settle(1.5)
             assert of_key(kafka, "in_A001") == []  # order per invoice: nothing overtakes
             assert "creditnotes_outbox_parked 1.0" in await metrics(service)
@@ -82,6 +85,8 @@ async def test_a_refused_event_is_parked_its_invoice_waits_others_flow_and_retry
     assert listed.returncode == 0, listed.stderr
     row = next(line for line in listed.stdout.splitlines() if f"{parked_seq} " in line)
     assert "in_A001" in row and "MessageSizeTooLargeError" in listed.stdout
+    cells = [cell.strip() for cell in row.strip().strip("│").split("│")]
+    assert cells[-1] == "1"  # waiting: the credit_note.issued held behind it
 
     # the cause is fixed (a larger limit), the row is still parked until ops retry it
     fixed = settings.model_copy(update={"outbox_max_event_bytes": 2_000_000})
@@ -140,7 +145,8 @@ async def test_refusals_in_one_batch_park_only_their_rows_and_rows_sent_beside_t
         assert not {"evt_a2", "evt_a3", "evt_e1", "evt_e2"} & set(copies(kafka))
         assert set(copies(kafka).values()) == {1}
         errors = {row["seq"]: row["park_error"] for row in await admin.fetch(
-            "SELECT seq, park_error FROM outbox WHERE parked_at IS NOT NULL")}
+            "SELECT seq, park_error FROM outbox WHERE parked_at IS NOT NULL"
+            " AND held_behind IS NULL")}
         assert set(errors) == {rows["a2"], rows["e1"]}
         assert "when serialized" in errors[rows["a2"]]  # aiokafka's own refusal this time
         assert await unpublished(admin) == {rows[name] for name in ("a2", "e1", "a3", "e2")}
@@ -150,7 +156,8 @@ async def test_refusals_in_one_batch_park_only_their_rows_and_rows_sent_beside_t
 
 async def parked(connection: asyncpg.Connection) -> dict[int, str]:
     return {row["seq"]: row["park_error"].split(":")[0] for row in await connection.fetch(
-        "SELECT seq, park_error FROM outbox WHERE parked_at IS NOT NULL")}
+        "SELECT seq, park_error FROM outbox WHERE parked_at IS NOT NULL"
+        " AND held_behind IS NULL")}
 
 
 async def unpublished(connection: asyncpg.Connection) -> set[int]:

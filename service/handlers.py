@@ -9,14 +9,20 @@ Each message first claims its ``source`` + ``id`` in the processed-message
 ledger; a message already claimed has no second effect. A business refusal
 becomes a ``credit_note.rejected`` event. An
 :class:`~service.domain.errors.Undeliverable` error is raised before the
-domain changes anything, so the unit of work only has to release that
-message's claim (its ledger row says ``released:<reason>``, and a later
-delivery of the same event claims it again); the error goes back to the
-caller for the dead-letter topic.
+domain changes anything. The ledger records the dead-letter DECISION before
+the caller sends the dead letter: ``dead_lettered:<reason>`` with the
+delivery (topic, partition, offset), in the message's own transaction, or, for
+a message whose transaction was rolled back or that waited in vain, by a
+compare-and-set that refuses if another transaction applied the key meanwhile
+(:func:`decide_dead_letter`). A message still waiting for its invoice only
+gives its key back (``released:<reason>``). A redelivery of a dead-lettered
+delivery is not re-evaluated: its dead letter is sent again. So a record gets
+a dead letter or an effect, never both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -68,7 +74,10 @@ class UnitOfWork(Protocol):
     def transaction(self) -> AbstractAsyncContextManager[None]: ...
     async def prepare(self, messages: Sequence[Message]) -> None: ...
     async def claim(self, trigger: Trigger, delivery: Delivery) -> bool: ...
+    async def dead_letter_of(self, trigger: Trigger, delivery: Delivery) -> str | None: ...
     async def release(self, trigger: Trigger, reason: str) -> None: ...
+    async def decide_dead_letter(self, trigger: Trigger, delivery: Delivery,
+                                 reason: str) -> bool: ...
     async def record_outcome(self, trigger: Trigger, outcome: str) -> None: ...
     async def get_invoice_for_update(self, invoice_id: str) -> Invoice | None: ...
     async def add_invoice(self, invoice: Invoice) -> None: ...
@@ -86,29 +95,115 @@ class Result:
     #: the rejection's reason code when the outcome is REJECTED
     reason: str = ""
     error: errors.Undeliverable | None = None
+    #: the ledger records its dead letter: the caller sends it (else ``error`` is retryable:
+    #: the message waits for what it refers to)
+    decided: bool = False
+    #: how many times it was applied (for ``dlq.attempts``)
+    attempts: int = 1
 
 
-async def apply_batch(messages: Sequence[Message],
-                      unit_of_work: Callable[[], UnitOfWork]) -> list[Result]:
-    """Apply messages in one transaction; if that fails, one message at a time.
+#: Called before a message that failed is tried alone again: sleeps, and says whether to.
+Pause = Callable[[Message, errors.Undeliverable, int], Awaitable[bool]]
+#: Told the results committed one message at a time before an outage interrupted the batch.
+Committed = Callable[[Sequence[Result]], None]
+#: SQLSTATE classes whose refusal a second attempt cannot change: data exception (22),
+#: program limit exceeded (54).
+DETERMINISTIC_CLASSES = frozenset({"22", "54"})
+
+
+class _DeadLetterDecided(Exception):
+    """This very delivery was dead-lettered before: send its dead letter again."""
+
+    def __init__(self, error: errors.Undeliverable) -> None:
+        super().__init__(error.code)
+        self.error = error
+
+
+async def apply_batch(messages: Sequence[Message], unit_of_work: Callable[[], UnitOfWork],
+                      *, attempts: int = 1, pause: Pause | None = None,
+                      committed: Committed | None = None) -> list[Result]:
+    """Apply messages in one transaction; if that fails, one message at a time, in order.
 
     The fallback isolates the message at fault: every other one is applied,
     and only that one comes back with its error: ``RefusedByDatabase`` when
     PostgreSQL refused its effect, ``ProcessingFailed`` for any other
-    exception. ``errors.Unavailable`` (PostgreSQL itself failed) is nobody's
-    fault and propagates: the caller retries the same messages in place.
+    exception. It is tried alone up to ``attempts`` times in all (``pause``
+    first; SQLSTATE classes 22 and 54 are not retried) BEFORE the messages
+    after it, so an invoice's messages keep their order; then its dead letter
+    is decided and the next message goes. ``errors.Unavailable`` (PostgreSQL
+    itself failed) is nobody's fault and propagates (``committed`` is first
+    told what was committed one by one): the caller retries the same messages
+    in place.
     """
     try:
         return await _apply_together(messages, unit_of_work())
     except errors.Unavailable:
         raise
     except Exception as error:  # any other failure is a message's: find which one
-        if len(messages) == 1:
-            return [Result(messages[0], error=_undeliverable(error))]
+        failure: Exception | None = error
     results: list[Result] = []
-    for message in messages:
-        results += await apply_batch([message], unit_of_work)
+    try:
+        for message in messages:
+            results.append(await _apply_alone(
+                message, unit_of_work, attempts, pause,
+                failure if len(messages) == 1 else None))
+    except errors.Unavailable:
+        if committed is not None:
+            committed(results)
+        raise
     return results
+
+
+async def _apply_alone(message: Message, unit_of_work: Callable[[], UnitOfWork], attempts: int,
+                       pause: Pause | None, failure: Exception | None) -> Result:
+    attempt = 1
+    while True:
+        if failure is None:
+            try:
+                [result] = await _apply_together([message], unit_of_work())
+            except errors.Unavailable:
+                raise
+            except Exception as raised:
+                failure = raised
+            else:
+                return dataclasses.replace(result, attempts=attempt)
+        refused = _undeliverable(failure)
+        if (attempt >= attempts or pause is None or _deterministic(refused)
+                or not await pause(message, refused, attempt)):
+            return await decide_dead_letter(message, refused, unit_of_work, attempt)
+        attempt += 1
+        failure = None
+
+
+async def decide_dead_letter(message: Message, error: errors.Undeliverable,
+                             unit_of_work: Callable[[], UnitOfWork],
+                             attempts: int = 1) -> Result:
+    """Record in the ledger, in a transaction of its own, that ``message`` is dead-lettered.
+
+    For a message whose transaction was rolled back, or that waited in vain
+    (its key released). If another transaction applied or rejected the key
+    meanwhile (another replica that took its partition), the message is a
+    duplicate and must not be dead-lettered. A key PostgreSQL cannot store
+    (refused) can never be applied either: dead-lettered without a row.
+    """
+    uow = unit_of_work()
+    try:
+        async with uow.transaction():
+            decided = await uow.decide_dead_letter(message.command.trigger, message.delivery,
+                                                   error.code)
+    except errors.RefusedByDatabase:
+        decided = True
+    if decided:
+        return Result(message, error=error, decided=True, attempts=attempts)
+    return Result(message, outcome=Outcome.DUPLICATE, attempts=attempts)
+
+
+def _deterministic(error: errors.Undeliverable) -> bool:
+    """A refusal of a value (SQLSTATE 22, 54): trying the same message again cannot differ."""
+    if not isinstance(error, errors.RefusedByDatabase):
+        return False
+    cause = error.__cause__ or error.__context__
+    return str(getattr(cause, "sqlstate", "") or "")[:2] in DETERMINISTIC_CLASSES
 
 
 def _undeliverable(error: Exception) -> errors.Undeliverable:
@@ -118,6 +213,18 @@ def _undeliverable(error: Exception) -> errors.Undeliverable:
                                    f"{errors.raised_in(error)}", cause=error)
 
 
+def _redelivered(reason: str) -> errors.Undeliverable:
+    """The error of a dead letter decided by an earlier delivery of the same record."""
+    kinds = [errors.Undeliverable]
+    for kind in kinds:
+        kinds += kind.__subclasses__()
+        if kind.code == reason:
+            return kind(f"{reason}: dead-lettered by an earlier delivery of this record,"
+                        " sent again without applying it")
+    return errors.Undeliverable(f"{reason}: dead-lettered by an earlier delivery of this"
+                                " record, sent again without applying it")
+
+
 async def _apply_together(messages: Sequence[Message], uow: UnitOfWork) -> list[Result]:
     results: list[Result] = []
     async with uow.transaction():
@@ -125,9 +232,15 @@ async def _apply_together(messages: Sequence[Message], uow: UnitOfWork) -> list[
         for message in messages:
             try:
                 outcome, reason = await handle(message, uow)
+            except _DeadLetterDecided as decided:
+                results.append(Result(message, error=decided.error, decided=True))
             except errors.Undeliverable as error:
-                await uow.release(message.command.trigger, error.code)
-                results.append(Result(message, error=error))
+                trigger = message.command.trigger
+                if error.retryable:  # waits: gives its key back, a later attempt claims it
+                    await uow.release(trigger, error.code)
+                else:
+                    await uow.record_outcome(trigger, f"dead_lettered:{error.code}")
+                results.append(Result(message, error=error, decided=not error.retryable))
             else:
                 results.append(Result(message, outcome=outcome, reason=reason))
     return results
@@ -137,6 +250,9 @@ async def handle(message: Message, uow: UnitOfWork) -> tuple[Outcome, str]:
     """Apply one message; returns its outcome and, for a rejection, the reason code."""
     command = message.command
     if not await uow.claim(command.trigger, message.delivery):
+        reason = await uow.dead_letter_of(command.trigger, message.delivery)
+        if reason is not None:
+            raise _DeadLetterDecided(_redelivered(reason))
         return Outcome.DUPLICATE, ""
     try:
         await _HANDLERS[type(command)](command, uow)

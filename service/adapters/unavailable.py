@@ -16,6 +16,13 @@ the server must never dead-letter good records.
   intervention: shutting down, cannot connect now), 58 (system error),
   40001 serialization failure, 40P01 deadlock, 40003 completion unknown,
   25006 read-only transaction (a fail-over to a standby), 55P03 lock not available;
+- PostgreSQL refusing the service, not the statement: class 28 (the login is
+  refused: a rotated password, a role set NOLOGIN), 42 (syntax or access
+  rule: a privilege revoked, a migration not applied; the service's
+  statements never carry a record's values in their text, so no record can
+  cause one), 3D000 (no such database), 3F000 (no such schema), and asyncpg's
+  ``InvalidCachedStatementError`` (0A000 after a concurrent ``ALTER TABLE``:
+  the next transaction re-prepares);
 - aiokafka errors that are retriable or about the connection
   (``KafkaConnectionError``, ``KafkaTimeoutError``, ``NodeNotReadyError`` ...).
 """
@@ -32,9 +39,9 @@ from asyncpg.exceptions import _base as asyncpg_base
 from service.domain import errors
 
 #: SQLSTATE classes (first two characters) that are the server's, whatever the statement.
-UNAVAILABLE_CLASSES = frozenset({"08", "53", "57", "58"})
+UNAVAILABLE_CLASSES = frozenset({"08", "28", "42", "53", "57", "58"})
 #: Single SQLSTATEs that are the server's (or a race that a retry resolves).
-UNAVAILABLE_STATES = frozenset({"40001", "40P01", "40003", "25006", "55P03"})
+UNAVAILABLE_STATES = frozenset({"40001", "40P01", "40003", "25006", "55P03", "3D000", "3F000"})
 
 _KAFKA_CONNECTION_ERRORS = (
     kafka_errors.KafkaConnectionError, kafka_errors.KafkaTimeoutError,
@@ -47,6 +54,8 @@ def is_unavailable(error: BaseException) -> bool:
     """Whether ``error`` says PostgreSQL or the broker failed, not the record."""
     if isinstance(error, errors.Unavailable | OSError):
         return True
+    if isinstance(error, asyncpg.exceptions.InvalidCachedStatementError):
+        return True  # a concurrent ALTER TABLE invalidated a prepared statement
     if isinstance(error, asyncpg.PostgresError):
         state = str(getattr(error, "sqlstate", "") or "")
         return state[:2] in UNAVAILABLE_CLASSES or state in UNAVAILABLE_STATES

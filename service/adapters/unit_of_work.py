@@ -59,6 +59,9 @@ class PostgresUnitOfWork:
         self._claimed: set[tuple[str, str]] = set()
         self._used: set[tuple[str, str]] = set()
         self._outcomes: dict[tuple[str, str], str] = {}
+        #: keys dead-lettered earlier: (topic, partition, offset) of that delivery, reason
+        self._dead_lettered: dict[tuple[str, str], tuple[tuple[str, int | None, int | None],
+                                                         str]] = {}
         self._new_invoices: list[Invoice] = []
         self._dirty_invoices: dict[str, Invoice] = {}
         self._new_notes: list[CreditNote] = []
@@ -115,10 +118,14 @@ class PostgresUnitOfWork:
         await self._load_invoices(invoice_ids)
         if void_ids:
             await self._load_credit_notes(void_ids)
-        keys = sorted({(m.command.trigger.source, m.command.trigger.id): m for m in messages}
-                      .items())
-        # A key is claimed when it is new (or was released); one whose event already
-        # issued a credit note is a duplicate even after retention pruned its ledger row.
+        first: dict[tuple[str, str], Message] = {}
+        for m in messages:  # the first copy of a key is the one claim() lets apply
+            first.setdefault((m.command.trigger.source, m.command.trigger.id), m)
+        keys = sorted(first.items())
+        # A key is claimed when it is new, released, or dead-lettered by another delivery
+        # (a replay); one whose event already issued a credit note is a duplicate even
+        # after retention pruned its ledger row. A key dead-lettered by this very delivery
+        # (topic, partition, offset) is not re-evaluated: its dead letter is sent again.
         rows = await self.connection.fetch(
             """
             WITH claimed AS (
@@ -131,6 +138,14 @@ class PostgresUnitOfWork:
                         kafka_partition = EXCLUDED.kafka_partition,
                         kafka_offset = EXCLUDED.kafka_offset, processed_at = now()
                     WHERE processed_messages.outcome LIKE 'released:%'
+                       OR (processed_messages.outcome LIKE 'dead_lettered:%'
+                           AND NOT (EXCLUDED.kafka_offset IS NOT NULL
+                                    AND (processed_messages.topic,
+                                         processed_messages.kafka_partition,
+                                         processed_messages.kafka_offset)
+                                        IS NOT DISTINCT FROM (EXCLUDED.topic,
+                                                              EXCLUDED.kafka_partition,
+                                                              EXCLUDED.kafka_offset)))
                 RETURNING source, id
             )
             SELECT source, id FROM claimed
@@ -143,6 +158,17 @@ class PostgresUnitOfWork:
             ["applied"] * len(keys),
         )
         self._claimed = {(row["source"], row["id"]) for row in rows}
+        self._dead_lettered = {}
+        if len(self._claimed) < len(keys):
+            for row in await self.connection.fetch(
+                    "SELECT source, id, topic, kafka_partition, kafka_offset, outcome"
+                    " FROM processed_messages AS p"
+                    " JOIN unnest($1::text[], $2::text[]) AS k(source, id) USING (source, id)"
+                    " WHERE p.outcome LIKE 'dead_lettered:%' AND p.kafka_offset IS NOT NULL",
+                    [key[0] for key, _ in keys], [key[1] for key, _ in keys]):
+                self._dead_lettered[(row["source"], row["id"])] = (
+                    (row["topic"], row["kafka_partition"], row["kafka_offset"]),
+                    row["outcome"].removeprefix("dead_lettered:"))
 
     async def claim(self, trigger: Trigger, delivery: Delivery) -> bool:
         """Whether this message is the first to carry its key (in the ledger and the batch)."""
@@ -153,9 +179,42 @@ class PostgresUnitOfWork:
         self._used.add(key)
         return True
 
+    async def dead_letter_of(self, trigger: Trigger, delivery: Delivery) -> str | None:
+        """The reason recorded when this very delivery was dead-lettered (None: it was not)."""
+        found = self._dead_lettered.get((trigger.source, trigger.id))
+        if found is None or found[0] != (delivery.topic, delivery.partition, delivery.offset):
+            return None
+        return found[1]
+
     async def release(self, trigger: Trigger, reason: str) -> None:
-        """Give back the key of a message that will be dead-lettered, so a replay can apply it."""
+        """Give back the key of a message that waits (not found yet): a later delivery claims it."""
         self._outcomes[(trigger.source, trigger.id)] = f"released:{reason}"
+
+    async def decide_dead_letter(self, trigger: Trigger, delivery: Delivery,
+                                 reason: str) -> bool:
+        """Record, at once, that this delivery is dead-lettered; False if the key has an effect.
+
+        A compare-and-set: the key is written ``dead_lettered:<reason>`` when it has
+        no row (its transaction was rolled back), a released one, or a dead-lettered
+        one (this delivery's own, its dead letter is resent; or another delivery's).
+        A row another transaction applied or rejected meanwhile (another replica)
+        is left alone, and so is the record: it must not be dead-lettered too.
+        """
+        row = await self.connection.fetchrow(
+            """
+            INSERT INTO processed_messages
+                (source, id, type, topic, kafka_partition, kafka_offset, outcome)
+            VALUES ($1, $2, $3, $4, $5, $6, 'dead_lettered:' || $7::text)
+            ON CONFLICT (source, id) DO UPDATE
+                SET outcome = EXCLUDED.outcome, type = EXCLUDED.type, topic = EXCLUDED.topic,
+                    kafka_partition = EXCLUDED.kafka_partition,
+                    kafka_offset = EXCLUDED.kafka_offset, processed_at = now()
+                WHERE processed_messages.outcome LIKE 'released:%'
+                   OR processed_messages.outcome LIKE 'dead_lettered:%'
+            RETURNING outcome
+            """, trigger.source, trigger.id, trigger.type, delivery.topic, delivery.partition,
+            delivery.offset, reason)
+        return row is not None
 
     async def record_outcome(self, trigger: Trigger, outcome: str) -> None:
         self._outcomes[(trigger.source, trigger.id)] = outcome

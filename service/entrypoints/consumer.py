@@ -10,10 +10,12 @@ failure is the record's; only the infrastructure's is waited out:
 - unknown invoice or credit note: retried with capped exponential backoff for
   ``not_found_retry_seconds``, then dead-lettered;
 - any other exception while applying: the batch is applied one message at a
-  time, so the others are applied, and the message at fault is tried alone
-  up to :data:`ATTEMPTS` times in all, then dead-lettered
-  (``refused_by_database`` for SQLSTATE classes 22, 23 and 54,
-  ``processing_failed`` for the rest, the exception's class in ``dlq.error.class``);
+  time, in order, so the others are applied, and the message at fault is
+  tried alone (up to :data:`ATTEMPTS` times in all, before the messages after
+  it, within the batch's :func:`retry_budget_seconds`; once for SQLSTATE
+  classes 22 and 54), then dead-lettered (``refused_by_database`` for SQLSTATE
+  classes 22, 23 and 54, ``processing_failed`` for the rest, the exception's
+  class in ``dlq.error.class``);
 - infrastructure (``errors.Unavailable``: PostgreSQL or the broker unreachable,
   shutting down, a deadlock or serialization failure, mapped once in
   ``service.adapters.unavailable``): the exception propagates after a backoff,
@@ -23,6 +25,9 @@ failure is the record's; only the infrastructure's is waited out:
 
 The record's offset is committed by the subscriber only after this returns,
 that is after the transaction committed or the dead letter was acknowledged.
+A dead letter is decided in the ledger before it is sent (``handlers``), so a
+redelivery (a NACKed batch, a crash before the offset commit, another replica
+after a rebalance) sends it again and never applies the record.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from service.handlers import (
     Result,
     UnitOfWork,
     apply_batch,
+    decide_dead_letter,
     invoice_of,
 )
 from service.tracing import context_from_headers, messaging_attributes, traceparent_of
@@ -59,8 +65,48 @@ log = structlog.get_logger(__name__)
 #: How many times in all a message that failed (not for the infrastructure) is applied,
 #: alone, before it is dead-lettered.
 ATTEMPTS = 3
-#: The failures worth a second attempt alone: a race with another replica may explain them.
-RETRIED_ALONE = (errors.ProcessingFailed, errors.RefusedByDatabase)
+#: The least time a batch may spend sleeping before messages retried alone (seconds).
+MIN_RETRY_BUDGET_S = 10.0
+
+
+def retry_budget_seconds(backoff: Backoff, attempts: int) -> float:
+    """How long one batch may sleep between attempts of messages tried alone, in all.
+
+    Enough for one message's every attempt, at least :data:`MIN_RETRY_BUDGET_S`;
+    once spent, a failing message is dead-lettered after one attempt, so a
+    stream of bad records cannot make a batch outlast ``max_poll_interval_ms``.
+    """
+    return max(MIN_RETRY_BUDGET_S,
+               sum(backoff.seconds_before(attempt) for attempt in range(1, attempts)))
+
+
+#: Per record, what a batch's transactions and dead letters may take (seconds): measured
+#: 0.53 s for a record dead-lettered after three attempts and two sleeps, and 0.01 s
+#: per record once the sleeps are spent; 0.5 s is the bound used, with the margin below.
+PER_RECORD_S = 0.5
+#: Margin on top of the worst case (seconds): a slow broker or database, a GC pause.
+POLL_MARGIN_S = 60.0
+#: The least ``max_poll_interval_ms`` (seconds), the value before it was derived.
+MIN_POLL_INTERVAL_S = 600.0
+
+
+def max_poll_interval_ms(backoff: Backoff, attempts: int, not_found_retry_s: float,
+                         batch_max_records: int) -> int:
+    """The consumer's ``max_poll_interval_ms``: above the longest a batch may take.
+
+    A batch sleeps at most the retry budget (messages tried alone) plus
+    ``not_found_retry_s`` (waiting messages share one deadline) plus one
+    infrastructure backoff (before it is NACKed); its transactions and dead
+    letters take up to ``PER_RECORD_S`` a record. Twice the sleeps, plus that,
+    plus :data:`POLL_MARGIN_S`, and never under :data:`MIN_POLL_INTERVAL_S`
+    (a connection attempt that hangs). Defaults (200 records, 0.2/5 s backoff,
+    30 s wait): 2 x (10 + 30 + 5) + 200 x 0.5 + 60 = 250 s, so 600 s; 10,000
+    records: 5,150 s. Past it the member is dropped from the group mid-batch
+    and the batch would be redone for ever.
+    """
+    sleeps = retry_budget_seconds(backoff, attempts) + not_found_retry_s + backoff.cap_s
+    worst = 2 * sleeps + batch_max_records * PER_RECORD_S + POLL_MARGIN_S
+    return int(max(MIN_POLL_INTERVAL_S, worst) * 1000)
 
 
 async def parse_records(records: tuple[Any, ...],
@@ -144,6 +190,8 @@ class Pipeline:
         self._metrics = metrics or Metrics()
         self._tracer = tracer or trace.NoOpTracer()
         self._attempts = attempts
+        self._retry_budget_s = retry_budget_seconds(backoff, attempts)
+        self._retry_deadline = 0.0
 
     async def process_batch(self, records: Sequence[Record]) -> list[Outcome | None]:
         """Apply records in one transaction, dead-lettering any that cannot be applied.
@@ -154,6 +202,7 @@ class Pipeline:
         """
         structlog.contextvars.clear_contextvars()
         started = time.monotonic()
+        self._retry_deadline = started + self._retry_budget_s
         for record in records:
             self._metrics.consumed.labels(record.topic).inc()
         try:
@@ -198,8 +247,7 @@ class Pipeline:
                     "postgresql transaction", kind=trace.SpanKind.CLIENT,
                     links=[trace.Link(span.get_span_context()) for _, _, span in decoded],
                     attributes={"db.system": "postgresql", "creditnotes.messages": len(decoded)}):
-                results = await apply_batch([message for _, message, _ in decoded],
-                                            self._unit_of_work)
+                results = await self._apply([message for _, message, _ in decoded], records)
             pending = [(index, message, result) for (index, message, _), result
                        in zip(decoded, results, strict=True)]
             waiting = await self._settle(records, pending, outcomes, first_failed_at)
@@ -236,33 +284,52 @@ class Pipeline:
         return Message(command, Delivery(record.topic, record.partition, record.offset,
                                          traceparent_of(span)))
 
+    async def _apply(self, messages: Sequence[Message],
+                     records: Sequence[Record]) -> list[Result]:
+        """``apply_batch``, retrying a failed message alone with the batch's backoff and budget."""
+        by_offset: dict[tuple[str, int | None, int | None], Record] = {
+            (record.topic, record.partition, record.offset): record for record in records}
+
+        async def pause(message: Message, error: errors.Undeliverable, attempt: int) -> bool:
+            delay = self._backoff.seconds_before(attempt)
+            if time.monotonic() + delay > self._retry_deadline:
+                return False  # the batch's retry budget is spent: dead-lettered now
+            delivery = message.delivery
+            log.warning("message failed, retrying it alone", topic=delivery.topic,
+                        partition=delivery.partition, offset=delivery.offset,
+                        reason=error.code, error=error.error_class, attempt=attempt,
+                        retry_in_s=delay)
+            await asyncio.sleep(delay)
+            return True
+
+        def committed(results: Sequence[Result]) -> None:
+            # applied one by one before an outage interrupted the batch: reported now,
+            # since the redelivery will find them duplicates
+            for result in results:
+                delivery = result.message.delivery
+                record = by_offset.get((delivery.topic, delivery.partition, delivery.offset))
+                if result.outcome is not None and record is not None:
+                    self._applied(record, result)
+
+        return await apply_batch(messages, self._unit_of_work, attempts=self._attempts,
+                                 pause=pause, committed=committed)
+
     async def _settle(self, records: Sequence[Record],
                       pending: list[tuple[int, Message, Result]], outcomes: list[Outcome | None],
                       first_failed_at: datetime) -> list[tuple[int, Message, errors.Undeliverable]]:
-        """Give each applied message its outcome; retry alone, or dead-letter, the failed ones.
+        """Give each applied message its outcome; send the dead letters decided.
 
         Returns the messages waiting for what they refer to (retried by the caller).
         """
         waiting: list[tuple[int, Message, errors.Undeliverable]] = []
         for index, message, result in pending:
-            attempt = 1
-            while result.error is not None and isinstance(result.error, RETRIED_ALONE) and (
-                    attempt < self._attempts):
-                delay = self._backoff.seconds_before(attempt)
-                log.warning("message failed, retrying it alone", topic=records[index].topic,
-                            partition=records[index].partition, offset=records[index].offset,
-                            reason=result.error.code, error=result.error.error_class,
-                            attempt=attempt, retry_in_s=delay)
-                await asyncio.sleep(delay)
-                attempt += 1
-                [result] = await apply_batch([message], self._unit_of_work)
             if result.error is None:
                 outcomes[index] = self._applied(records[index], result)
-            elif result.error.retryable:
+            elif not result.decided:
                 waiting.append((index, message, result.error))
             else:
                 await self._dead_letter(records[index],
-                                        Failure(result.error, attempt, first_failed_at))
+                                        Failure(result.error, result.attempts, first_failed_at))
         return waiting
 
     def _applied(self, record: Record, result: Result) -> Outcome:
@@ -294,20 +361,25 @@ class Pipeline:
                      retry_in_s=round(delay, 3))
             await asyncio.sleep(delay)
             attempt += 1
-            results = await apply_batch([message for _, message, _ in waiting],
-                                        self._unit_of_work)
+            results = await self._apply([message for _, message, _ in waiting], records)
             still: list[tuple[int, Message, errors.Undeliverable]] = []
             for (index, message, _), result in zip(waiting, results, strict=True):
                 if result.error is None:
                     outcomes[index] = self._applied(records[index], result)
-                elif result.error.retryable:
+                elif not result.decided:
                     still.append((index, message, result.error))
                 else:
                     await self._dead_letter(records[index],
                                             Failure(result.error, attempt, first_failed_at))
             waiting = still
-        for index, _, error in waiting:
-            await self._dead_letter(records[index], Failure(error, attempt, first_failed_at))
+        for index, message, error in waiting:
+            # decided only if the key is still released: another replica that took the
+            # partition may have applied it meanwhile (then it is a duplicate here)
+            result = await decide_dead_letter(message, error, self._unit_of_work, attempt)
+            if result.decided:
+                await self._dead_letter(records[index], Failure(error, attempt, first_failed_at))
+            else:
+                outcomes[index] = self._applied(records[index], result)
 
     async def _dead_letter(self, record: Record, failure: Failure) -> None:
         await self._dead_letters.write(record, failure)

@@ -7,7 +7,9 @@ after :meth:`DeadLetterWriter.write` returned, that is after the broker
 acknowledged the dead-letter record. A broker that cannot take it raises
 ``errors.Unavailable``, and the record is tried again in place. A record too
 large for the broker is dead-lettered without its value (``dlq.value.omitted``
-says how many bytes it had; the original stays at ``dlq.original.*``).
+says how many bytes it had; the original stays at ``dlq.original.*``), and if
+still too large without the original's own headers too (``dlq.headers.omitted``:
+``<count>;<bytes>``, names and values counted).
 """
 
 from __future__ import annotations
@@ -79,10 +81,19 @@ class DeadLetterWriter:
             except (MessageSizeTooLargeError, RecordTooLargeError):
                 # Larger than the broker takes (the input topic allowed more): the dead
                 # letter keeps where the original is, not its value, rather than hold the
-                # partition for ever.
+                # partition for ever; then not the original's headers either.
                 headers.append(("dlq.value.omitted", str(len(record.value or b"")).encode()))
-                await self._producer.send(topic, value=None, key=record.key, headers=headers,
-                                          timestamp_ms=record.timestamp)
+                try:
+                    await self._producer.send(topic, value=None, key=record.key,
+                                              headers=headers, timestamp_ms=record.timestamp)
+                except (MessageSizeTooLargeError, RecordTooLargeError):
+                    kept = [(name, value) for name, value in headers if name.startswith("dlq.")]
+                    dropped = [(name, value) for name, value in headers
+                               if not name.startswith("dlq.")]
+                    size = sum(len(name.encode()) + len(value) for name, value in dropped)
+                    kept.append(("dlq.headers.omitted", f"{len(dropped)};{size}".encode()))
+                    await self._producer.send(topic, value=None, key=record.key, headers=kept,
+                                              timestamp_ms=record.timestamp)
 
 
 def _iso(moment: datetime) -> str:

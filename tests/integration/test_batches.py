@@ -85,8 +85,10 @@ async def test_a_message_the_database_refuses_is_isolated_and_the_others_applied
     totals = [r["total"] for r in await pool.fetch(
         "SELECT total FROM credit_notes ORDER BY sequence")]
     assert totals == [1_000, 2_000]
+    # its effect never committed; its dead-letter decision did (a redelivery resends it)
     assert await pool.fetchval(
-        "SELECT count(*) FROM processed_messages WHERE id = 'bad'") == 0  # never committed
+        "SELECT outcome FROM processed_messages WHERE id = 'bad'") == (
+        "dead_lettered:refused_by_database")
 
 
 async def test_an_undeliverable_message_gives_back_its_key_and_leaves_the_batch_alone(

@@ -56,6 +56,12 @@ def _all_subclasses(kind: type) -> list[type]:
     postgres_error("08006"), postgres_error("57P01"), postgres_error("57P02"),
     postgres_error("57P03"), postgres_error("40001"), postgres_error("40P01"),
     postgres_error("53300"), postgres_error("25006"),
+    # the database refuses the service, not the record: a login refused, a privilege
+    # revoked, a migration not applied, no such database or schema, a plan invalidated
+    postgres_error("28000"), postgres_error("28P01"), postgres_error("42501"),
+    postgres_error("42P01"), postgres_error("42703"), postgres_error("3D000"),
+    postgres_error("3F000"),
+    asyncpg.exceptions.InvalidCachedStatementError("cached plan must not change result type"),
     kafka_errors.KafkaConnectionError(), kafka_errors.KafkaTimeoutError(),
     kafka_errors.NodeNotReadyError(), kafka_errors.LeaderNotAvailableError(),
     kafka_errors.NotLeaderForPartitionError(), kafka_errors.RequestTimedOutError(),
@@ -71,7 +77,7 @@ def test_the_infrastructures_failures_are_unavailable(error: Exception) -> None:
     ValueError("Exceeds the limit (4300 digits)"), TypeError("can't compare offset-naive"),
     KeyError("x"), OverflowError(), RecursionError(), ZeroDivisionError(), AssertionError(),
     postgres_error("22001"), postgres_error("23505"), postgres_error("54000"),
-    postgres_error("42P01"), postgres_error("XX000"),
+    postgres_error("XX000"), postgres_error("0A000"),
     asyncpg_base.DataError("invalid input for query argument $1"),
     kafka_errors.MessageSizeTooLargeError(), kafka_errors.RecordTooLargeError(),
 ], ids=lambda error: f"{type(error).__name__}{getattr(error, 'sqlstate', '')}")

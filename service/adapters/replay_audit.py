@@ -1,22 +1,32 @@
-"""The audit trail of dead-letter replays (table ``dlq_replays``, migration 0010).
+"""The audit trail of dead-letter replays (table ``dlq_replays``, migrations 0010, 0014).
 
 A dead letter is identified by :attr:`Claim.digest`, a digest of its own bytes,
 so the identity survives a broker or topic reset that reuses offsets. A row is
 claimed, in its own committed statement, before the record is sent, and
 confirmed after the broker acknowledged it: a crash in between leaves it
 ``claimed`` ("maybe sent"), which a later run never re-sends without ``--force``.
+
+A record the table cannot hold (a value out of a column's range, a character
+PostgreSQL refuses, a row too big) must refuse that record only, never the
+run: a chunk whose one-statement claim fails so is claimed again row by row.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
+from asyncpg.exceptions import _base
 
 CLAIMED = "claimed"
 SENT = "sent"
+
+#: What a row's own values can make PostgreSQL (or the driver, encoding them) refuse:
+#: class 22 (data), 23514 (a check), 54 (a program limit, e.g. an index row too big).
+_ROW_ERRORS = (asyncpg.DataError, _base.DataError, asyncpg.CheckViolationError,
+               asyncpg.ProgramLimitExceededError)
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,27 @@ class AuditRow:
     reason: str | None
     replay_run: str
     replayed_at: datetime
+
+
+@dataclass
+class Claimed:
+    """The outcome of :meth:`ReplayAudit.claim`."""
+
+    held: set[str] = field(default_factory=set)  # digests this run may send now
+    refused: dict[str, str] = field(default_factory=dict)  # digest -> why the table refused it
+
+
+_INSERT = """
+    INSERT INTO dlq_replays (dead_letter_digest, content_digest, dlq_topic,
+        dlq_partition, dlq_offset, original_topic, original_partition,
+        original_offset, reason, record_key, replay_run, replayed_by, state)
+    SELECT d, c, t, p, o, ot, op, oo, r, k, $11, $12, 'claimed'
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[],
+                $6::text[], $7::int[], $8::bigint[], $9::text[], $10::text[])
+         AS x(d, c, t, p, o, ot, op, oo, r, k)
+    ON CONFLICT (dead_letter_digest) DO NOTHING
+    RETURNING dead_letter_digest
+"""
 
 
 class ReplayAudit:
@@ -67,41 +98,50 @@ class ReplayAudit:
             replays.setdefault(row[0], []).append(AuditRow(*row[1:]))
         return replays
 
-    async def claim(self, claims: Sequence[Claim], *, reclaim: Sequence[str] = ()) -> set[str]:
+    async def claim(self, claims: Sequence[Claim], *,
+                    reclaim: Mapping[str, str] | None = None) -> Claimed:
         """Claim these dead letters for this run, committed before anything is sent.
 
-        Returns the digests this run now holds: new rows, plus the ``claimed``
-        ("maybe sent") rows listed in ``reclaim`` (``--force``). A dead letter
-        another run claimed or sent first is not returned, so it is not sent.
+        ``held``: the digests this run now holds: new rows, plus the ``claimed``
+        ("maybe sent") rows of ``reclaim`` (``--force``; digest -> the run that
+        held it when this run decided) still held by that same run, so of two
+        forced runs only one takes it. A dead letter another run claimed or
+        sent first is not held, so it is not sent. ``refused``: the claims whose
+        row PostgreSQL would not store, with why.
         """
-        held: set[str] = set()
-        if claims:
-            inserted = await self._connection.fetch(
-                """
-                INSERT INTO dlq_replays (dead_letter_digest, content_digest, dlq_topic,
-                    dlq_partition, dlq_offset, original_topic, original_partition,
-                    original_offset, reason, record_key, replay_run, replayed_by, state)
-                SELECT d, c, t, p, o, ot, op, oo, r, k, $11, $12, 'claimed'
-                FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[],
-                            $6::text[], $7::int[], $8::bigint[], $9::text[], $10::text[])
-                     AS x(d, c, t, p, o, ot, op, oo, r, k)
-                ON CONFLICT (dead_letter_digest) DO NOTHING
-                RETURNING dead_letter_digest
-                """,
-                [c.digest for c in claims], [c.content_digest for c in claims],
-                [c.dlq_topic for c in claims], [c.dlq_partition for c in claims],
-                [c.dlq_offset for c in claims], [c.original_topic for c in claims],
-                [c.original_partition for c in claims], [c.original_offset for c in claims],
-                [c.reason for c in claims], [c.record_key for c in claims],
-                self.run, self._operator)
-            held.update(row[0] for row in inserted)
+        claimed = Claimed()
+        try:
+            claimed.held.update(await self._insert(claims))
+        except _ROW_ERRORS:
+            for claim in claims:  # one record's bad value must not stop the others
+                try:
+                    claimed.held.update(await self._insert([claim]))
+                except _ROW_ERRORS as error:
+                    claimed.refused[claim.digest] = type(error).__name__
         if reclaim:
             taken = await self._connection.fetch(
-                """UPDATE dlq_replays SET replay_run = $2, replayed_by = $3, replayed_at = now()
-                   WHERE dead_letter_digest = ANY($1::text[]) AND state = 'claimed'
-                   RETURNING dead_letter_digest""", list(reclaim), self.run, self._operator)
-            held.update(row[0] for row in taken)
-        return held
+                """UPDATE dlq_replays AS r
+                      SET replay_run = $3, replayed_by = $4, replayed_at = now()
+                     FROM unnest($1::text[], $2::text[]) AS x(digest, seen_run)
+                    WHERE r.dead_letter_digest = x.digest AND r.replay_run = x.seen_run
+                      AND r.state = 'claimed'
+                RETURNING r.dead_letter_digest""",
+                list(reclaim), list(reclaim.values()), self.run, self._operator)
+            claimed.held.update(row[0] for row in taken)
+        return claimed
+
+    async def _insert(self, claims: Sequence[Claim]) -> list[str]:
+        if not claims:
+            return []
+        inserted = await self._connection.fetch(
+            _INSERT,
+            [c.digest for c in claims], [c.content_digest for c in claims],
+            [c.dlq_topic for c in claims], [c.dlq_partition for c in claims],
+            [c.dlq_offset for c in claims], [c.original_topic for c in claims],
+            [c.original_partition for c in claims], [c.original_offset for c in claims],
+            [c.reason for c in claims], [c.record_key for c in claims],
+            self.run, self._operator)
+        return [row[0] for row in inserted]
 
     async def confirm(self, digests: Sequence[str]) -> None:
         """The broker acknowledged these: their rows say ``sent``."""

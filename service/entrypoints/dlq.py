@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import getpass
 import hashlib
 import json
@@ -33,6 +34,7 @@ import re
 import secrets
 import struct
 import sys
+import unicodedata
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -43,7 +45,7 @@ from urllib.parse import urlsplit
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
-from rich.console import Console
+from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -54,10 +56,8 @@ from service.settings import Settings
 
 #: Records read (and, for replay, checked against the audit table) at a time.
 CHUNK = 500
-#: This many empty polls this long in a row, once past the reported end offset, end a
-#: partition (a single slow fetch on a busy broker must not end it early).
+#: How long one poll waits for records (and the last one, past the end offset).
 _QUIET_MS = 400
-_QUIET_POLLS = 2
 DLQ_SUFFIX = ".dlq"
 
 EXIT_OK = 0
@@ -88,17 +88,49 @@ class DlqError(Exception):
 
 # --------------------------------------------------------------------------- showing bytes
 
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+#: Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt): drawn as nothing.
+_IGNORABLE = ((0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160),
+              (0x17B4, 0x17B5), (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E),
+              (0x2060, 0x206F), (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF),
+              (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A),
+              (0xE0000, 0xE0FFF))
+#: Controls, formats, surrogates, private use, unassigned, line/paragraph separators.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+_PRINTABLE_ASCII = re.compile("[\x20-\x7e]*")
+
+
+@functools.lru_cache(maxsize=4096)
+def _unsafe(char: str) -> bool:
+    code = ord(char)
+    category = unicodedata.category(char)
+    return (category in _UNSAFE_CATEGORIES or (category == "Zs" and char != " ")
+            or any(low <= code <= high for low, high in _IGNORABLE))
 
 
 def shown(text: str) -> str:
-    """``text`` with every control, bidi or invisible formatting character escaped."""
-    return _UNSAFE.sub(lambda match: _escape(match.group()), text)
+    """``text`` with every character that is not plainly visible escaped: controls,
+    bidi, format and tag characters, invisible fillers and selectors, spaces other
+    than U+0020, private-use and unassigned code points (by Unicode category plus
+    Default_Ignorable_Code_Point)."""
+    if _PRINTABLE_ASCII.fullmatch(text):
+        return text
+    return "".join(_escape(char) if _unsafe(char) else char for char in text)
 
 
 def _escape(char: str) -> str:
     code = ord(char)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def quoted(text: str, limit: int = 80) -> str:
+    """``text`` shown, in double quotes (a quote inside escaped), cut to ``limit``
+    characters with the count of the rest: a field cannot pass for the tool's words."""
+    escaped = shown(text).replace('"', "\\x22")
+    if len(escaped) > limit:
+        escaped = f"{escaped[:limit]}...(+{len(escaped) - limit} chars)"
+    return f'"{escaped}"'
 
 
 def shown_bytes(data: bytes | None) -> str:
@@ -251,11 +283,13 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str,
 
 async def _chunks(consumer: AIOKafkaConsumer, tp: TopicPartition,
                   start: int | None = None) -> AsyncIterator[list[DeadLetter]]:
-    """One partition from ``start`` (its beginning when None) to its end, in chunks.
+    """One partition from ``start`` (its beginning when None) to the end it had when
+    the read began, in chunks: records written meanwhile are not chased, so a steady
+    writer (the service during a poison flood, or anyone) cannot keep a run going.
 
-    Reads past the reported end offset until the broker has nothing more:
-    some Kafka-protocol brokers (tansu) report the end of the last record
-    batch's first record, not of its last.
+    The end offset is asked for once more on reaching it, and one last poll takes
+    what the broker already has past it: some Kafka-protocol brokers (tansu) report
+    the end of the last record batch's first record, not of its last.
     """
     consumer.assign([tp])
     if start is None:
@@ -263,18 +297,26 @@ async def _chunks(consumer: AIOKafkaConsumer, tp: TopicPartition,
     else:
         consumer.seek(tp, start)
     end = (await consumer.end_offsets([tp]))[tp]
-    quiet = 0
+    asked_again = False
     while True:
-        batches = await consumer.getmany(tp, timeout_ms=_QUIET_MS, max_records=CHUNK)
-        records = batches.get(tp, [])
+        if await consumer.position(tp) >= end:
+            if asked_again:
+                break
+            asked_again = True
+            end = max(end, (await consumer.end_offsets([tp]))[tp])
+            continue
+        records = (await consumer.getmany(tp, timeout_ms=_QUIET_MS, max_records=CHUNK)
+                   ).get(tp, [])
         if records:
-            quiet = 0
-            yield [DeadLetter(tp.topic, r.partition, r.offset, r.timestamp, r.key, r.value,
-                              tuple(r.headers)) for r in records]
-        elif await consumer.position(tp) >= end:
-            quiet += 1
-            if quiet >= _QUIET_POLLS:
-                return
+            yield _letters(tp, records)
+    rest = (await consumer.getmany(tp, timeout_ms=_QUIET_MS)).get(tp, [])
+    for first in range(0, len(rest), CHUNK):
+        yield _letters(tp, rest[first:first + CHUNK])
+
+
+def _letters(tp: TopicPartition, records: Sequence[Any]) -> list[DeadLetter]:
+    return [DeadLetter(tp.topic, r.partition, r.offset, r.timestamp, r.key, r.value,
+                       tuple(r.headers)) for r in records]
 
 
 # --------------------------------------------------------------------------- list and show
@@ -312,22 +354,48 @@ async def list_records(settings: Settings, dlq_topic: str, filters: Filters,
     return count
 
 
-def show_panel(record: DeadLetter) -> Panel:
-    headers = Table.grid(padding=(0, 2))
-    for name, value in record.headers:
-        headers.add_row(Text(shown(name)), Text(shown_bytes(value)))
+#: Headers ``show`` prints of one record; the rest are counted (a record may carry
+#: tens of thousands).
+SHOWN_HEADERS = 1_000
+
+
+def show_panel(record: DeadLetter) -> Group:
+    """One record in full, as one renderable: :func:`summary_panel`, then
+    :func:`detail_lines` folded (a long unbroken value wraps, it is never cut)."""
+    return Group(summary_panel(record), Text("\n".join(detail_lines(record)), overflow="fold"))
+
+
+def summary_panel(record: DeadLetter) -> Panel:
+    """Where the record sits, why it failed, its key and digest: plain text (no markup
+    parsed), folded, every byte escaped."""
+    table = Table.grid(padding=(0, 1))
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
+    table.add_row(Text("key"), Text(shown(record.key_text), overflow="fold"))
+    table.add_row(Text("timestamp"), Text(str(record.timestamp)))
+    table.add_row(Text("digest"), Text(record.digest))
+    title = Text(f"partition {record.partition}, offset {record.offset}: "
+                 f"{quoted(record.reason, 200)}", overflow="fold")
+    return Panel(table, title=title, title_align="left", expand=False)
+
+
+def detail_lines(record: DeadLetter) -> list[str]:
+    """The headers (at most :data:`SHOWN_HEADERS`, then a count) and the value (JSON
+    pretty-printed), one escaped plain line each: laying out thousands of lines in a
+    table would take rich seconds per record."""
+    lines = [f"headers ({len(record.headers)}):"]
+    lines += [f"  {shown(name)}: {shown_bytes(value)}"
+              for name, value in record.headers[:SHOWN_HEADERS]]
+    if len(record.headers) > SHOWN_HEADERS:
+        lines.append(f"  ... and {len(record.headers) - SHOWN_HEADERS} more header(s), "
+                     "not shown")
     body = (record.value.decode("utf-8", "replace") if record.value is not None
             else "(no value)")
     with contextlib.suppress(ValueError, RecursionError):
         body = json.dumps(json.loads(body), indent=2, ensure_ascii=False)
-    table = Table.grid(padding=(0, 1))
-    table.add_row(Text("key"), Text(shown(record.key_text)))
-    table.add_row(Text("timestamp"), Text(str(record.timestamp)))
-    table.add_row(Text("digest"), Text(record.digest))
-    table.add_row(Text("headers"), headers)
-    table.add_row(Text("value"), Text("\n".join(shown(line) for line in body.split("\n"))))
-    title = Text(f"partition {record.partition}, offset {record.offset}: {shown(record.reason)}")
-    return Panel(table, title=title, title_align="left", expand=False)
+    lines.append("value:")
+    lines += [f"  {shown(line)}" for line in body.split("\n")]
+    return lines
 
 
 async def show_records(settings: Settings, dlq_topic: str, filters: Filters,
@@ -342,7 +410,9 @@ async def show_records(settings: Settings, dlq_topic: str, filters: Filters,
             async for chunk in _chunks(consumer, tp, offset):
                 for record in chunk:
                     if (offset is None or record.offset == offset) and filters.match(record):
-                        console.print(show_panel(record))
+                        console.print(summary_panel(record))
+                        console.file.write("".join(f"{line}\n"
+                                                   for line in detail_lines(record)))
                         count += 1
                 if offset is not None and chunk[-1].offset >= offset:
                     break
@@ -354,7 +424,13 @@ async def show_records(settings: Settings, dlq_topic: str, filters: Filters,
 #: Headers every dead letter written by the service carries exactly once.
 _REQUIRED = ("dlq.original.topic", "dlq.original.partition", "dlq.original.offset",
              "dlq.error.reason", "dlq.failed_at")
-_NUMBER = re.compile(r"[0-9]{1,18}")
+_NUMBER = re.compile(r"[0-9]{1,19}")
+#: What the audit row's columns hold (``integer`` partition, ``bigint`` offset).
+_LIMITS = {"dlq.original.partition": 2**31 - 1, "dlq.original.offset": 2**63 - 1}
+#: The longest ``dlq.error.reason`` accepted (the service writes short snake_case codes).
+REASON_LIMIT = 100
+#: The audit row keeps the key escaped (:func:`shown`) and cut to this many characters.
+KEY_LIMIT = 200
 
 
 @dataclass(frozen=True)
@@ -366,27 +442,46 @@ class Checked:
 
 
 def check_headers(record: DeadLetter, input_topic: str) -> Checked | str:
-    """The record's origin, or why it must never be replayed (a refusal, in words)."""
+    """The record's origin, or why it must never be replayed (a refusal, in words).
+
+    Everything accepted fits the audit row: a record the table cannot hold would
+    otherwise fail the claim of every record read with it."""
     names = [name for name, _ in record.headers]
     for name in sorted({name for name in names if name.startswith("dlq.")}):
         if names.count(name) > 1:
-            return f"header {name} appears {names.count(name)} times"
+            return f"header {shown(name)} appears {names.count(name)} times"
     for name in _REQUIRED:
         if record.header(name) in (None, ""):
             return f"header {name} is missing"
     original = record.header("dlq.original.topic")
     if original != input_topic:
-        return (f"header dlq.original.topic names {shown(original or '')!r}, but records of "
+        return (f"header dlq.original.topic names {quoted(original or '')}, but records of "
                 f"{record.topic!r} may only go back to {input_topic!r}")
     numbers = {}
-    for name in ("dlq.original.partition", "dlq.original.offset"):
+    for name, limit in _LIMITS.items():
         text = record.header(name) or ""
         if not _NUMBER.fullmatch(text):
             return f"header {name} is not a non-negative integer"
+        if int(text) > limit:
+            return f"header {name} is over {limit}"
         numbers[name] = int(text)
+    reason = record.header("dlq.error.reason") or ""
+    if len(reason) > REASON_LIMIT:
+        return f"header dlq.error.reason is longer than {REASON_LIMIT} characters"
+    if shown(reason) != reason or "\ufffd" in reason:
+        return "header dlq.error.reason holds invalid UTF-8 or invisible or control characters"
     if record.failed_at is None:
         return "header dlq.failed_at is not an ISO 8601 time with a zone"
     return Checked(numbers["dlq.original.partition"], numbers["dlq.original.offset"])
+
+
+def audit_key(record: DeadLetter) -> str | None:
+    """The key as the audit row keeps it: escaped (no NUL or invalid UTF-8 reaches
+    PostgreSQL) and cut (bounded), so any key can be recorded."""
+    if not record.key:
+        return None
+    text = shown(record.key_text)
+    return text if len(text) <= KEY_LIMIT else f"{text[:KEY_LIMIT]}..."
 
 
 def would_fail_again(record: DeadLetter, input_topic: str,
@@ -452,13 +547,19 @@ class _Replay:
         self.producer = producer
         self.out = out
         self.summary = ReplaySummary()
+        #: What this run replayed (or, on a dry run, would): dead-letter and content
+        #: digests, so a copy or a second dead letter of one record goes once per run.
+        self.digests: set[str] = set()
+        self.contents: set[str] = set()
         from service.entrypoints.translators import routes
         self.routes = routes(settings)
 
     def say(self, record: DeadLetter, verdict: str) -> None:
-        self.out.write(f"{record.partition}:{record.offset}  "
-                       f"{shown(record.header('dlq.failed_at') or '')}  "
-                       f"{shown(record.reason)}  key={shown(record.key_text)}  {verdict}\n")
+        """One line: where, the verdict, then the record's own fields, quoted and cut, so
+        no field can read as (or push away) the tool's verdict."""
+        self.out.write(f"{record.partition}:{record.offset}  {verdict}  "
+                       f"failed_at={quoted(record.header('dlq.failed_at') or '', 40)}  "
+                       f"reason={quoted(record.reason, 40)}  key={quoted(record.key_text)}\n")
 
     async def chunk(self, records: list[DeadLetter]) -> None:
         """Decide every record of one chunk (two audit queries), then send what may go."""
@@ -466,20 +567,19 @@ class _Replay:
         contents = await self.audit.replayed_contents(
             [record.content_digest for record in records])
         to_send: list[tuple[DeadLetter, Claim]] = []
-        reclaim: list[str] = []
-        seen: set[str] = set()
+        reclaim: dict[str, str] = {}
         for record in records:
-            self._decide(record, rows.get(record.digest), contents, seen, to_send, reclaim)
+            self._decide(record, rows.get(record.digest), contents, to_send, reclaim)
         if to_send:
             await self._send(to_send, reclaim)
 
     def _decide(self, record: DeadLetter, row: AuditRow | None,
-                contents: dict[str, list[AuditRow]], seen: set[str],
-                to_send: list[tuple[DeadLetter, Claim]], reclaim: list[str]) -> None:
+                contents: dict[str, list[AuditRow]],
+                to_send: list[tuple[DeadLetter, Claim]], reclaim: dict[str, str]) -> None:
         """Replay now, hold back, refuse or skip one record; say so unless it is routine."""
         summary, force = self.summary, self.options.force
-        digest = record.digest
-        if digest in seen or (row is not None and row.state != CLAIMED):
+        digest, content = record.digest, record.content_digest
+        if digest in self.digests or (row is not None and row.state != CLAIMED):
             summary.already_replayed += 1  # (or an exact copy of one replayed just now)
             return
         if not self.options.filters.match(record):
@@ -490,8 +590,10 @@ class _Replay:
             summary.refused += 1
             self.say(record, f"REFUSED, never replayed: {checked}")
             return
-        earlier = contents.get(record.content_digest, [])
-        if any(replayed.replay_run == self.audit.run for replayed in earlier):
+        earlier = [replayed for replayed in contents.get(content, [])
+                   if replayed.digest != digest]
+        if content in self.contents or any(replayed.replay_run == self.audit.run
+                                           for replayed in earlier):
             summary.held += 1  # even with --force: a replay must not chase its own failures
             self.say(record, "held back: this run already replayed the same record "
                              "(a copy, or its dead letter after that replay)")
@@ -500,44 +602,48 @@ class _Replay:
         if row is not None:
             held = (f"maybe sent already: run {row.replay_run} claimed it at "
                     f"{row.replayed_at:%Y-%m-%dT%H:%M:%SZ} and never confirmed the send")
-        else:
-            failed_at = record.failed_at
-            again = [replayed for replayed in earlier if replayed.reason == record.reason
-                     and failed_at is not None and failed_at > replayed.replayed_at]
-            if again:
-                held = (f"replayed before (run {again[-1].replay_run}) and dead-lettered again "
-                        f"for the same reason")
+        elif earlier:  # the same record, another dead letter of it: no clocks compared
+            held = (f"replayed before and dead-lettered again (run {earlier[-1].replay_run} "
+                    f"replayed another dead letter of the same record at "
+                    f"{earlier[-1].replayed_at:%Y-%m-%dT%H:%M:%SZ})")
         if held is None:
             held = would_fail_again(record, self.input_topic, self.routes)
         if held is not None and not force:
             summary.held += 1
             self.say(record, f"held back: {held} (--force replays it)")
             return
+        self.digests.add(digest)
+        self.contents.add(content)
         if self.options.dry_run:
-            seen.add(digest)
             summary.would_replay += 1
             self.say(record, f"would replay to {self.input_topic}"
                              + (f" (forced: {held})" if held else ""))
             return
-        seen.add(digest)
         if row is not None:
-            reclaim.append(digest)
+            reclaim[digest] = row.replay_run  # taken only if that run still holds it
         to_send.append((record, Claim(
-            digest=digest, content_digest=record.content_digest,
+            digest=digest, content_digest=content,
             dlq_topic=self.dlq_topic, dlq_partition=record.partition, dlq_offset=record.offset,
             original_topic=self.input_topic, original_partition=checked.partition,
             original_offset=checked.offset, reason=record.reason,
-            record_key=record.key_text or None)))
+            record_key=audit_key(record))))
 
-    async def _send(self, to_send: list[tuple[DeadLetter, Claim]], reclaim: list[str]) -> None:
-        """Claim (committed), send, confirm; a record another run claimed first stays put."""
+    async def _send(self, to_send: list[tuple[DeadLetter, Claim]],
+                    reclaim: dict[str, str]) -> None:
+        """Claim (committed), send, confirm; a record another run claimed first stays put,
+        one the audit table cannot hold is refused (never the whole run)."""
         assert self.producer is not None
-        reclaimed = set(reclaim)
-        held = await self.audit.claim([claim for _, claim in to_send
-                                       if claim.digest not in reclaimed], reclaim=reclaim)
-        mine = [(record, claim) for record, claim in to_send if claim.digest in held]
+        claimed = await self.audit.claim([claim for _, claim in to_send
+                                          if claim.digest not in reclaim], reclaim=reclaim)
+        mine = []
         for record, claim in to_send:
-            if claim.digest not in held:
+            if claim.digest in claimed.held:
+                mine.append((record, claim))
+            elif claim.digest in claimed.refused:
+                self.summary.refused += 1
+                self.say(record, "REFUSED, never replayed: the audit table cannot record it "
+                                 f"({claimed.refused[claim.digest]})")
+            else:
                 self.summary.held += 1
                 self.say(record, "held back: another replay run claimed it first")
         acked: list[str] = []

@@ -123,7 +123,7 @@ async def test_piped_output_is_not_wrapped_and_dry_run_rechecks(
     dry = await run_with(settings, {}, "dlq", "replay", f"{commands}.dlq", "--dry-run")
     assert dry.returncode == 6, dry.stderr
     assert "would replay 1," in dry.stdout
-    [held] = [line for line in dry.stdout.splitlines() if "key=in_7002" in line]
+    [held] = [line for line in dry.stdout.splitlines() if 'key="in_7002"' in line]
     assert "cannot be parsed as a CloudEvent" in held
     forced = await run_with(settings, {}, "dlq", "replay", f"{commands}.dlq", "--dry-run",
                             "--force")

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -167,9 +168,10 @@ async def test_a_record_claimed_by_another_run_is_left_to_it(
     connection = await asyncpg.connect(settings.database_url)
     try:
         other = ReplayAudit(connection, run="other-run", operator="someone")
-        assert await other.claim([Claim(planted.digest, planted.content_digest,
-                                        f"{commands}.dlq", 0, 0, commands, 0, 7,
-                                        "invoice_not_found", "in_4001")]) == {planted.digest}
+        claimed = await other.claim([Claim(planted.digest, planted.content_digest,
+                                           f"{commands}.dlq", 0, 0, commands, 0, 7,
+                                           "invoice_not_found", "in_4001")])
+        assert claimed.held == {planted.digest}
     finally:
         await connection.close()
     summary, said = await replay(settings, f"{commands}.dlq")
@@ -240,3 +242,165 @@ async def test_replay_runs_as_the_application_role_claiming_confirming_and_recla
     rows = await fetch(settings, "SELECT record_key, state, sent_at IS NOT NULL AS stamped "
                                  "FROM dlq_replays ORDER BY record_key")
     assert [tuple(row) for row in rows] == [("in_8001", "sent", True), ("in_8002", "sent", True)]
+
+
+@pytest.mark.parametrize("case", ["nul-in-key", "reason-too-big-for-an-index",
+                                  "partition-beyond-int32"])
+async def test_one_planted_dead_letter_does_not_stop_the_replay_of_the_others(
+        settings: Settings, kafka: Kafka, case: str) -> None:
+    """Before, each of these failed the chunk's one-statement claim: the run, and every
+    later run, ended with exit 3 and nothing of the topic was ever replayed again."""
+    commands = settings.topics.credit_note_commands
+    key, bad = "in_9001", {}
+    if case == "nul-in-key":
+        key = "in_9001\x00"
+    elif case == "reason-too-big-for-an-index":
+        bad["reason"] = uuid.uuid4().hex * 200  # 6,400 bytes, over btree's 2,704
+    else:
+        bad["partition"] = "99999999999"  # digits, but not an integer column's
+    await kafka.publish(f"{commands}.dlq", issue("in_9001"), key=key,
+                        headers=dead_letter_headers(commands, **bad))
+    good = issue("in_9002")
+    await kafka.publish(f"{commands}.dlq", good, key="in_9002",
+                        headers=dead_letter_headers(commands))
+
+    first, said = await replay(settings, f"{commands}.dlq")
+    second, said_again = await replay(settings, f"{commands}.dlq")
+
+    sent = [json.loads(value or b"")["data"]["invoice_id"]
+            for value in await records_on(settings.kafka_bootstrap_servers, commands)]
+    if case == "nul-in-key":  # a key is any bytes: recorded escaped, and replayed
+        assert sorted(sent) == ["in_9001", "in_9002"], said
+        keys = {row["record_key"] for row in await fetch(settings,
+                                                         "SELECT record_key FROM dlq_replays")}
+        assert keys == {"in_9001\\x00", "in_9002"}
+    else:
+        assert sent == ["in_9002"], said
+        assert (first.refused, first.republished) == (1, 1), said
+        assert "REFUSED, never replayed: header dlq." in said
+    assert (second.republished, second.already_replayed) == (0, len(sent)), said_again
+
+
+async def test_a_row_the_table_refuses_is_that_records_refusal_not_the_chunks(
+        settings: Settings) -> None:
+    """The last line of defence behind the header checks: a claim PostgreSQL will not
+    store (here a NUL in the key) refuses that one record; the rest are claimed."""
+    connection = await asyncpg.connect(settings.database_url)
+    try:
+        audit = ReplayAudit(connection, run="this-run", operator="someone")
+
+        def claim(digest: str, key: str, partition: int = 0) -> Claim:
+            return Claim(digest, f"content-{digest}", "t.dlq", 0, 0, "t", partition, 7,
+                         "invoice_not_found", key)
+
+        claimed = await audit.claim([claim("a", "in_1"), claim("b", "in_2\x00"),
+                                     claim("c", "in_3"), claim("d", "in_4", 2**31)])
+        assert claimed.held == {"a", "c"}
+        assert claimed.refused.keys() == {"b", "d"}
+        assert "CharacterNotInRepertoireError" in claimed.refused["b"]
+    finally:
+        await connection.close()
+    rows = await fetch(settings, "SELECT dead_letter_digest FROM dlq_replays")
+    assert sorted(row["dead_letter_digest"] for row in rows) == ["a", "c"]
+
+
+async def test_a_record_dead_lettered_twice_is_replayed_once_and_its_copy_is_then_held(
+        settings: Settings, kafka: Kafka) -> None:
+    """Two dead letters of one record (a redelivery: another dlq.failed_at): one content.
+    Before, one run sent both, and a copy written before the replay went again later."""
+    commands = settings.topics.credit_note_commands
+    event, now = issue("in_9101"), datetime.now(UTC)
+    for shift in (0, 1):
+        await kafka.publish(f"{commands}.dlq", event, key="in_9101", headers=dead_letter_headers(
+            commands, failed_at=(now + timedelta(seconds=shift)).isoformat()))
+
+    first, said = await replay(settings, f"{commands}.dlq")
+    assert (first.republished, first.held) == (1, 1), said
+    assert "this run already replayed the same record" in said
+    second, said = await replay(settings, f"{commands}.dlq")
+    assert (second.republished, second.already_replayed, second.held) == (0, 1, 1), said
+    assert "replayed before and dead-lettered again" in said
+    sent = await records_on(settings.kafka_bootstrap_servers, commands)
+    assert [json.loads(value or b"")["id"] for value in sent] == [event["id"]]
+
+
+async def test_a_record_that_failed_again_is_held_whatever_the_service_clock_said(
+        settings: Settings, kafka: Kafka) -> None:
+    """Before, "failed again after the replay" compared dlq.failed_at (the service's clock)
+    with replayed_at (PostgreSQL's): a service 5 s behind looped. No clock is compared now."""
+    commands = settings.topics.credit_note_commands
+    event = issue("in_9201")
+    await kafka.publish(f"{commands}.dlq", event, key="in_9201",
+                        headers=dead_letter_headers(commands))
+    first, _ = await replay(settings, f"{commands}.dlq")
+    assert first.republished == 1
+    lagging = (datetime.now(UTC) - timedelta(seconds=5)).isoformat()
+    await kafka.publish(f"{commands}.dlq", event, key="in_9201",
+                        headers=dead_letter_headers(commands, offset="8", failed_at=lagging))
+    second, said = await replay(settings, f"{commands}.dlq")
+    assert (second.republished, second.held) == (0, 1), said
+    forced, said = await replay(settings, f"{commands}.dlq", force=True)
+    assert forced.republished == 1, said
+
+
+async def test_of_two_forced_reclaims_of_a_maybe_sent_record_only_one_wins(
+        settings: Settings) -> None:
+    """--force re-claims a 'maybe sent' row only if the run seen when deciding still holds
+    it: before, two concurrent forced runs both took it, and both sent it."""
+    connections = [await asyncpg.connect(settings.database_url) for _ in range(2)]
+    try:
+        crashed = ReplayAudit(connections[0], run="crashed-run", operator="someone")
+        await crashed.claim([Claim("d", "c", "t.dlq", 0, 0, "t", 0, 7, "invoice_not_found",
+                                   "in_1")])
+        one, two = (ReplayAudit(connection, run=f"forced-{n}", operator="someone")
+                    for n, connection in enumerate(connections))
+        taken = await asyncio.gather(one.claim([], reclaim={"d": "crashed-run"}),
+                                     two.claim([], reclaim={"d": "crashed-run"}))
+        assert sorted(len(claimed.held) for claimed in taken) == [0, 1]
+        assert (await two.claim([], reclaim={"d": "crashed-run"})).held == set()
+    finally:
+        for connection in connections:
+            await connection.close()
+
+
+async def test_a_dry_run_line_says_the_verdict_before_any_record_field(
+        settings: Settings, kafka: Kafka) -> None:
+    """Before, a key 'in_1  would replay to <topic>' + padding made a REFUSED line read as
+    'would replay': the record's fields came first, unquoted."""
+    commands = settings.topics.credit_note_commands
+    fake = f"in_1  would replay to {commands}" + " " * 400
+    await kafka.publish(f"{commands}.dlq", issue("in_1"), key=fake,
+                        headers=dead_letter_headers(settings.topics.refund_requests))
+    _, said = await replay(settings, f"{commands}.dlq", dry_run=True)
+    [line] = said.splitlines()
+    assert re.match(r"[0-9]+:0  REFUSED, never replayed: header dlq.original.topic", line), line
+    key = line.split("  key=", 1)[1]
+    assert key.startswith('"in_1  would replay to') and key.endswith('chars)"')
+    assert len(line) < 500
+
+
+async def test_list_and_replay_end_although_someone_keeps_writing(
+        settings: Settings, kafka: Kafka) -> None:
+    """Before, a partition ended only after two empty polls: a writer every 200 ms kept
+    ``dlq list`` and ``dlq replay`` reading for ever. Now: up to the end seen at the start."""
+    commands = settings.topics.credit_note_commands
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        while not stop.is_set():
+            await kafka.publish(f"{commands}.dlq", issue("in_1"), key="in_1",
+                                headers=dead_letter_headers(settings.topics.refund_requests))
+            await asyncio.sleep(0.2)
+
+    task = asyncio.create_task(writer())
+    try:
+        await asyncio.sleep(1)
+        listed = io.StringIO()
+        count = await asyncio.wait_for(dlq.list_records(
+            settings, f"{commands}.dlq", dlq.Filters(), listed), 20)
+        assert count >= 1
+        summary, _ = await asyncio.wait_for(replay(settings, f"{commands}.dlq", dry_run=True), 20)
+        assert summary.refused >= count
+    finally:
+        stop.set()
+        await task

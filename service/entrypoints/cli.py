@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
                              help="say what would be replayed; publish and record nothing")
             sub.add_argument("--force", action="store_true",
                              help="also replay records held back: unparseable, refused by the "
-                                  "service's checks, dead-lettered again for the same reason "
-                                  "after a replay, or maybe sent by a run that did not confirm "
+                                  "service's checks, dead-lettered again after a replay (another "
+                                  "dead letter of the same record), or maybe sent by a run "
+                                  "that did not confirm "
                                   "(never records naming another topic or with bad headers)")
     commands.add_parser("verify", help="check every invariant of the database and report")
     outbox = commands.add_parser("outbox", help="events the broker refused: list, retry")

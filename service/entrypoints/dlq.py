@@ -1,23 +1,26 @@
 """``creditnotes dlq list|show|replay``: ops tooling for dead-letter topics.
 
 - Every command streams: a topic is read one partition at a time, in chunks
-  of at most :data:`CHUNK` records, so memory stays flat however long it is.
-  ``list`` and ``show`` join no group and commit nothing.
+  of at most :data:`CHUNK` records, so memory stays flat however long it is,
+  up to the end it had when the read began (a steady writer cannot keep a run
+  going). ``list`` and ``show`` join no group and commit nothing.
 - ``replay`` republishes a dead letter only to its dead-letter topic's own
   input topic (``returns.dlq`` -> ``returns``), and only if that is one of
   the service's input topics. The ``dlq.original.*`` headers are checked,
-  never trusted: a record that names another topic, or whose headers do not
-  parse, is refused and reported, never sent.
+  never trusted: a record that names another topic, whose headers do not
+  parse, or that the audit table could not hold, is refused and reported,
+  never sent; it never stops the others.
 - A dead letter is identified by a digest of its bytes (key, value, every
   header), which survives a broker or topic reset. Its audit row is claimed
   and committed before the send and confirmed after the broker's ack, so a
   failure in between can never send it twice (``replay_audit``).
 - Before sending, a record is re-checked as the service would read it: one
   that cannot be parsed, would be refused again, was sent by a run that did
-  not confirm it, or was replayed before and dead-lettered again for the same
-  reason is held back unless ``--force``.
-- Every byte of a record shown is escaped: no terminal control characters,
-  and nothing is ever interpreted as rich markup.
+  not confirm it, or whose record (another dead letter of it) was replayed
+  before is held back unless ``--force``. A run sends one record once.
+- Every byte of a record shown is escaped: no terminal control or invisible
+  characters, and nothing is ever interpreted as rich markup; a verdict is
+  printed before the record's (quoted) fields.
 """
 
 from __future__ import annotations

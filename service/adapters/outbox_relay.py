@@ -371,6 +371,8 @@ class OutboxRelay:
             except TimeoutError as error:  # records still unacked: sent again next batch
                 results = [error]
             for result in results:
+                if isinstance(result, asyncio.CancelledError):  # a send, not this task
+                    result = RuntimeError("the producer cancelled a send")
                 if isinstance(result, BaseException) and batch.error is None:
                     batch.error = result
         finally:

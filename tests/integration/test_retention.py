@@ -116,7 +116,8 @@ async def remaining(connection: asyncpg.Connection) -> set[str]:
 STATES = {
     "outbox": ["published", "unpublished", "parked"],
     "processed_messages": ["other:applied", "other:rejected:exceeds_remaining",
-                           "other:released:invoice_not_found", "payment:applied",
+                           "other:released:invoice_not_found",
+                           "other:dead_lettered:invoice_not_found", "payment:applied",
                            "payment:rejected:payment_refused"],
     "dlq_replays": ["sent", "claimed"],
 }

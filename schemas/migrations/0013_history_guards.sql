@@ -93,30 +93,34 @@ END $$;
 -- them. Net, tax and quantity are the sums of the non-void credit-note lines on
 -- the line; time_credits is, as a multiset, their covers_from; a line credited
 -- by quantity keeps credit_method 'quantity'.
-CREATE FUNCTION invoice_line_credits_disagree(of_invoice text, of_line text) RETURNS boolean
-LANGUAGE sql STABLE SET search_path = pg_catalog, public, pg_temp AS $$
-    SELECT (il.credited_net, il.credited_tax, il.credited_quantity)
-               IS DISTINCT FROM (c.net, c.tax, c.quantity)
-        OR ARRAY(SELECT t FROM unnest(il.time_credits) AS t ORDER BY t) IS DISTINCT FROM c.times
-        OR (c.by_quantity AND il.credit_method IS DISTINCT FROM 'quantity')
-    FROM invoice_lines AS il
-    CROSS JOIN (
-        SELECT coalesce(sum(l.net), 0) AS net, coalesce(sum(l.tax), 0) AS tax,
-               coalesce(sum(l.quantity), 0) AS quantity,
-               coalesce(array_agg(l.covers_from ORDER BY l.covers_from)
-                            FILTER (WHERE l.covers_from IS NOT NULL),
-                        '{}') AS times,
-               coalesce(bool_or(l.quantity IS NOT NULL), false) AS by_quantity
-        FROM credit_notes AS n
-        JOIN credit_note_lines AS l ON l.credit_note_id = n.id
-        WHERE n.invoice_id = of_invoice AND n.status <> 'void' AND l.invoice_line_id = of_line) AS c
-    WHERE il.invoice_id = of_invoice AND il.line_id = of_line
-$$;
+-- One row per invoice line: does it disagree with its non-void credit-note lines?
+-- (A view, queried by the triggers below with the line's key: the lateral part then
+-- reads only that invoice's credit notes, through credit_notes (invoice_id, sequence).)
+CREATE VIEW invoice_line_credit_checks AS
+SELECT il.invoice_id, il.line_id,
+       (il.credited_net, il.credited_tax, il.credited_quantity)
+           IS DISTINCT FROM (c.net, c.tax, c.quantity)
+       OR ARRAY(SELECT t FROM unnest(il.time_credits) AS t ORDER BY t) IS DISTINCT FROM c.times
+       OR (c.by_quantity AND il.credit_method IS DISTINCT FROM 'quantity') AS disagrees
+FROM invoice_lines AS il
+CROSS JOIN LATERAL (
+    SELECT coalesce(sum(l.net), 0) AS net, coalesce(sum(l.tax), 0) AS tax,
+           coalesce(sum(l.quantity), 0) AS quantity,
+           coalesce(array_agg(l.covers_from ORDER BY l.covers_from)
+                        FILTER (WHERE l.covers_from IS NOT NULL), '{}') AS times,
+           coalesce(bool_or(l.quantity IS NOT NULL), false) AS by_quantity
+    FROM credit_notes AS n
+    JOIN credit_note_lines AS l ON l.credit_note_id = n.id
+    WHERE n.invoice_id = il.invoice_id AND n.status <> 'void'
+      AND l.invoice_line_id = il.line_id) AS c;
+GRANT SELECT ON invoice_line_credit_checks TO creditnotes_app;
+GRANT ALL ON invoice_line_credit_checks TO creditnotes_migrator;
 
 CREATE FUNCTION check_invoice_line_credits() RETURNS trigger LANGUAGE plpgsql
 SET search_path = pg_catalog, public, pg_temp AS $$
 BEGIN
-    IF invoice_line_credits_disagree(NEW.invoice_id, NEW.line_id) THEN
+    IF (SELECT disagrees FROM invoice_line_credit_checks
+         WHERE invoice_id = NEW.invoice_id AND line_id = NEW.line_id) THEN
         RAISE EXCEPTION 'what invoice line %/% records as credited disagrees with its credit notes',
             NEW.invoice_id, NEW.line_id USING ERRCODE = 'check_violation';
     END IF;
@@ -146,13 +150,15 @@ SET search_path = pg_catalog, public, pg_temp AS $$
 DECLARE
     line text;
 BEGIN
-    FOR line IN SELECT DISTINCT invoice_line_id FROM credit_note_lines
-                 WHERE credit_note_id = NEW.id AND invoice_line_id IS NOT NULL LOOP
-        IF invoice_line_credits_disagree(NEW.invoice_id, line) THEN
-            RAISE EXCEPTION 'invoice line %/% does not record what credit note % credits of it',
-                NEW.invoice_id, line, NEW.number USING ERRCODE = 'check_violation';
-        END IF;
-    END LOOP;
+    SELECT c.line_id INTO line FROM invoice_line_credit_checks AS c
+     WHERE c.invoice_id = NEW.invoice_id AND c.disagrees
+       AND c.line_id IN (SELECT invoice_line_id FROM credit_note_lines
+                          WHERE credit_note_id = NEW.id)
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'invoice line %/% does not record what credit note % credits of it',
+            NEW.invoice_id, line, NEW.number USING ERRCODE = 'check_violation';
+    END IF;
     RETURN NULL;
 END $$;
 CREATE CONSTRAINT TRIGGER credit_notes_written_on_their_lines

@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import json
 import string
 from typing import Any
@@ -23,10 +25,11 @@ from hypothesis import strategies as st
 
 from service.adapters.unavailable import is_unavailable, mapped_to_unavailable
 from service.domain import errors
-from service.domain.commands import Trigger
+from service.domain.commands import IssueCreditNote, Trigger
 from service.domain.credit_note import derived_id
-from service.entrypoints import wire
+from service.entrypoints import consumer, wire
 from service.entrypoints.translators import Route, decode_envelope, parse, translate
+from service.handlers import Delivery, Message
 
 # --------------------------------------------------------------- what is the infrastructure's
 
@@ -271,3 +274,57 @@ def test_a_time_that_has_no_utc_equivalent_is_an_invalid_message(moment: str) ->
                                           "canceled_at": moment}, "data")
     assert parse(wire.SubscriptionCanceled, {"invoice_id": "in_1", "invoice_line_id": "il_1",
                                              "canceled_at": "9999-12-31T23:59:59Z"}, "data")
+
+
+# --------------------------------------------------------------- a batch's retries have a budget
+
+
+class _Failing:
+    """A unit of work whose batch always fails (a bug): every message is the record's fault."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> Any:
+        yield
+
+    async def prepare(self, messages: Any) -> None:
+        self.log.append("apply")
+        raise KeyError("a bug")
+
+    async def decide_dead_letter(self, trigger: Any, delivery: Any, reason: str) -> bool:
+        self.log.append(f"decide {trigger.id}")
+        return True
+
+
+@settings(max_examples=30, deadline=None)
+@given(messages=st.integers(1, 60), attempts=st.integers(1, 5))
+def test_a_batch_of_failing_messages_sleeps_at_most_its_retry_budget_in_order(
+        messages: int, attempts: int) -> None:
+    clock = {"now": 0.0, "slept": 0.0}
+    log: list[str] = []
+
+    async def sleep(seconds: float) -> None:
+        clock["now"] += seconds
+        clock["slept"] += seconds
+
+    batch = [Message(IssueCreditNote(Trigger("/t", f"m{n}", "credit_note.issue"), "in_1",
+                                     "other", amount=1), Delivery("commands", 0, n))
+             for n in range(messages)]
+    pipeline = consumer.Pipeline(lambda: _Failing(log), {}, None,  # type: ignore[arg-type]
+                                 consumer.Backoff(1.0, 4.0), 0.0, 1_000, attempts=attempts)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(consumer.asyncio, "sleep", sleep)
+        patch.setattr(consumer.time, "monotonic", lambda: clock["now"])
+        pipeline._retry_deadline = clock["now"] + pipeline._retry_budget_s
+        results = asyncio.run(pipeline._apply(batch, []))
+
+    assert [r.decided for r in results] == [True] * messages
+    assert clock["slept"] <= consumer.retry_budget_seconds(pipeline._backoff, attempts)
+    # each message is tried (and decided) before the next one is tried at all
+    decided = [entry for entry in log if entry.startswith("decide")]
+    assert decided == [f"decide m{n}" for n in range(messages)]
+    order = [n for n, entry in enumerate(log) if entry.startswith("decide")]
+    assert all(log[i + 1:j].count("apply") >= 1 for i, j in itertools.pairwise(order))
+    assert max(r.attempts for r in results) <= attempts

@@ -451,9 +451,17 @@ def _recorder(batch: _Batch, seq: int) -> Callable[[asyncio.Future[Any]], None]:
     return record
 
 
-async def _connect(database_url: str) -> asyncpg.Connection:
-    connection: asyncpg.Connection = await asyncpg.connect(
-        database_url, server_settings=RELAY_SESSION_SETTINGS)
+async def _connect(database_url: str,
+                   settings: dict[str, str] = RELAY_SESSION_SETTINGS) -> asyncpg.Connection:
+    try:
+        connection: asyncpg.Connection = await asyncpg.connect(
+            database_url, server_settings=settings)
+    except asyncpg.UndefinedObjectError:
+        if "idle_session_timeout" not in settings:
+            raise
+        # PostgreSQL 13 has no idle_session_timeout (nor can it end an idle session)
+        return await _connect(database_url, {name: value for name, value in settings.items()
+                                             if name != "idle_session_timeout"})
     return connection
 
 

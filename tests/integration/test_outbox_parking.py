@@ -95,6 +95,8 @@ async def test_a_refused_event_is_parked_its_invoice_waits_others_flow_and_retry
         assert of_key(kafka, "in_A001") == []
         retried = await creditnotes(fixed, "outbox", "retry", "--seq", str(parked_seq))
         assert retried.returncode == 0, retried.stdout + retried.stderr
+        assert f"un-parked 1 row(s) (seq {parked_seq}) and released the 1 held" in \
+            " ".join(retried.stdout.split())
         await kafka.wait_for(lambda: len(of_key(kafka, "in_A001")) == 2)
         await kafka.settle(1.0)
     first, second = of_key(kafka, "in_A001")

@@ -95,7 +95,7 @@ async def test_as_the_application_role_a_dead_letter_gives_its_key_back_for_a_re
         assert dead.headers["dlq.error.reason"] == b"invoice_not_found"
         ledger = await fetchrow(settings, "SELECT outcome FROM processed_messages"
                                           " WHERE id = 'early'")
-        assert ledger is not None and ledger["outcome"] == "released:invoice_not_found"
+        assert ledger is not None and ledger["outcome"] == "dead_lettered:invoice_not_found"
 
         await kafka.publish(settings.topics.invoices,
                             cloudevent("invoice.finalized", invoice_data("in_1001")))

@@ -70,7 +70,7 @@ def dev(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
 
 
 def ready(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as answer:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as answer:
         return str(answer.read().decode().strip())
 
 

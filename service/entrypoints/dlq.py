@@ -550,10 +550,14 @@ class _Replay:
         self.producer = producer
         self.out = out
         self.summary = ReplaySummary()
-        #: What this run replayed (or, on a dry run, would): dead-letter and content
-        #: digests, so a copy or a second dead letter of one record goes once per run.
+        #: The content digests (first 16 bytes: ~80 bytes of memory each) of what this
+        #: run replayed or, on a dry run, would: one record goes once per run, however
+        #: many dead letters of it there are (a real run also finds its own earlier
+        #: chunks' claims in the audit table; a dry run writes none).
+        self.contents: set[bytes] = set()
+        #: Dead letters replayed in the chunk being decided: an exact copy is "already
+        #: replayed" (in a later chunk, its audit row says so).
         self.digests: set[str] = set()
-        self.contents: set[str] = set()
         from service.entrypoints.translators import routes
         self.routes = routes(settings)
 
@@ -573,6 +577,7 @@ class _Replay:
         reclaim: dict[str, str] = {}
         for record in records:
             self._decide(record, rows.get(record.digest), contents, to_send, reclaim)
+        self.digests.clear()
         if to_send:
             await self._send(to_send, reclaim)
 
@@ -595,7 +600,7 @@ class _Replay:
             return
         earlier = [replayed for replayed in contents.get(content, [])
                    if replayed.digest != digest]
-        if content in self.contents or any(replayed.replay_run == self.audit.run
+        if _short(content) in self.contents or any(replayed.replay_run == self.audit.run
                                            for replayed in earlier):
             summary.held += 1  # even with --force: a replay must not chase its own failures
             self.say(record, "held back: this run already replayed the same record "
@@ -616,7 +621,7 @@ class _Replay:
             self.say(record, f"held back: {held} (--force replays it)")
             return
         self.digests.add(digest)
-        self.contents.add(content)
+        self.contents.add(_short(content))
         if self.options.dry_run:
             summary.would_replay += 1
             self.say(record, f"would replay to {self.input_topic}"
@@ -659,6 +664,10 @@ class _Replay:
                 self.say(record, f"replayed to {self.input_topic}")
         finally:  # what the broker acknowledged is confirmed even if a later send failed
             await self.audit.confirm(acked)
+
+
+def _short(digest: str) -> bytes:
+    return bytes.fromhex(digest[:32])
 
 
 async def replay(settings: Settings, dlq_topic: str, options: ReplayOptions,

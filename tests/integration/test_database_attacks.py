@@ -160,6 +160,7 @@ async def ledger(roles: Roles) -> Roles:
                             D1: "issued", D2: "issued"}
         line = await pool.fetchrow("SELECT credit_method, time_credits FROM invoice_lines"
                                    f" WHERE invoice_id = '{D}'")
+        assert line is not None
         assert (line["credit_method"], line["time_credits"]) == ("quantity", [OCT16])
         # the relay published A's events and parked D's first one (its later ones wait,
         # unpublished); retention pruned the outbox up to ten days ago

@@ -378,7 +378,9 @@ class OutboxRelay:
         finally:
             if batch.published:  # within the fence's margin: a successor never reads them unmarked
                 await asyncio.wait_for(self._pool.execute(
-                    "UPDATE outbox SET published_at = now() WHERE seq = ANY($1::bigint[])",
+                    # a row another relay marked already stays as it is (0013 refuses a second mark)
+                    "UPDATE outbox SET published_at = now()"
+                    " WHERE seq = ANY($1::bigint[]) AND published_at IS NULL",
                     sorted(set(batch.published))),
                     None if deadline is None else _MARK_MARGIN_SECONDS)
         log.debug("outbox published", count=len(batch.published), parked=batch.parked,

@@ -7,6 +7,7 @@ own topic names, so tests never see each other's data.
 
 from __future__ import annotations
 
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,8 +22,11 @@ from tests.support import Kafka, RunningService
 
 
 @pytest.fixture(scope="session")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    with provide_servers(Path(tmp_path_factory.mktemp("servers"))) as found:
+def servers() -> Iterator[Servers]:
+    # Not under pytest's own temporary directory: a concurrent pytest run on the same machine
+    # deletes all but the newest three of those, and with them a running server's data.
+    with tempfile.TemporaryDirectory(prefix="creditnotes-test-servers-") as directory, \
+            provide_servers(Path(directory)) as found:
         yield found
 
 

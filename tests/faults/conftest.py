@@ -11,6 +11,7 @@ every service process the test started is killed.
 
 from __future__ import annotations
 
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -36,17 +37,19 @@ class FaultStack:
 
 
 @pytest.fixture(scope="session")
-def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
-    directory = Path(tmp_path_factory.mktemp("fault-stack"))
-    postgres = EmbeddedPostgres(directory / "postgres")
-    kafka = EmbeddedKafka(log_file=directory / "tansu.log")
-    try:
-        postgres.start()
-        kafka.start()
-        yield FaultStack(postgres, kafka)
-    finally:
-        kafka.stop()
-        postgres.stop()
+def fault_stack() -> Iterator[FaultStack]:
+    # outside pytest's temporary directories, which a concurrent pytest run may delete
+    with tempfile.TemporaryDirectory(prefix="creditnotes-fault-stack-") as name:
+        directory = Path(name)
+        postgres = EmbeddedPostgres(directory / "postgres")
+        kafka = EmbeddedKafka(log_file=directory / "tansu.log")
+        try:
+            postgres.start()
+            kafka.start()
+            yield FaultStack(postgres, kafka)
+        finally:
+            kafka.stop()
+            postgres.stop()
 
 
 @pytest.fixture

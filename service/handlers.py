@@ -215,14 +215,20 @@ def _undeliverable(error: Exception) -> errors.Undeliverable:
 
 def _redelivered(reason: str) -> errors.Undeliverable:
     """The error of a dead letter decided by an earlier delivery of the same record."""
-    kinds = [errors.Undeliverable]
-    for kind in kinds:
-        kinds += kind.__subclasses__()
-        if kind.code == reason:
-            return kind(f"{reason}: dead-lettered by an earlier delivery of this record,"
-                        " sent again without applying it")
-    return errors.Undeliverable(f"{reason}: dead-lettered by an earlier delivery of this"
-                                " record, sent again without applying it")
+    kind = _undeliverable_kinds().get(reason, errors.Undeliverable)
+    return kind(f"{reason}: dead-lettered by an earlier delivery of this record,"
+                " sent again without applying it")
+
+
+def _undeliverable_kinds() -> dict[str, type[errors.Undeliverable]]:
+    """Every Undeliverable class by its code (the tree in ``errors``, walked breadth first)."""
+    found: dict[str, type[errors.Undeliverable]] = {}
+    pending: list[type[errors.Undeliverable]] = [errors.Undeliverable]
+    while pending:
+        kind = pending.pop(0)
+        found.setdefault(kind.code, kind)
+        pending.extend(kind.__subclasses__())
+    return found
 
 
 async def _apply_together(messages: Sequence[Message], uow: UnitOfWork) -> list[Result]:

@@ -55,6 +55,7 @@ from rich.text import Text
 
 from service.adapters.kafka_producer import KafkaProducer, connection_options
 from service.adapters.replay_audit import CLAIMED, AuditRow, Claim, ReplayAudit
+from service.entrypoints import ops_context
 from service.settings import Settings
 
 #: Records read (and, for replay, checked against the audit table) at a time.
@@ -63,13 +64,14 @@ CHUNK = 500
 _QUIET_MS = 400
 DLQ_SUFFIX = ".dlq"
 
-EXIT_OK = 0
-EXIT_NO_MATCH = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-EXIT_NO_TOPIC = 4
-EXIT_NOT_DEAD_LETTER_TOPIC = 5
-EXIT_HELD = 6
+# the exit codes every ops command shares (``ops_context``), as the dlq commands use them
+EXIT_OK = ops_context.OK
+EXIT_NO_MATCH = ops_context.ANSWER_NO
+EXIT_USAGE = ops_context.INVALID
+EXIT_UNREACHABLE = ops_context.UNREACHABLE
+EXIT_NO_TOPIC = ops_context.NOT_THERE
+EXIT_NOT_DEAD_LETTER_TOPIC = ops_context.NOT_DEAD_LETTER_TOPIC
+EXIT_HELD = ops_context.HELD_BACK
 
 EXIT_CODES_HELP = f"""exit codes:
   {EXIT_OK}  done

@@ -30,6 +30,10 @@ INVALID = 2
 UNREACHABLE = 3
 #: what was named does not exist: a topic or a database
 NOT_THERE = 4
+#: dlq: the topic named is not a dead-letter topic (of an input topic)
+NOT_DEAD_LETTER_TOPIC = 5
+#: dlq replay: some records were refused or held back
+HELD_BACK = 6
 
 EXIT_CODES_HELP = """exit codes (every command):
   0  done

@@ -99,6 +99,8 @@ class CreditNote:
     memo: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     status: CreditNoteStatus = CreditNoteStatus.ISSUED
+    #: the upstream event that voided it (set by :meth:`voided`, not read back from storage)
+    voided_by: Trigger | None = field(default=None, compare=False)
 
     @property
     def subtotal(self) -> int:
@@ -142,8 +144,8 @@ class CreditNote:
         """The exact reverse of the issue journal."""
         return tuple(entry.reversed() for entry in self.journal)
 
-    def voided(self) -> CreditNote:
-        return replace(self, status=CreditNoteStatus.VOID)
+    def voided(self, by: Trigger) -> CreditNote:
+        return replace(self, status=CreditNoteStatus.VOID, voided_by=by)
 
 
 def credit_note_number(invoice_number: str, sequence: int) -> str:

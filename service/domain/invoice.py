@@ -20,8 +20,16 @@ from datetime import datetime
 from enum import StrEnum
 
 from service.domain import errors, money
-from service.domain.commands import Discount, DraftLine, FinalizeInvoice, ServicePeriod
-from service.domain.events import Event
+from service.domain.commands import Discount, DraftLine, FinalizeInvoice, ServicePeriod, Trigger
+from service.domain.credit_note import CreditNote, CreditNoteStatus
+from service.domain.events import (
+    CreditNoteIssued,
+    CreditNoteVoided,
+    Event,
+    InvoicePaid,
+    InvoiceState,
+    RefundRequested,
+)
 
 
 class InvoiceStatus(StrEnum):
@@ -69,6 +77,20 @@ class InvoiceLine:
     def amount(self) -> int:
         return self.quantity * self.unit_amount
 
+    def give_back(self, net: int, tax: int, quantity: int, covers_from: datetime | None) -> None:
+        """Undo a voided credit's take (called by :meth:`Invoice.void_credit_note`)."""
+        self.credited_net -= net
+        self.credited_tax -= tax
+        if self.credit_method is CreditMethod.QUANTITY and quantity:
+            self.credited_quantity -= quantity
+        if (self.credited_quantity, self.credited_net, self.credited_tax) == (0, 0, 0):
+            self.credit_method = None  # nothing credited any more: free to choose
+        if covers_from is not None:
+            # coverage is what the remaining time-based credits cover: from the earliest
+            position = (self.time_credits.index(covers_from) if covers_from in self.time_credits
+                        else len(self.time_credits))  # two credits may start at the same time
+            self.time_credits = self.time_credits[:position] + self.time_credits[position + 1:]
+
     @property
     def net(self) -> int:
         """The line after its share of the invoice discounts, before tax."""
@@ -85,6 +107,25 @@ class InvoiceLine:
     @property
     def remaining_gross(self) -> int:
         return self.remaining_net + self.remaining_tax
+
+
+@dataclass(frozen=True)
+class LineTake:
+    """What one credit note line takes from its invoice line, beyond its net and tax."""
+
+    #: whole units credited (0: an amount, a share, or time)
+    quantity: int = 0
+    #: the credit method the line keeps to from now on (None: fixes none)
+    method: CreditMethod | None = None
+
+
+@dataclass(frozen=True)
+class PricedCredit:
+    """A credit note priced against an invoice (``issuing``), not applied to it yet."""
+
+    note: CreditNote
+    #: one per line of ``note``, in order
+    takes: tuple[LineTake, ...]
 
 
 @dataclass
@@ -153,6 +194,83 @@ class Invoice:
             if line.id == line_id:
                 return line
         raise errors.UnknownInvoiceLine(f"the invoice has no line {line_id!r}")
+
+    def issue(self, priced: PricedCredit) -> CreditNote:
+        """Take a priced credit note off this invoice and record what happened.
+
+        ``priced`` was priced against this invoice as it stands (its sequence is
+        the next one); the events recorded: ``CreditNoteIssued``, then
+        ``InvoicePaid`` when the pre-payment part settled the rest, then
+        ``RefundRequested`` when cash goes back.
+        """
+        note = priced.note
+        if note.invoice_id != self.id or note.sequence != self.credit_note_count + 1:
+            raise ValueError("the credit note was not priced against this invoice as it stands")
+        for line, take in zip(note.lines, priced.takes, strict=True):
+            if line.invoice_line_id is None:
+                continue
+            invoice_line = self.line(line.invoice_line_id)
+            invoice_line.credited_net += line.net
+            invoice_line.credited_tax += line.tax
+            invoice_line.credited_quantity += take.quantity
+            if take.method is not None:
+                invoice_line.credit_method = take.method
+            if line.covers_from is not None:
+                invoice_line.time_credits = (*invoice_line.time_credits, line.covers_from)
+        self._count_for_trigger(note.trigger.type, note.total)
+        self.pre_payment_credited += note.pre_payment_amount
+        self.post_payment_credited += note.post_payment_amount
+        self.refunded += note.refund_amount
+        self.credit_note_count = note.sequence
+        became_paid = (self.status is InvoiceStatus.OPEN and note.pre_payment_amount > 0
+                       and self.amount_remaining == 0)
+        if became_paid:
+            self.status = InvoiceStatus.PAID
+        self.events.append(CreditNoteIssued(note, self._state()))
+        if became_paid:
+            self.events.append(InvoicePaid(self.id, note.id, note.trigger))
+        if note.refund_id is not None:
+            self.events.append(RefundRequested(
+                id=note.refund_id, invoice_id=self.id, customer_id=self.customer_id,
+                credit_note_id=note.id, amount=note.refund_amount, currency=note.currency,
+                trigger=note.trigger,
+            ))
+        return note
+
+    def void_credit_note(self, note: CreditNote, trigger: Trigger) -> CreditNote:
+        """Void a wholly pre-payment credit note of this open invoice, restoring what it took.
+
+        Raises a Rejection (``AlreadyVoid``, ``NotVoidable``) before changing anything.
+        """
+        if note.status is CreditNoteStatus.VOID:
+            raise errors.AlreadyVoid(f"credit note {note.number} is already void")
+        if self.status is not InvoiceStatus.OPEN:
+            raise errors.NotVoidable(
+                f"credit note {note.number} cannot be voided: its invoice is {self.status}"
+            )
+        if note.post_payment_amount > 0:
+            raise errors.NotVoidable(
+                f"credit note {note.number} cannot be voided: part of it was post-payment"
+            )
+        lines = [(line, self.line(line.invoice_line_id)) for line in note.lines
+                 if line.invoice_line_id is not None]
+        for line, invoice_line in lines:
+            invoice_line.give_back(line.net, line.tax, line.quantity or 0, line.covers_from)
+        self.pre_payment_credited -= note.total
+        self._count_for_trigger(note.trigger.type, -note.total)
+        voided = note.voided(by=trigger)
+        self.events.append(CreditNoteVoided(voided, self._state(), trigger))
+        return voided
+
+    def _count_for_trigger(self, kind: str, amount: int) -> None:
+        credited = self.credited_by_trigger.get(kind, 0) + amount
+        if credited:
+            self.credited_by_trigger[kind] = credited
+        else:
+            self.credited_by_trigger.pop(kind, None)
+
+    def _state(self) -> InvoiceState:
+        return InvoiceState(amount_remaining=self.amount_remaining, status=self.status.value)
 
     def record_payment(self, amount: int, currency: str) -> None:
         if amount <= 0:

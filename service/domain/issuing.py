@@ -1,9 +1,11 @@
-"""Issuing and voiding credit notes: every rule of RULES.md that moves money.
+"""Pricing a credit note: every rule of RULES.md that decides how much, and where it goes.
 
-Both functions run under the invoice's lock. They check everything first and
-raise a :class:`~service.domain.errors.Rejection` before touching the invoice,
-so a refused request changes nothing; only when every check passes do they
-update the invoice's credited figures and record the events.
+:func:`price_credit_note` is pure: it checks everything against the invoice
+as it stands and returns a :class:`~service.domain.invoice.PricedCredit`, or
+raises a :class:`~service.domain.errors.Rejection`. The invoice then applies
+it to itself (``Invoice.issue``) and records the events; a void is the
+invoice's alone (``Invoice.void_credit_note``). Both run under the invoice's
+lock.
 
 Where each rule lives:
 
@@ -15,9 +17,10 @@ Where each rule lives:
 - which settlements a trigger may ask for: ``_check_settlement``;
 - discount and tax shares, rounding, the final sweep: ``_price_quantity``,
   ``_price_amount``, ``_spread`` (all via :mod:`service.domain.money`);
-- the pre/post-payment split and settlement: ``issue_credit_note`` and ``_settle``;
-- open-to-paid, numbering, journal: ``_apply`` and :mod:`credit_note`;
-- void rules: ``void_credit_note``.
+- the pre/post-payment split and settlement: ``price_credit_note`` and ``_settle``;
+- numbering and journal: :mod:`credit_note`; open-to-paid, the credited figures
+  and the events: ``Invoice.issue``;
+- void rules: ``Invoice.void_credit_note``.
 """
 
 from __future__ import annotations
@@ -40,19 +43,18 @@ from service.domain.commands import (
 from service.domain.credit_note import (
     CreditNote,
     CreditNoteLine,
-    CreditNoteStatus,
     Reason,
     credit_note_number,
     derived_id,
 )
-from service.domain.events import (
-    CreditNoteIssued,
-    CreditNoteVoided,
-    InvoicePaid,
-    InvoiceState,
-    RefundRequested,
+from service.domain.invoice import (
+    CreditMethod,
+    Invoice,
+    InvoiceLine,
+    InvoiceStatus,
+    LineTake,
+    PricedCredit,
 )
-from service.domain.invoice import CreditMethod, Invoice, InvoiceLine, InvoiceStatus
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,17 @@ class _Credit:
 
 
 def issue_credit_note(invoice: Invoice, command: IssueCreditNote) -> CreditNote:
-    """Issue a credit note on ``invoice`` or raise a Rejection, changing nothing."""
+    """Price a credit note on ``invoice`` and apply it (or raise a Rejection, changing nothing)."""
+    return invoice.issue(price_credit_note(invoice, command))
+
+
+def void_credit_note(invoice: Invoice, note: CreditNote, command: VoidCreditNote) -> CreditNote:
+    """Void ``note`` on its invoice (the rules are the aggregate's: ``Invoice.void_credit_note``)."""
+    return invoice.void_credit_note(note, command.trigger)
+
+
+def price_credit_note(invoice: Invoice, command: IssueCreditNote) -> PricedCredit:
+    """Price a credit note on ``invoice`` as it stands, or raise a Rejection; changes nothing."""
     if invoice.status is InvoiceStatus.VOID:
         raise errors.InvoiceVoid("credit notes cannot be issued on a void invoice")
     if command.currency is not None and command.currency != invoice.currency:
@@ -113,41 +125,8 @@ def issue_credit_note(invoice: Invoice, command: IssueCreditNote) -> CreditNote:
         memo=command.memo,
         metadata=dict(command.metadata),
     )
-    _apply(invoice, note, credits)
-    return note
-
-
-def void_credit_note(invoice: Invoice, note: CreditNote, command: VoidCreditNote) -> CreditNote:
-    """Void a wholly pre-payment credit note of an open invoice, restoring what it took."""
-    if note.status is CreditNoteStatus.VOID:
-        raise errors.AlreadyVoid(f"credit note {note.number} is already void")
-    if invoice.status is not InvoiceStatus.OPEN:
-        raise errors.NotVoidable(
-            f"credit note {note.number} cannot be voided: its invoice is {invoice.status}"
-        )
-    if note.post_payment_amount > 0:
-        raise errors.NotVoidable(
-            f"credit note {note.number} cannot be voided: part of it was post-payment"
-        )
-    for line in note.lines:
-        if line.invoice_line_id is None:
-            continue
-        invoice_line = invoice.line(line.invoice_line_id)
-        invoice_line.credited_net -= line.net
-        invoice_line.credited_tax -= line.tax
-        if invoice_line.credit_method is CreditMethod.QUANTITY and line.quantity:
-            invoice_line.credited_quantity -= line.quantity
-        if (invoice_line.credited_quantity, invoice_line.credited_net,
-                invoice_line.credited_tax) == (0, 0, 0):
-            invoice_line.credit_method = None  # nothing credited any more: free to choose
-        if line.covers_from is not None:
-            # coverage is what the remaining time-based credits cover: from the earliest
-            invoice_line.time_credits = _without_one(invoice_line.time_credits, line.covers_from)
-    invoice.pre_payment_credited -= note.total
-    _count_for_trigger(invoice, note.trigger.type, -note.total)
-    voided = note.voided()
-    invoice.events.append(CreditNoteVoided(voided, _state(invoice), command.trigger))
-    return voided
+    return PricedCredit(note, tuple(LineTake(credit.quantity, credit.method)
+                                    for credit in credits))
 
 
 def _check_request(command: IssueCreditNote) -> None:
@@ -377,20 +356,6 @@ def _cap_to_policy(invoice: Invoice, command: IssueCreditNote, credits: list[_Cr
     return _scale(credits, allowed)
 
 
-def _count_for_trigger(invoice: Invoice, kind: str, amount: int) -> None:
-    credited = invoice.credited_by_trigger.get(kind, 0) + amount
-    if credited:
-        invoice.credited_by_trigger[kind] = credited
-    else:
-        invoice.credited_by_trigger.pop(kind, None)
-
-
-def _without_one(times: tuple[datetime, ...], time: datetime) -> tuple[datetime, ...]:
-    """``times`` less one occurrence of ``time`` (two credits may start at the same time)."""
-    position = times.index(time) if time in times else len(times)
-    return times[:position] + times[position + 1:]
-
-
 def _scale(credits: list[_Credit], total: int) -> list[_Credit]:
     """Credits scaled down to ``total``, by largest remainder, net and tax alike."""
     shares = money.allocate(total, [credit.line.total for credit in credits])
@@ -435,39 +400,3 @@ def _settle(invoice: Invoice, settlement: SettlementSplit | Settlement,
     if settlement is Settlement.OUT_OF_BAND:
         return 0, 0, post_payment
     return 0, post_payment, 0
-
-
-def _apply(invoice: Invoice, note: CreditNote, credits: list[_Credit]) -> None:
-    for credit in credits:
-        line = credit.invoice_line
-        if line is None:
-            continue
-        line.credited_net += credit.line.net
-        line.credited_tax += credit.line.tax
-        line.credited_quantity += credit.quantity
-        if credit.method is not None:
-            line.credit_method = credit.method
-        if credit.line.covers_from is not None:
-            line.time_credits = (*line.time_credits, credit.line.covers_from)
-    _count_for_trigger(invoice, note.trigger.type, note.total)
-    invoice.pre_payment_credited += note.pre_payment_amount
-    invoice.post_payment_credited += note.post_payment_amount
-    invoice.refunded += note.refund_amount
-    invoice.credit_note_count = note.sequence
-    became_paid = (invoice.status is InvoiceStatus.OPEN and note.pre_payment_amount > 0
-                   and invoice.amount_remaining == 0)
-    if became_paid:
-        invoice.status = InvoiceStatus.PAID
-    invoice.events.append(CreditNoteIssued(note, _state(invoice)))
-    if became_paid:
-        invoice.events.append(InvoicePaid(invoice.id, note.id, note.trigger))
-    if note.refund_id is not None:
-        invoice.events.append(RefundRequested(
-            id=note.refund_id, invoice_id=invoice.id, customer_id=invoice.customer_id,
-            credit_note_id=note.id, amount=note.refund_amount, currency=note.currency,
-            trigger=note.trigger,
-        ))
-
-
-def _state(invoice: Invoice) -> InvoiceState:
-    return InvoiceState(amount_remaining=invoice.amount_remaining, status=invoice.status.value)

@@ -1,11 +1,22 @@
-"""The documents name only what the code has: log events, metrics, settings, reason codes.
+"""The documents name only what the code has, and the contract names all of it.
 
 A runbook that tells on-call to grep for a log line the service never writes,
-or to alert on a metric it never exports, is a bug. These tests read the code
-(its log calls, its metric registry, its settings class, its error tree) and
-the documents (README.md and docs/*.md), and fail on any name the documents use
-that the code does not have, and on any log event, metric or dead-letter
-reason the runbook's tables leave out.
+or to alert on a metric it never exports, is a bug; so is a wire contract that
+leaves out a message type, a reason code, a header, a command or a setting the
+service has. These tests read the code (its log calls, its metric registry,
+its settings class, its error tree, its routing table, its event codec, its
+dead-letter headers, its command line) and the documents (README.md and
+docs/*.md), and fail:
+
+- on any name the documents use that the code does not have, except in the
+  section of docs/contract.md and docs/rules.md that lists what is planned
+  and not built yet (``PLANNED``);
+- on any log event, metric or dead-letter reason the runbook's tables leave
+  out, and on any type, reason code, header, command or setting the contract
+  leaves out (outside its planned section: a built thing is not "planned");
+- on a link in README.md or docs/ that leads outside the repository, to a
+  file that does not exist, or to a heading that does not exist, and on any
+  mention of the specification's own files, which are not part of the product.
 """
 
 from __future__ import annotations
@@ -14,16 +25,27 @@ import ast
 import re
 from functools import cache
 from pathlib import Path
+from typing import get_args
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
+from service.adapters import event_codec
 from service.domain import errors
+from service.domain.events import Event
+from service.entrypoints import translators
 from service.entrypoints.metrics import Metrics
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUNBOOK = ROOT / "docs" / "operations.md"
+CONTRACT = ROOT / "docs" / "contract.md"
+RULES = ROOT / "docs" / "rules.md"
+#: The heading, in contract.md and rules.md, of what the specification asks for and the code lacks.
+PLANNED = "Not yet implemented (planned)"
+#: A CloudEvent ``type``: ``<noun>.<past or imperative verb>``, snake_case on both sides.
+TYPE_PATTERN = re.compile(r"[a-z]+(?:_[a-z]+)*\.[a-z]+(?:_[a-z]+)*")
 LOG_METHODS = {"debug", "info", "warning", "error", "exception", "critical"}
 
 #: ``CREDITNOTES_*`` names the documents use that are not service settings, and why.
@@ -123,7 +145,7 @@ def doc_id(path: Path) -> str:
 
 @pytest.mark.parametrize("document", DOCUMENTS, ids=doc_id)
 def test_every_metric_a_document_names_is_exported(document: Path) -> None:
-    named = set(re.findall(r"\bcreditnotes_[a-z_]+[a-z]\b", document.read_text()))
+    named = set(re.findall(r"\bcreditnotes_[a-z_]+[a-z]\b", built_part(document.read_text())))
     unknown = {name for name in named
                if name not in metric_names() and not _is_other_identifier(name)}
     assert not unknown, f"{doc_id(document)} names metrics /metrics does not have: {sorted(unknown)}"
@@ -137,7 +159,7 @@ def _is_other_identifier(name: str) -> bool:
 
 @pytest.mark.parametrize("document", DOCUMENTS, ids=doc_id)
 def test_every_log_event_a_document_quotes_is_logged(document: Path) -> None:
-    text = document.read_text()
+    text = built_part(document.read_text())
     quoted = set(re.findall(r'"event":\s*"([^"]+)"', text))
     quoted |= set(re.findall(r"\blog(?:s|ged)?:? `([^`]+)`", text))
     quoted = {" ".join(event.split()) for event in quoted}  # prose wraps lines
@@ -147,7 +169,8 @@ def test_every_log_event_a_document_quotes_is_logged(document: Path) -> None:
 
 @pytest.mark.parametrize("document", DOCUMENTS, ids=doc_id)
 def test_every_setting_a_document_names_exists(document: Path) -> None:
-    named = set(re.findall(r"\bCREDITNOTES_[A-Z0-9_]*(?:<[A-Z_]+>|\*)?[A-Z0-9_]*", document.read_text()))
+    named = set(re.findall(r"\bCREDITNOTES_[A-Z0-9_]*(?:<[A-Z_]+>|\*)?[A-Z0-9_]*",
+                           built_part(document.read_text())))
     unknown = set()
     for name in named:
         if name in NOT_SETTINGS or name == "CREDITNOTES_":
@@ -179,3 +202,267 @@ def test_the_runbook_explains_every_dead_letter_reason_and_no_other() -> None:
     documented = set(first_column(section(RUNBOOK.read_text(), "Reasons and what to do")))
     assert documented - reason_codes() == set(), "documented reason codes the code does not have"
     assert undeliverable_codes() - documented == set(), "dead-letter reasons the runbook leaves out"
+
+
+# --- the planned section ------------------------------------------------------------------
+
+
+def section_span(text: str, heading: str) -> tuple[int, int] | None:
+    """Where the section with this heading (its heading line included) starts and ends."""
+    match = re.search(rf"^(#+) {re.escape(heading)}\s*$", text, re.MULTILINE)
+    if match is None:
+        return None
+    level = len(match.group(1))
+    end = re.search(rf"^#{{1,{level}}} ", text[match.end():], re.MULTILINE)
+    return match.start(), match.end() + end.start() if end else len(text)
+
+
+def built_part(text: str) -> str:
+    """The document without its planned section: what it says the code does today."""
+    span = section_span(text, PLANNED)
+    return text if span is None else text[: span[0]] + text[span[1]:]
+
+
+def without_code_blocks(text: str) -> str:
+    return re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL)
+
+
+def backticked(text: str) -> set[str]:
+    """Every `name` in the prose and tables (not in fenced code blocks)."""
+    return set(re.findall(r"`([^`\n]+)`", without_code_blocks(text)))
+
+
+def contract() -> str:
+    """docs/contract.md, up to its planned section."""
+    return built_part(CONTRACT.read_text())
+
+
+# --- what the code defines ----------------------------------------------------------------
+
+
+def concrete_codes(base: type[errors.CreditNoteError]) -> frozenset[str]:
+    """The codes of every subclass of ``base`` (the base's own code is never on the wire)."""
+    codes: set[str] = set()
+    stack = list(base.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        codes.add(cls.code)
+        stack.extend(cls.__subclasses__())
+    return frozenset(codes)
+
+
+@cache
+def types_read() -> dict[str, frozenset[str]]:
+    """Input topic (default name) -> the CloudEvent types the service reads there."""
+    return {topic: frozenset(route.translators)
+            for topic, route in translators.routes(Settings(_env_file=None)).items()}
+
+
+@cache
+def types_written() -> frozenset[str]:
+    """The CloudEvent types the event codec writes: the type-shaped strings in its source.
+
+    Read from the code, not listed here, so a new output type is seen the day it
+    is added; every kind of domain event has at least one type.
+    """
+    source = Path(event_codec.__file__).read_text()
+    found = {node.value for node in ast.walk(ast.parse(source))
+             if isinstance(node, ast.Constant) and isinstance(node.value, str)
+             and TYPE_PATTERN.fullmatch(node.value)}
+    assert len(found) >= len(get_args(Event)), f"fewer output types than domain events: {found}"
+    return frozenset(found)
+
+
+def all_types() -> frozenset[str]:
+    return frozenset().union(*types_read().values(), types_written())
+
+
+@cache
+def dead_letter_headers() -> frozenset[str]:
+    """Every ``dlq.*`` header name the service spells out."""
+    names = set()
+    for path in (ROOT / "service").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                    and re.fullmatch(r"dlq(?:\.[a-z_]+)+", node.value)):
+                names.add(node.value)
+    return frozenset(names)
+
+
+# --- (a) the contract names everything the code has ---------------------------------------
+
+
+def test_every_type_the_service_reads_is_in_the_contract_on_its_topic() -> None:
+    rows = {row[0]: row for row in table_rows(section(contract(), "Topics"))}
+    for topic, types in types_read().items():
+        assert topic in rows, f"docs/contract.md's Topics table has no row for topic {topic}"
+        listed = set(re.findall(r"`([^`]+)`", rows[topic][2]))
+        assert types - listed == set(), f"types read on {topic} missing from its Topics row"
+    described = backticked(section(contract(), "Messages read"))
+    assert all_read() - described == set(), "types read but not described under Messages read"
+
+
+def all_read() -> frozenset[str]:
+    return frozenset().union(*types_read().values())
+
+
+def test_every_type_the_service_writes_is_in_the_contract() -> None:
+    listed = backticked(section(contract(), "Topics"))
+    described = backticked(section(contract(), "Messages written"))
+    assert types_written() - listed == set(), "types written but not in the Topics table"
+    assert types_written() - described == set(), "types written but not under Messages written"
+
+
+def test_the_contract_lists_exactly_the_rejection_codes_the_code_has() -> None:
+    documented = set(first_column(section(contract(), "Rejection reasons")))
+    assert concrete_codes(errors.Rejection) - documented == set(), \
+        "rejection codes the code has and docs/contract.md's Rejection reasons leave out"
+    assert documented - concrete_codes(errors.Rejection) == set(), \
+        "rejection codes docs/contract.md lists (outside its planned section) the code lacks"
+
+
+def test_the_contract_lists_exactly_the_dead_letter_reasons_the_code_has() -> None:
+    documented = set(first_column(section(contract(), "Dead-letter reasons")))
+    assert concrete_codes(errors.Undeliverable) - documented == set(), \
+        "dead-letter reasons the code has and docs/contract.md's Dead-letter reasons leave out"
+    assert documented - concrete_codes(errors.Undeliverable) == set(), \
+        "dead-letter reasons docs/contract.md lists (outside its planned section) the code lacks"
+
+
+def test_the_contract_lists_exactly_the_dead_letter_headers_the_service_writes() -> None:
+    documented = set(first_column(section(contract(), "Dead-letter headers")))
+    assert dead_letter_headers() - documented == set(), "headers docs/contract.md leaves out"
+    assert documented - dead_letter_headers() == set(), "documented headers the code never spells"
+
+
+def test_every_setting_is_in_the_contracts_settings_table() -> None:
+    documented = set(first_column(section(contract(), "Settings")))
+    families = [name.split("<")[0] for name in documented if "<" in name]
+    missing = {name for name in setting_names()
+               if name not in documented and not name.startswith(tuple(families))}
+    assert not missing, f"settings docs/contract.md's Settings table leaves out: {sorted(missing)}"
+
+
+def command_line_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    from service.entrypoints.cli import main  # here: only these tests need the command line
+
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--help"])
+    assert exited.value.code == 0
+    return capsys.readouterr().out
+
+
+def subcommands(help_text: str) -> list[str]:
+    """The ``{a,b,c}`` choices of the first positional in an argparse usage."""
+    match = re.search(r"\{([a-z,-]+)\}", help_text)
+    return match.group(1).split(",") if match else []
+
+
+def test_every_command_and_option_is_in_the_contracts_command_line(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    documented = section(contract(), "Command line")
+    commands = subcommands(command_line_help([], capsys))
+    assert {"run", "migrate"} <= set(commands), commands
+    for command in commands:
+        text = command_line_help([command], capsys)
+        for path in [[command, sub] for sub in subcommands(text)] or [[command]]:
+            spelled = " ".join(["creditnotes", *path])
+            assert f"`{spelled}" in documented, f"docs/contract.md leaves out `{spelled}`"
+            options = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", command_line_help(path, capsys)))
+            missing = {option for option in options - {"--help"} if option not in documented}
+            assert not missing, f"`{spelled}` options docs/contract.md leaves out: {missing}"
+
+
+# --- (b) what the contract names (outside its planned section) the code has ---------------
+
+
+def test_every_type_the_contract_names_outside_its_planned_section_exists() -> None:
+    named = {name for name in backticked(contract()) if TYPE_PATTERN.fullmatch(name)
+             and not name.startswith(("dlq.", "data.")) and not name.endswith(".dlq")}
+    assert named, "the type pattern found nothing: the test would prove nothing"
+    unknown = named - all_types()
+    assert not unknown, (f"docs/contract.md names types the code does not read or write: "
+                         f"{sorted(unknown)}; planned ones belong under '{PLANNED}'")
+
+
+def test_every_reason_code_the_contract_cites_outside_its_planned_section_exists() -> None:
+    text = " ".join(contract().split())  # prose wraps lines
+    cited = set(re.findall(r"(?:rejected|dead-lettered|dead-letters?|rejection)"
+                           r"(?: as| with)? `([a-z_]+)`", text))
+    assert cited, "the pattern found no cited code: the test would prove nothing"
+    unknown = cited - reason_codes()
+    assert not unknown, (f"docs/contract.md cites reason codes the code does not have: "
+                         f"{sorted(unknown)}; planned ones belong under '{PLANNED}'")
+
+
+def test_the_planned_sections_exist_and_name_the_specifications_next_codes() -> None:
+    for document in (CONTRACT, RULES):
+        planned = section(document.read_text(), PLANNED)
+        for code in ("refund_not_found", "refund_state_conflict", "refund_already_linked",
+                     "invalid_effective_at"):
+            if code not in reason_codes():  # once built, it belongs above the planned section
+                assert f"`{code}`" in planned or document == RULES, f"{doc_id(document)}: {code}"
+
+
+# --- (c) links stay inside the repository -------------------------------------------------
+
+
+def links(text: str) -> list[str]:
+    """Targets of inline links and images, reference definitions and HTML href/src."""
+    text = without_code_blocks(text)
+    found = re.findall(r"\]\(\s*<?([^)\s>]*)>?(?:\s+\"[^\"]*\")?\s*\)", text)
+    found += re.findall(r"^\s*\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)", text, re.MULTILINE)
+    found += re.findall(r"(?:href|src)\s*=\s*[\"']([^\"']+)[\"']", text)
+    return found
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's anchors for the headings of a markdown file."""
+    seen: dict[str, int] = {}
+    result = set()
+    for heading in re.findall(r"^#{1,6} (.+?)\s*#*\s*$", without_code_blocks(path.read_text()),
+                              re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        result.add(slug if count == 0 else f"{slug}-{count}")
+    return result
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=doc_id)
+def test_every_link_stays_inside_the_repository_and_resolves(document: Path) -> None:
+    problems = []
+    for target in links(document.read_text()):
+        parts = urlsplit(target)
+        if parts.scheme or parts.netloc or target.startswith("/"):
+            problems.append(f"{target}: leads outside the repository")
+            continue
+        path = (document.parent / unquote(parts.path)).resolve() if parts.path else document
+        if not path.is_relative_to(ROOT):
+            problems.append(f"{target}: leads outside the repository")
+        elif not path.exists():
+            problems.append(f"{target}: no such file in the repository")
+        elif parts.fragment and path.suffix == ".md" and parts.fragment not in anchors(path):
+            problems.append(f"{target}: no such heading")
+    assert not problems, f"{doc_id(document)}: {problems}"
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=doc_id)
+def test_no_document_refers_to_the_specifications_own_files(document: Path) -> None:
+    """The contract and the rules are docs/contract.md and docs/rules.md, in the repository."""
+    text = document.read_text()
+    mentions = re.findall(r"\.\./shared|\bshared/|\bCONTRACT\.md|\bRULES\.md|\bSTYLE\.md", text)
+    assert not mentions, f"{doc_id(document)} refers to files outside the repository: {mentions}"
+
+
+def table_rows(table_text: str) -> list[list[str]]:
+    """The body rows of the markdown tables in ``table_text``: cells, the first unquoted."""
+    rows = []
+    lines = table_text.splitlines()
+    for line, following in zip(lines, [*lines[1:], ""], strict=True):
+        is_separator = set(following) <= set("|-: ") and following.startswith("|")
+        if not line.startswith("|") or set(line) <= set("|-: ") or is_separator:
+            continue
+        cells = [cell.strip() for cell in line.split("|")[1:-1]]
+        rows.append([cells[0].strip("`"), *cells[1:]])
+    return rows

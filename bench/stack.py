@@ -65,7 +65,7 @@ class BenchStack:
     # -- lifetime
 
     def start(self) -> None:
-        from service.entrypoints.devstack import EmbeddedKafka, EmbeddedPostgres
+        from service.devtools.devstack import EmbeddedKafka, EmbeddedPostgres
 
         base = Settings()
         updates: dict[str, object] = {}
@@ -129,7 +129,7 @@ class BenchStack:
             await connection.close()
 
     async def _create_topics(self) -> None:
-        from service.entrypoints.devstack import create_topics
+        from service.devtools.devstack import create_topics
 
         topics = [*self.settings.topics.all(), *self.ceiling_topics.values(), self.ceiling_output]
         await create_topics(self.settings.kafka_bootstrap_servers, topics, self.partitions)
@@ -172,7 +172,7 @@ class BenchStack:
 
 
 def free_port() -> int:
-    from service.entrypoints.devstack import free_port as _free_port
+    from service.devtools.devstack import free_port as _free_port
 
     return _free_port()
 

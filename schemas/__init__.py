@@ -1,1 +1,1 @@
-"""Wire schemas: migrations, generated JSON Schemas and example messages (see generate.py)."""
+"""Wire schemas: generated JSON Schemas, the AsyncAPI document and example messages (see generate.py)."""

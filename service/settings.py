@@ -7,6 +7,7 @@ environment anywhere else.
 from __future__ import annotations
 
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -14,7 +15,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "schemas" / "migrations"
+#: The migrations ship as package data, so an installed wheel finds them too.
+MIGRATIONS_DIR = Path(str(resources.files("service.adapters") / "sql"))
 
 
 class Topics(BaseModel):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from service.adapters.migrations import migrate
-from service.entrypoints.devstack import create_topics
+from service.devtools.devstack import create_topics
 from service.settings import MIGRATIONS_DIR, Settings
 from tests.servers import Servers, create_database, drop_database, provide_servers
 from tests.support import Kafka, RunningService

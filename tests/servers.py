@@ -6,7 +6,7 @@ In this order, for each server on its own:
    and ``CREDITNOTES_KAFKA_BOOTSTRAP_SERVERS``;
 2. testcontainers, when a Docker engine answers: ``postgres:16-alpine`` and ``apache/kafka``
    (KRaft, single node);
-3. the embedded servers of :mod:`service.entrypoints.devstack` (PostgreSQL from a wheel, tansu).
+3. the embedded servers of :mod:`service.devtools.devstack` (PostgreSQL from a wheel, tansu).
 
 The tests never skip for want of a server.
 """
@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from service.entrypoints.devstack import (
+from service.devtools.devstack import (
     EmbeddedKafka,
     EmbeddedPostgres,
     free_port,

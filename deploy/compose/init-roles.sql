@@ -5,7 +5,7 @@
 --   creditnotes_migrate  member of creditnotes_migrator: owns the database and its schema,
 --                        applies the migrations (`creditnotes migrate`, the `migrate` job)
 --   creditnotes_service  member of creditnotes_app: what `creditnotes run` may do and no more
---                        (schemas/migrations/0003_roles.sql grants it); not the owner of
+--                        (service/adapters/sql/0003_roles.sql grants it); not the owner of
 --                        anything, so it cannot alter, drop or disable a trigger
 -- The group roles are created here so that migration 0003 finds them (it creates them
 -- only if missing, which needs CREATEROLE). Passwords come from the compose file

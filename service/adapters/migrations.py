@@ -1,8 +1,9 @@
-"""Forward-only, numbered SQL migrations (``schemas/migrations/NNNN_name.sql``).
+"""Forward-only, numbered SQL migrations (``service/adapters/sql/NNNN_name.sql``).
 
 Applied in order under a PostgreSQL advisory lock, so replicas starting
 together migrate once; each file runs in its own transaction and is recorded
-in ``schema_migrations``. Running it again is a no-op.
+in ``schema_migrations``. Running it again is a no-op. The files are package
+data (``settings.MIGRATIONS_DIR``), found from an installed wheel as from a checkout.
 """
 
 from __future__ import annotations

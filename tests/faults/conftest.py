@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from service.adapters.migrations import migrate
-from service.entrypoints.devstack import EmbeddedKafka, EmbeddedPostgres, create_topics
+from service.devtools.devstack import EmbeddedKafka, EmbeddedPostgres, create_topics
 from service.settings import MIGRATIONS_DIR
 from tests.faults.harness import Deployment, ServiceProcess
 from tests.servers import create_database, drop_database

@@ -39,9 +39,9 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from service.devtools.devstack import free_port
 from service.domain.commands import Trigger
 from service.domain.credit_note import derived_id
-from service.entrypoints.devstack import free_port
 from service.settings import Topics
 
 CREDITNOTES = str(Path(sys.executable).with_name("creditnotes"))

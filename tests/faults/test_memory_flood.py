@@ -23,7 +23,7 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaProducer
 
-from service.entrypoints.devstack import create_topics
+from service.devtools.devstack import create_topics
 from tests.faults.harness import CLOUDEVENTS_JSON, SOURCE, Deployment, ServiceProcess
 
 pytestmark = pytest.mark.faults

@@ -33,7 +33,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from service.adapters.migrations import migrate
-from service.entrypoints.devstack import create_topics
+from service.devtools.devstack import create_topics
 from service.settings import MIGRATIONS_DIR, Settings, Topics
 from tests.servers import Servers, create_database, drop_database
 from tests.support import Kafka, Record, RunningService, cloudevent, fetch, fetchrow, invoice_data

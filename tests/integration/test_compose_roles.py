@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from service.adapters.migrations import migrate
-from service.entrypoints.devstack import _postgres_bin_dir
+from service.devtools.devstack import _postgres_bin_dir
 from service.settings import MIGRATIONS_DIR
 from tests.servers import Servers, create_database, drop_database
 

@@ -13,7 +13,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from service.entrypoints.devstack import DevStack, EmbeddedKafka, EmbeddedPostgres, create_topics
+from service.devtools.devstack import DevStack, EmbeddedKafka, EmbeddedPostgres, create_topics
 
 pytestmark = pytest.mark.integration
 

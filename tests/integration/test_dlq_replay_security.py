@@ -17,8 +17,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from service.adapters.replay_audit import Claim, ReplayAudit
+from service.devtools.devstack import EmbeddedKafka, create_topics
 from service.entrypoints import dlq
-from service.entrypoints.devstack import EmbeddedKafka, create_topics
 from service.settings import Settings
 from tests.support import Kafka, cloudevent, fetch
 

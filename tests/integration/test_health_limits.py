@@ -10,7 +10,7 @@ import time
 import pytest
 
 from service.adapters.probe_connection import APPLICATION_NAME
-from service.entrypoints.devstack import free_port
+from service.devtools.devstack import free_port
 from service.entrypoints.http import Cached
 from service.settings import Settings
 from tests.support import Kafka, RunningService, cloudevent, fetch, fetchrow, invoice_data

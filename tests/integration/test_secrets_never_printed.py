@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from service.entrypoints.devstack import free_port
+from service.devtools.devstack import free_port
 from service.settings import Settings
 from tests.support import CREDITNOTES
 

@@ -44,8 +44,35 @@ def test_the_dockerfile_runs_the_service_as_a_non_root_user_with_its_migrations(
     assert re.search(r"^USER \$\{APP_UID\}", text, re.MULTILINE)
     assert 'ENTRYPOINT ["creditnotes"]' in text
     assert 'CMD ["run"]' in text
-    assert "COPY schemas/migrations" in text
-    assert "CREDITNOTES_MIGRATIONS_DIR=/app/schemas/migrations" in text
+    # the migrations are package data of the installed service, found without a setting
+    assert "COPY service ./service" in text
+    assert "migrations" not in " ".join(re.findall(r"^(?:COPY|ENV|ARG) .*$", text, re.MULTILINE))
+    assert "CREDITNOTES_MIGRATIONS_DIR" not in text
+
+
+def build_step(text: str) -> str:
+    """The builder's RUN instruction that installs the package, continuation lines joined."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    [step] = [line for line in joined.splitlines()
+              if line.startswith("RUN ") and "pip install" in line]
+    return step
+
+
+def test_the_image_holds_no_dev_tooling() -> None:
+    step = build_step((ROOT / "deploy" / "Dockerfile").read_text())
+    # the dev package is gone from the sources before the package is built from them
+    removed = step.index("rm -rf service/devtools")
+    assert removed < step.index("pip install")
+    # ... and the build fails if it is installed anyway: the check exits non-zero where it is,
+    # as in this development venv, and zero where it is not
+    [check] = re.findall(r'python -c "([^"]+)"', step)
+    assert "service.devtools" in check
+    here = subprocess.run([sys.executable, "-c", check], capture_output=True, timeout=60)
+    assert here.returncode == 1, here.stderr
+    absent = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['service.devtools'] = None; " + check],
+        capture_output=True, timeout=60)
+    assert absent.returncode == 0, absent.stderr
 
 
 def test_compose_starts_the_service_only_after_healthy_servers_topics_and_migrations() -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from service.entrypoints import dev_state
+from service.devtools import dev_state
+from service.entrypoints import cli
 
 
 def test_dev_and_demo_have_their_own_data_directories() -> None:
@@ -46,3 +47,12 @@ def test_a_servers_file_left_by_a_killed_dev_is_ignored(tmp_path: Path) -> None:
 def test_a_damaged_servers_file_is_ignored(tmp_path: Path) -> None:
     (tmp_path / dev_state.SERVERS_FILE).write_text("{not json")
     assert dev_state.running_dev(tmp_path) is None
+
+
+@pytest.mark.parametrize("command", ["dev", "demo"])
+def test_the_help_names_the_default_data_directory_each_command_uses(
+        command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        cli.main([command, "--help"])
+    assert done.value.code == 0
+    assert f"(default: {dev_state.data_dir(command)};" in " ".join(capsys.readouterr().out.split())

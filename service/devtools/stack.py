@@ -26,7 +26,7 @@ EMBEDDED_BROKER_GROUP_TIMEOUTS = {"kafka_session_timeout_ms": 2_000,
 @contextlib.contextmanager
 def servers(settings: Settings, data_dir: Path, database: str = "creditnotes") -> Iterator[Settings]:
     """Yield settings pointing at configured or embedded servers."""
-    from service.entrypoints.devstack import EmbeddedKafka, EmbeddedPostgres
+    from service.devtools.devstack import EmbeddedKafka, EmbeddedPostgres
 
     updates: dict[str, object] = {}
     with contextlib.ExitStack() as stack:

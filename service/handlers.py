@@ -1,9 +1,11 @@
 """Application handlers: one async function per command, each reading like its rule.
 
-Handlers run inside a transaction the caller opened on the unit of work, so a
-batch of messages shares one transaction (:func:`apply_batch`): the unit of
-work locks the batch's invoices up front in a stable order, keeps them in
-memory while the handlers run, and writes everything when the batch commits.
+Handlers run inside a transaction the caller opened on the unit of work
+(:mod:`service.ports`), so a batch of messages shares one transaction
+(:func:`apply_batch`): it locks the batch's invoices (and the voided credit
+notes' invoices) up front, which the unit of work does in a stable order, and
+the unit of work writes everything, with the events the invoices recorded,
+when the batch commits.
 
 Each message first claims its ``source`` + ``id`` in the processed-message
 ledger; a message already claimed has no second effect. A business refusal
@@ -24,10 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any
 
 from service.domain import errors, issuing
 from service.domain.commands import (
@@ -36,56 +37,22 @@ from service.domain.commands import (
     IssueCreditNote,
     MarkInvoiceUncollectible,
     RecordPayment,
-    Trigger,
     VoidCreditNote,
     VoidInvoice,
 )
-from service.domain.credit_note import CreditNote
-from service.domain.events import CreditNoteRejected, Event
+from service.domain.events import CreditNoteRejected
 from service.domain.invoice import Invoice, finalize_invoice
+from service.ports import Claims, Delivery, Key, Message, UnitOfWork, key_of
 
-
-@dataclass(frozen=True)
-class Delivery:
-    """Where a command came from: kept in the processed-message ledger."""
-
-    topic: str
-    partition: int | None = None
-    offset: int | None = None
-    #: W3C trace context of the span processing the message (None: tracing off)
-    traceparent: str | None = None
-
-
-@dataclass(frozen=True)
-class Message:
-    command: Command
-    delivery: Delivery
+#: the port's types, where callers of the handlers have always found them
+__all__ = ["Delivery", "Message", "Outcome", "Result", "UnitOfWork", "apply_batch",
+           "decide_dead_letter", "handle", "invoice_of"]
 
 
 class Outcome(StrEnum):
     APPLIED = "applied"
     REJECTED = "rejected"
     DUPLICATE = "duplicate"
-
-
-class UnitOfWork(Protocol):
-    """What handlers need from storage; PostgreSQL implements it in ``adapters``."""
-
-    def transaction(self) -> AbstractAsyncContextManager[None]: ...
-    async def prepare(self, messages: Sequence[Message]) -> None: ...
-    async def claim(self, trigger: Trigger, delivery: Delivery) -> bool: ...
-    async def dead_letter_of(self, trigger: Trigger, delivery: Delivery) -> str | None: ...
-    async def release(self, trigger: Trigger, reason: str) -> None: ...
-    async def decide_dead_letter(self, trigger: Trigger, delivery: Delivery,
-                                 reason: str) -> bool: ...
-    async def record_outcome(self, trigger: Trigger, outcome: str) -> None: ...
-    async def get_invoice_for_update(self, invoice_id: str) -> Invoice | None: ...
-    async def add_invoice(self, invoice: Invoice) -> None: ...
-    async def save_invoice(self, invoice: Invoice) -> None: ...
-    async def get_credit_note(self, credit_note_id: str) -> CreditNote | None: ...
-    async def add_credit_note(self, note: CreditNote) -> None: ...
-    async def save_voided_credit_note(self, note: CreditNote, trigger: Trigger) -> None: ...
-    async def add_events(self, events: Sequence[Event]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -189,8 +156,7 @@ async def decide_dead_letter(message: Message, error: errors.Undeliverable,
     uow = unit_of_work()
     try:
         async with uow.transaction():
-            decided = await uow.decide_dead_letter(message.command.trigger, message.delivery,
-                                                   error.code)
+            decided = await uow.record(message, f"dead_lettered:{error.code}")
     except errors.RefusedByDatabase:
         decided = True
     if decided:
@@ -234,29 +200,50 @@ def _undeliverable_kinds() -> dict[str, type[errors.Undeliverable]]:
 async def _apply_together(messages: Sequence[Message], uow: UnitOfWork) -> list[Result]:
     results: list[Result] = []
     async with uow.transaction():
-        await uow.prepare(messages)
+        # every invoice of the batch locked up front, in one sorted round: no deadlock
+        await uow.lock({invoice_of(m.command) for m in messages} - {""},
+                       {m.command.credit_note_id for m in messages
+                        if isinstance(m.command, VoidCreditNote)})
+        first: dict[Key, Message] = {}
+        for m in messages:  # the first copy of a key is the one that may apply
+            first.setdefault(key_of(m.command.trigger), m)
+        batch = _Batch(await uow.claim(list(first.values())))
         for message in messages:
             try:
-                outcome, reason = await handle(message, uow)
+                outcome, reason = await handle(message, uow, batch)
             except _DeadLetterDecided as decided:
                 results.append(Result(message, error=decided.error, decided=True))
             except errors.Undeliverable as error:
-                trigger = message.command.trigger
-                if error.retryable:  # waits: gives its key back, a later attempt claims it
-                    await uow.release(trigger, error.code)
-                else:
-                    await uow.record_outcome(trigger, f"dead_lettered:{error.code}")
+                # waits: gives its key back, a later attempt claims it; else dead-lettered
+                verdict = "released" if error.retryable else "dead_lettered"
+                await uow.record(message, f"{verdict}:{error.code}")
                 results.append(Result(message, error=error, decided=not error.retryable))
             else:
                 results.append(Result(message, outcome=outcome, reason=reason))
     return results
 
 
-async def handle(message: Message, uow: UnitOfWork) -> tuple[Outcome, str]:
+@dataclass
+class _Batch:
+    """The batch's claims, and the keys a message of the batch has used."""
+
+    claims: Claims
+    used: set[Key] = dataclasses.field(default_factory=set)
+
+    def take(self, message: Message) -> bool:
+        """Whether ``message`` is the first to carry its key (in the ledger and the batch)."""
+        key = key_of(message.command.trigger)
+        if key not in self.claims.claimed or key in self.used:
+            return False
+        self.used.add(key)
+        return True
+
+
+async def handle(message: Message, uow: UnitOfWork, batch: _Batch) -> tuple[Outcome, str]:
     """Apply one message; returns its outcome and, for a rejection, the reason code."""
     command = message.command
-    if not await uow.claim(command.trigger, message.delivery):
-        reason = await uow.dead_letter_of(command.trigger, message.delivery)
+    if not batch.take(message):
+        reason = batch.claims.dead_letter_of(message)
         if reason is not None:
             raise _DeadLetterDecided(_redelivered(reason))
         return Outcome.DUPLICATE, ""
@@ -265,42 +252,42 @@ async def handle(message: Message, uow: UnitOfWork) -> tuple[Outcome, str]:
     except errors.Rejection as rejection:
         invoice_id = invoice_of(command)
         if isinstance(command, VoidCreditNote):  # keyed and ordered with its invoice's events
-            note = await uow.get_credit_note(command.credit_note_id)
+            note = (await uow.lock((), [command.credit_note_id])).credit_notes.get(
+                command.credit_note_id)
             invoice_id = note.invoice_id if note is not None else ""
-        await uow.add_events([CreditNoteRejected(
+        await uow.add(CreditNoteRejected(
             trigger=command.trigger, invoice_id=invoice_id or None,
             reason=rejection.code, message=rejection.message,
-        )])
-        await uow.record_outcome(command.trigger, f"rejected:{rejection.code}")
+        ))
+        await uow.record(message, f"rejected:{rejection.code}")
         return Outcome.REJECTED, rejection.code
     return Outcome.APPLIED, ""
 
 
 async def issue_credit_note(command: IssueCreditNote, uow: UnitOfWork) -> None:
     invoice = await _locked_invoice(uow, command.invoice_id)
-    note = issuing.issue_credit_note(invoice, command)
-    await uow.add_credit_note(note)
-    await uow.save_invoice(invoice)
-    await uow.add_events(invoice.pop_events())
+    note = invoice.issue(issuing.price_credit_note(invoice, command))
+    await uow.add(note)
+    await uow.save(invoice)
 
 
 async def void_credit_note(command: VoidCreditNote, uow: UnitOfWork) -> None:
-    # the unit of work reads a void's credit note after locking its invoice (prepare)
-    note = await uow.get_credit_note(command.credit_note_id)
+    # the credit note is read under its invoice's lock (the port's ``lock``)
+    note = (await uow.lock((), [command.credit_note_id])).credit_notes.get(
+        command.credit_note_id)
     if note is None:
         raise errors.CreditNoteNotFound("no credit note has this id")
     invoice = await _locked_invoice(uow, note.invoice_id)
-    voided = issuing.void_credit_note(invoice, note, command)
-    await uow.save_voided_credit_note(voided, command.trigger)
-    await uow.save_invoice(invoice)
-    await uow.add_events(invoice.pop_events())
+    voided = invoice.void_credit_note(note, command.trigger)
+    await uow.save(voided)
+    await uow.save(invoice)
 
 
 async def finalize(command: FinalizeInvoice, uow: UnitOfWork) -> None:
     invoice = finalize_invoice(command)
-    existing = await uow.get_invoice_for_update(command.invoice_id)
+    existing = (await uow.lock([command.invoice_id])).invoices.get(command.invoice_id)
     if existing is None:
-        await uow.add_invoice(invoice)
+        await uow.add(invoice)
     elif not _same_document(existing, invoice):
         raise errors.InvoiceConflict("a different invoice with this id was finalized before")
 
@@ -308,19 +295,19 @@ async def finalize(command: FinalizeInvoice, uow: UnitOfWork) -> None:
 async def record_payment(command: RecordPayment, uow: UnitOfWork) -> None:
     invoice = await _locked_invoice(uow, command.invoice_id)
     invoice.record_payment(command.amount, command.currency)
-    await uow.save_invoice(invoice)
+    await uow.save(invoice)
 
 
 async def void_invoice(command: VoidInvoice, uow: UnitOfWork) -> None:
     invoice = await _locked_invoice(uow, command.invoice_id)
     invoice.void()
-    await uow.save_invoice(invoice)
+    await uow.save(invoice)
 
 
 async def mark_uncollectible(command: MarkInvoiceUncollectible, uow: UnitOfWork) -> None:
     invoice = await _locked_invoice(uow, command.invoice_id)
     invoice.mark_uncollectible()
-    await uow.save_invoice(invoice)
+    await uow.save(invoice)
 
 
 _HANDLERS: dict[type, Callable[[Any, UnitOfWork], Awaitable[None]]] = {
@@ -334,7 +321,7 @@ _HANDLERS: dict[type, Callable[[Any, UnitOfWork], Awaitable[None]]] = {
 
 
 async def _locked_invoice(uow: UnitOfWork, invoice_id: str) -> Invoice:
-    invoice = await uow.get_invoice_for_update(invoice_id)
+    invoice = (await uow.lock([invoice_id])).invoices.get(invoice_id)
     if invoice is None:
         raise errors.InvoiceNotFound("the invoice has not been received (yet)")
     return invoice

@@ -8,7 +8,7 @@ through here inside that transaction, so it commits together or not at all.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,7 +20,7 @@ from asyncpg.pool import PoolConnectionProxy
 from service.adapters.event_codec import encode
 from service.adapters.unavailable import mapped_to_unavailable
 from service.domain import errors
-from service.domain.commands import ServicePeriod, Trigger, VoidCreditNote
+from service.domain.commands import ServicePeriod, Trigger
 from service.domain.credit_note import (
     CreditNote,
     CreditNoteLine,
@@ -29,7 +29,7 @@ from service.domain.credit_note import (
 )
 from service.domain.events import Event
 from service.domain.invoice import CreditMethod, Invoice, InvoiceLine, InvoiceStatus
-from service.handlers import Delivery, Message, invoice_of
+from service.ports import Claims, Delivery, Key, Locked, Message, key_of
 from service.settings import Topics
 
 Connection = asyncpg.Connection | PoolConnectionProxy
@@ -39,15 +39,15 @@ REFUSED_CLASSES = frozenset({"22", "23", "54"})
 
 
 class PostgresUnitOfWork:
-    """One transaction for a batch of messages, writing behind.
+    """One transaction for a batch of messages, writing behind (``service.ports.UnitOfWork``).
 
-    ``prepare`` locks the batch's invoices (sorted by id, so concurrent batches
-    never deadlock) and claims every message's idempotency key in one
+    ``lock`` locks invoices (sorted by id, so concurrent batches never
+    deadlock) and ``claim`` claims every message's idempotency key, one
     statement each; handlers then work on the invoices in memory, and
     everything they recorded is written in a few set-wise statements when the
-    transaction commits. A value or constraint PostgreSQL refuses at that
-    point raises ``RefusedByDatabase`` for the whole batch (the caller then
-    applies it one message at a time).
+    transaction commits, with the events the saved invoices recorded. A value
+    or constraint PostgreSQL refuses at that point raises ``RefusedByDatabase``
+    for the whole batch (the caller then applies it one message at a time).
     """
 
     def __init__(self, pool: asyncpg.Pool, topics: Topics) -> None:
@@ -56,18 +56,15 @@ class PostgresUnitOfWork:
         self._connection: Connection | None = None
         self._invoices: dict[str, Invoice | None] = {}
         self._notes: dict[str, CreditNote | None] = {}
-        self._claimed: set[tuple[str, str]] = set()
-        self._used: set[tuple[str, str]] = set()
-        self._outcomes: dict[tuple[str, str], str] = {}
-        #: keys dead-lettered earlier: (topic, partition, offset) of that delivery, reason
-        self._dead_lettered: dict[tuple[str, str], tuple[tuple[str, int | None, int | None],
-                                                         str]] = {}
+        #: the claimed keys, and every key claim() was given with its delivery, in batch order
+        self._claimed: frozenset[Key] = frozenset()
+        self._deliveries: dict[Key, Delivery] = {}
+        self._outcomes: dict[Key, str] = {}
         self._new_invoices: list[Invoice] = []
-        self._dirty_invoices: dict[str, Invoice] = {}
+        self._saved_invoices: dict[str, Invoice] = {}
         self._new_notes: list[CreditNote] = []
-        self._voided: list[tuple[CreditNote, Trigger]] = []
-        self._events: list[tuple[str, str, str | None, str, str, str | None]] = []
-        self._traceparent: str | None = None
+        self._voided: list[CreditNote] = []
+        self._added_events: list[Event] = []
 
     @property
     def connection(self) -> Connection:
@@ -104,23 +101,32 @@ class PostgresUnitOfWork:
                 finally:
                     self._connection = None
 
-    async def prepare(self, messages: Sequence[Message]) -> None:
-        """Lock the batch's invoices in a stable order, then claim its messages' keys.
+    async def lock(self, invoice_ids: Collection[str],
+                   credit_note_ids: Collection[str] = ()) -> Locked:
+        """Lock invoices in a stable order, and read credit notes under their invoices' locks.
 
-        A void's credit note is read only once its invoice is locked (see
-        ``_load_credit_notes``); its invoice is looked up first, unlocked, so
-        that it is locked in the same sorted round as the others.
+        A credit note's invoice is looked up first, unlocked, so that it is
+        locked in the same sorted round as the others; the note itself is read
+        only once its invoice is locked (see ``_load_credit_notes``).
         """
-        void_ids = [m.command.credit_note_id for m in messages
-                    if isinstance(m.command, VoidCreditNote)]
-        note_invoices = await self._invoices_of_notes(void_ids) if void_ids else set()
-        invoice_ids = sorted({invoice_of(m.command) for m in messages} - {""} | note_invoices)
-        await self._load_invoices(invoice_ids)
-        if void_ids:
-            await self._load_credit_notes(void_ids)
-        first: dict[tuple[str, str], Message] = {}
-        for m in messages:  # the first copy of a key is the one claim() lets apply
-            first.setdefault((m.command.trigger.source, m.command.trigger.id), m)
+        note_ids = sorted(set(credit_note_ids))
+        unread = [note_id for note_id in note_ids if note_id not in self._notes]
+        note_invoices = await self._invoices_of_notes(unread) if unread else set()
+        await self._load_invoices(sorted(set(invoice_ids) | note_invoices))
+        if note_ids:
+            await self._load_credit_notes(note_ids)
+        notes = {note_id: self._notes[note_id] for note_id in note_ids}
+        wanted = set(invoice_ids) | {note.invoice_id for note in notes.values() if note}
+        return Locked({invoice_id: self._invoices[invoice_id] for invoice_id in sorted(wanted)},
+                      notes)
+
+    async def claim(self, messages: Sequence[Message]) -> Claims:
+        """Claim the messages' keys in the ledger, in one statement (``UnitOfWork.claim``)."""
+        first: dict[Key, Message] = {}
+        for m in messages:  # the first copy of a key is the one that may apply
+            first.setdefault(key_of(m.command.trigger), m)
+        for key, m in first.items():
+            self._deliveries.setdefault(key, m.delivery)
         keys = sorted(first.items())
         # A key is claimed when it is new, released, or dead-lettered by another delivery
         # (a replay); one whose event already issued a credit note is a duplicate even
@@ -157,49 +163,57 @@ class PostgresUnitOfWork:
             [m.delivery.partition for _, m in keys], [m.delivery.offset for _, m in keys],
             ["applied"] * len(keys),
         )
-        self._claimed = {(row["source"], row["id"]) for row in rows}
-        self._dead_lettered = {}
-        if len(self._claimed) < len(keys):
+        claimed = frozenset((row["source"], row["id"]) for row in rows)
+        self._claimed |= claimed
+        dead_lettered: dict[Key, tuple[Delivery, str]] = {}
+        if len(claimed) < len(keys):
             for row in await self.connection.fetch(
                     "SELECT source, id, topic, kafka_partition, kafka_offset, outcome"
                     " FROM processed_messages AS p"
                     " JOIN unnest($1::text[], $2::text[]) AS k(source, id) USING (source, id)"
                     " WHERE p.outcome LIKE 'dead_lettered:%' AND p.kafka_offset IS NOT NULL",
                     [key[0] for key, _ in keys], [key[1] for key, _ in keys]):
-                self._dead_lettered[(row["source"], row["id"])] = (
-                    (row["topic"], row["kafka_partition"], row["kafka_offset"]),
+                dead_lettered[(row["source"], row["id"])] = (
+                    Delivery(row["topic"], row["kafka_partition"], row["kafka_offset"]),
                     row["outcome"].removeprefix("dead_lettered:"))
+        return Claims(claimed, dead_lettered)
 
-    async def claim(self, trigger: Trigger, delivery: Delivery) -> bool:
-        """Whether this message is the first to carry its key (in the ledger and the batch)."""
-        key = (trigger.source, trigger.id)
-        self._traceparent = delivery.traceparent  # the events this message writes carry it
-        if key not in self._claimed or key in self._used:
-            return False
-        self._used.add(key)
-        return True
+    async def add(self, new: Invoice | CreditNote | Event) -> None:
+        if isinstance(new, Invoice):
+            self._invoices[new.id] = new
+            self._new_invoices.append(new)
+        elif isinstance(new, CreditNote):
+            self._notes[new.id] = new
+            self._new_notes.append(new)
+        else:
+            self._added_events.append(new)
 
-    async def dead_letter_of(self, trigger: Trigger, delivery: Delivery) -> str | None:
-        """The reason recorded when this very delivery was dead-lettered (None: it was not)."""
-        found = self._dead_lettered.get((trigger.source, trigger.id))
-        if found is None or found[0] != (delivery.topic, delivery.partition, delivery.offset):
-            return None
-        return found[1]
+    async def save(self, changed: Invoice | CreditNote) -> None:
+        if isinstance(changed, Invoice):
+            self._saved_invoices.setdefault(changed.id, changed)
+            return
+        if changed.status is not CreditNoteStatus.VOID or changed.voided_by is None:
+            raise ValueError("a credit note changes only by being voided")
+        self._notes[changed.id] = changed
+        self._voided.append(changed)
 
-    async def release(self, trigger: Trigger, reason: str) -> None:
-        """Give back the key of a message that waits (not found yet): a later delivery claims it."""
-        self._outcomes[(trigger.source, trigger.id)] = f"released:{reason}"
+    async def record(self, message: Message, outcome: str) -> bool:
+        """The ledger's outcome of a message (``UnitOfWork.record``).
 
-    async def decide_dead_letter(self, trigger: Trigger, delivery: Delivery,
-                                 reason: str) -> bool:
-        """Record, at once, that this delivery is dead-lettered; False if the key has an effect.
-
-        A compare-and-set: the key is written ``dead_lettered:<reason>`` when it has
-        no row (its transaction was rolled back), a released one, or a dead-lettered
-        one (this delivery's own, its dead letter is resent; or another delivery's).
-        A row another transaction applied or rejected meanwhile (another replica)
-        is left alone, and so is the record: it must not be dead-lettered too.
+        For a key not claimed here, a compare-and-set: the key is written
+        ``dead_lettered:<reason>`` when it has no row (its transaction was
+        rolled back), a released one, or a dead-lettered one (this delivery's
+        own, its dead letter is resent; or another delivery's). A row another
+        transaction applied or rejected meanwhile (another replica) is left
+        alone, and so is the record: it must not be dead-lettered too.
         """
+        trigger, delivery = message.command.trigger, message.delivery
+        if key_of(trigger) in self._claimed:
+            self._outcomes[key_of(trigger)] = outcome
+            return True
+        reason = outcome.removeprefix("dead_lettered:")
+        if reason == outcome:
+            raise ValueError(f"only a dead letter is recorded for a key not claimed: {outcome}")
         row = await self.connection.fetchrow(
             """
             INSERT INTO processed_messages
@@ -216,39 +230,24 @@ class PostgresUnitOfWork:
             delivery.offset, reason)
         return row is not None
 
-    async def record_outcome(self, trigger: Trigger, outcome: str) -> None:
-        self._outcomes[(trigger.source, trigger.id)] = outcome
+    def _collect_new_events(self) -> list[tuple[str, str, str | None, str, str, str | None]]:
+        """The saved invoices' new events and the added ones, as outbox rows.
 
-    async def get_invoice_for_update(self, invoice_id: str) -> Invoice | None:
-        if invoice_id not in self._invoices:
-            await self._load_invoices([invoice_id])
-        return self._invoices[invoice_id]
-
-    async def add_invoice(self, invoice: Invoice) -> None:
-        self._invoices[invoice.id] = invoice
-        self._new_invoices.append(invoice)
-
-    async def save_invoice(self, invoice: Invoice) -> None:
-        self._dirty_invoices[invoice.id] = invoice
-
-    async def get_credit_note(self, credit_note_id: str) -> CreditNote | None:
-        if credit_note_id not in self._notes:
-            await self._load_credit_notes([credit_note_id])
-        return self._notes[credit_note_id]
-
-    async def add_credit_note(self, note: CreditNote) -> None:
-        self._notes[note.id] = note
-        self._new_notes.append(note)
-
-    async def save_voided_credit_note(self, note: CreditNote, trigger: Trigger) -> None:
-        self._notes[note.id] = note
-        self._voided.append((note, trigger))
-
-    async def add_events(self, events: Sequence[Event]) -> None:
+        In the order of the messages that caused them (stable: an invoice's own
+        events keep theirs), each with its message's trace context.
+        """
+        events = list(self._added_events)
+        for invoice in [*self._new_invoices, *self._saved_invoices.values()]:
+            events += invoice.pop_events()
+        order = {key: position for position, key in enumerate(self._deliveries)}
+        events.sort(key=lambda event: order.get(key_of(event.trigger), len(order)))
+        rows = []
         for event in events:
             outgoing = encode(event, self._topics)
-            self._events.append((outgoing.id, outgoing.topic, outgoing.key, outgoing.type,
-                                 outgoing.to_json(), self._traceparent))
+            delivery = self._deliveries.get(key_of(event.trigger))
+            rows.append((outgoing.id, outgoing.topic, outgoing.key, outgoing.type,
+                         outgoing.to_json(), delivery.traceparent if delivery else None))
+        return rows
 
     async def _load_invoices(self, invoice_ids: Sequence[str]) -> None:
         wanted = [invoice_id for invoice_id in invoice_ids if invoice_id not in self._invoices]
@@ -340,15 +339,15 @@ class PostgresUnitOfWork:
              _utc(line.covers_from) if line.covers_from else None)
             for n in notes for position, line in enumerate(n.lines)])
         await _update(connection, _VOIDS, [
-            (n.id, trigger.source, trigger.id) for n, trigger in self._voided])
+            (n.id, n.voided_by.source, n.voided_by.id) for n in self._voided if n.voided_by])
         await _insert(connection, _JOURNAL_LINES, [
             (n.id, "issue", position, line.account.value, line.debit, line.credit)
             for n in notes for position, line in enumerate(n.journal)] + [
             (n.id, "void", position, line.account.value, line.debit, line.credit)
-            for n, _ in self._voided for position, line in enumerate(n.void_journal)])
+            for n in self._voided for position, line in enumerate(n.void_journal)])
         # invoices new in this batch too: they were inserted as finalized, and what the
         # batch credited on them (counters, number count, coverage) is written here
-        dirty = list(self._dirty_invoices.values())
+        dirty = list(self._saved_invoices.values())
         await _update(connection, _INVOICE_FIGURES, [
             (i.id, i.status.value, i.amount_paid, i.pre_payment_credited,
              i.post_payment_credited, i.refunded, i.credit_note_count) for i in dirty])
@@ -357,7 +356,7 @@ class PostgresUnitOfWork:
              line.credit_method.value if line.credit_method else None,
              _timestamps_literal(line.time_credits))
             for i in dirty for line in i.lines])
-        await _insert(connection, _OUTBOX, self._events)
+        await _insert(connection, _OUTBOX, self._collect_new_events())
         await _update(connection, _OUTCOMES, [
             (source, id_, outcome) for (source, id_), outcome in self._outcomes.items()])
 

@@ -23,7 +23,7 @@ from asyncpg.exceptions import _base as asyncpg_base
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.adapters.unavailable import is_unavailable, mapped_to_unavailable
+from service.adapters.unavailable import Backoff, is_unavailable, mapped_to_unavailable
 from service.domain import errors
 from service.domain.commands import IssueCreditNote, Trigger
 from service.domain.credit_note import derived_id
@@ -289,12 +289,12 @@ class _Failing:
     async def transaction(self) -> Any:
         yield
 
-    async def prepare(self, messages: Any) -> None:
+    async def lock(self, invoice_ids: Any, credit_note_ids: Any = ()) -> None:
         self.log.append("apply")
         raise KeyError("a bug")
 
-    async def decide_dead_letter(self, trigger: Any, delivery: Any, reason: str) -> bool:
-        self.log.append(f"decide {trigger.id}")
+    async def record(self, message: Message, outcome: str) -> bool:
+        self.log.append(f"decide {message.command.trigger.id}")
         return True
 
 
@@ -313,7 +313,7 @@ def test_a_batch_of_failing_messages_sleeps_at_most_its_retry_budget_in_order(
                                      "other", amount=1), Delivery("commands", 0, n))
              for n in range(messages)]
     pipeline = consumer.Pipeline(lambda: _Failing(log), {}, None,  # type: ignore[arg-type]
-                                 consumer.Backoff(1.0, 4.0), 0.0, 1_000, attempts=attempts)
+                                 Backoff(1.0, 4.0), 0.0, 1_000, attempts=attempts)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(consumer.asyncio, "sleep", sleep)
         patch.setattr(consumer.time, "monotonic", lambda: clock["now"])

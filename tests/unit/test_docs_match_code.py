@@ -466,3 +466,50 @@ def table_rows(table_text: str) -> list[list[str]]:
         cells = [cell.strip() for cell in line.split("|")[1:-1]]
         rows.append([cells[0].strip("`"), *cells[1:]])
     return rows
+
+
+# --- rules.md points at code that exists --------------------------------------------------
+
+
+@cache
+def code_names() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """Module stem -> its top-level names; class name -> its members (fields, methods)."""
+    modules: dict[str, set[str]] = {}
+    classes: dict[str, set[str]] = {}
+    for path in (ROOT / "service").rglob("*.py"):
+        tree = ast.parse(path.read_text(), str(path))
+        names = modules.setdefault(path.stem, set())
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                names.add(node.name)
+            elif isinstance(node, ast.Assign | ast.AnnAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names.update(target.id for target in targets if isinstance(target, ast.Name))
+            if isinstance(node, ast.ClassDef):
+                members = classes.setdefault(node.name, set())
+                for item in node.body:
+                    if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                        members.add(item.name)
+                    elif isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                        members.add(item.target.id)
+                    elif isinstance(item, ast.Assign):
+                        members.update(t.id for t in item.targets if isinstance(t, ast.Name))
+    return modules, classes
+
+
+def test_every_function_and_class_rules_md_points_to_exists() -> None:
+    """'enforced by `issuing._settle`' must name code that is there, so a move updates the doc."""
+    modules, classes = code_names()
+    defined = set().union(*modules.values(), *classes.values())
+    unknown = set()
+    for name in backticked(built_part(RULES.read_text())):
+        for match in re.finditer(r"\b([A-Za-z_]\w*)\.([A-Za-z_]\w*)\b", name):
+            owner, member = match.groups()
+            if match.group(0) in all_types() or member == "py":
+                continue  # a message type, a file name
+            members = classes.get(owner, modules.get(owner))  # a class, else a module
+            if members is not None and member not in members:
+                unknown.add(match.group(0))
+        if re.fullmatch(r"_[a-z]\w*", name) and name not in defined:
+            unknown.add(name)
+    assert not unknown, f"docs/rules.md points to code that does not exist: {sorted(unknown)}"

@@ -22,6 +22,7 @@ docs/*.md), and fail:
 from __future__ import annotations
 
 import ast
+import json
 import re
 from functools import cache
 from pathlib import Path
@@ -513,3 +514,51 @@ def test_every_function_and_class_rules_md_points_to_exists() -> None:
         if re.fullmatch(r"_[a-z]\w*", name) and name not in defined:
             unknown.add(name)
     assert not unknown, f"docs/rules.md points to code that does not exist: {sorted(unknown)}"
+
+
+# --- fields: the contract's field tables and the JSON Schemas generated from the code -----
+
+
+@cache
+def schema_fields() -> frozenset[str]:
+    """Every property name in schemas/json (generated from the wire models and the codec)."""
+    names: set[str] = set()
+    stack: list[object] = [json.loads(path.read_text())
+                           for path in (ROOT / "schemas" / "json").glob("*.json")]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            properties = node.get("properties")
+            if isinstance(properties, dict):
+                names.update(properties)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    assert names, "no schema properties found"
+    return frozenset(names)
+
+
+def field_table_names(text: str) -> set[str]:
+    """The backticked names in the first column of tables whose first header is ``field``."""
+    names: set[str] = set()
+    in_field_table = False
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            in_field_table = False
+            continue
+        cells = [cell.strip() for cell in line.split("|")[1:-1]]
+        if cells and cells[0] == "field":
+            in_field_table = True
+        elif in_field_table and not set(line) <= set("|-: "):
+            names.update(re.findall(r"`([^`]+)`", cells[0]))
+    return names
+
+
+def test_every_field_in_the_contracts_message_tables_is_in_a_schema_and_back() -> None:
+    messages = section(contract(), "Messages read") + section(contract(), "Messages written")
+    documented = field_table_names(messages)
+    assert documented, "no field tables found: the test would prove nothing"
+    assert documented - schema_fields() == set(), \
+        "fields docs/contract.md's message tables name (outside its planned section) no message has"
+    mentioned = {word for name in backticked(contract()) for word in re.findall(r"\w+", name)}
+    assert schema_fields() - mentioned == set(), "message fields docs/contract.md never names"

@@ -1,0 +1,230 @@
+"""An in-memory unit of work: the port (``service.ports``) with no PostgreSQL.
+
+``FakeStore`` is the "database" (committed invoices, credit notes, the
+processed-message ledger and the outbox); ``FakeUnitOfWork`` works on copies
+and writes at commit, so an exception inside its transaction writes nothing.
+It keeps the PostgreSQL unit of work's rules, and ``tests/contract`` runs one
+suite against both so it cannot drift: the claim rules of the ledger, the
+compare-and-set of a dead letter, events collected from the saved invoices in
+the order of their messages, and a value storage refuses (a NUL character in
+text, as PostgreSQL refuses it) failing the whole commit.
+
+Locks are not modelled: one event loop, and no test here runs two units of
+work at once (the PostgreSQL tests do).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.adapters.event_codec import encode
+from service.domain import errors
+from service.domain.credit_note import CreditNote, CreditNoteStatus
+from service.domain.events import Event
+from service.domain.invoice import Invoice
+from service.ports import Claims, Delivery, Key, Locked, Message, key_of
+from service.settings import Topics
+
+#: (event id, topic, key, type, payload JSON, traceparent): an outbox row, as PostgreSQL's
+OutboxRow = tuple[str, str, str | None, str, str, str | None]
+
+
+@dataclass
+class LedgerRow:
+    type: str
+    delivery: Delivery
+    outcome: str
+
+
+class DataException(Exception):
+    """What the driver raises for a refused value (SQLSTATE 22021: a NUL character in text)."""
+
+    sqlstate = "22021"
+
+
+@dataclass
+class FakeStore:
+    """The committed state every :class:`FakeUnitOfWork` of it reads and writes."""
+
+    topics: Topics = field(default_factory=Topics)
+    invoices: dict[str, Invoice] = field(default_factory=dict)
+    credit_notes: dict[str, CreditNote] = field(default_factory=dict)
+    ledger: dict[Key, LedgerRow] = field(default_factory=dict)
+    outbox: list[OutboxRow] = field(default_factory=list)
+    commits: int = 0
+    #: called as each transaction commits (may raise, e.g. ``errors.Unavailable``)
+    before_commit: Callable[[FakeUnitOfWork], None] | None = None
+
+    def unit_of_work(self) -> FakeUnitOfWork:
+        return FakeUnitOfWork(self)
+
+    def outcome(self, key: Key) -> str | None:
+        row = self.ledger.get(key)
+        return row.outcome if row else None
+
+
+class FakeUnitOfWork:
+    """``service.ports.UnitOfWork`` in memory (the rules of ``PostgresUnitOfWork``)."""
+
+    def __init__(self, store: FakeStore) -> None:
+        self.store = store
+        self._open = False
+        self._invoices: dict[str, Invoice | None] = {}
+        self._notes: dict[str, CreditNote | None] = {}
+        self._ledger: dict[Key, LedgerRow] = {}  # rows written in this transaction
+        self._claimed: frozenset[Key] = frozenset()
+        self._deliveries: dict[Key, Delivery] = {}
+        self._outcomes: dict[Key, str] = {}
+        self._new_invoices: list[Invoice] = []
+        self._saved_invoices: dict[str, Invoice] = {}
+        self._new_notes: list[CreditNote] = []
+        self._voided: list[CreditNote] = []
+        self._added_events: list[Event] = []
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        self._open = True
+        try:
+            yield
+            if self.store.before_commit is not None:
+                self.store.before_commit(self)
+            self._commit()
+        finally:
+            self._open = False
+
+    async def claim(self, messages: Sequence[Message]) -> Claims:
+        self._check_open()
+        first: dict[Key, Message] = {}
+        for m in messages:
+            first.setdefault(key_of(m.command.trigger), m)
+        claimed: set[Key] = set()
+        for key, m in first.items():
+            self._deliveries.setdefault(key, m.delivery)
+            row = self._row(key)
+            if row is None or row.outcome.startswith("released:") or (
+                    row.outcome.startswith("dead_lettered:")
+                    and not m.delivery.same_record(row.delivery)):
+                self._ledger[key] = LedgerRow(m.command.trigger.type, m.delivery, "applied")
+                if not any(key_of(note.trigger) == key
+                           for note in self.store.credit_notes.values()):
+                    claimed.add(key)
+        self._claimed |= claimed
+        dead_lettered = {}
+        for key in first.keys() - claimed:
+            row = self._row(key)
+            if (row is not None and row.outcome.startswith("dead_lettered:")
+                    and row.delivery.offset is not None):
+                dead_lettered[key] = (row.delivery, row.outcome.removeprefix("dead_lettered:"))
+        return Claims(frozenset(claimed), dead_lettered)
+
+    async def lock(self, invoice_ids: Collection[str],
+                   credit_note_ids: Collection[str] = ()) -> Locked:
+        self._check_open()
+        for note_id in credit_note_ids:
+            if note_id not in self._notes:
+                self._notes[note_id] = self.store.credit_notes.get(note_id)
+        notes = {note_id: self._notes[note_id] for note_id in sorted(set(credit_note_ids))}
+        wanted = set(invoice_ids) | {note.invoice_id for note in notes.values() if note}
+        for invoice_id in wanted:
+            if invoice_id not in self._invoices:
+                stored = self.store.invoices.get(invoice_id)
+                self._invoices[invoice_id] = copy.deepcopy(stored)
+        return Locked({invoice_id: self._invoices[invoice_id] for invoice_id in sorted(wanted)},
+                      notes)
+
+    async def add(self, new: Invoice | CreditNote | Event) -> None:
+        self._check_open()
+        if isinstance(new, Invoice):
+            self._invoices[new.id] = new
+            self._new_invoices.append(new)
+        elif isinstance(new, CreditNote):
+            self._notes[new.id] = new
+            self._new_notes.append(new)
+        else:
+            self._added_events.append(new)
+
+    async def save(self, changed: Invoice | CreditNote) -> None:
+        self._check_open()
+        if isinstance(changed, Invoice):
+            self._saved_invoices.setdefault(changed.id, changed)
+            return
+        if changed.status is not CreditNoteStatus.VOID or changed.voided_by is None:
+            raise ValueError("a credit note changes only by being voided")
+        self._notes[changed.id] = changed
+        self._voided.append(changed)
+
+    async def record(self, message: Message, outcome: str) -> bool:
+        self._check_open()
+        key = key_of(message.command.trigger)
+        if key in self._claimed:
+            self._outcomes[key] = outcome
+            return True
+        if not outcome.startswith("dead_lettered:"):
+            raise ValueError(f"only a dead letter is recorded for a key not claimed: {outcome}")
+        row = self._row(key)
+        if row is not None and not row.outcome.startswith(("released:", "dead_lettered:")):
+            return False
+        self._ledger[key] = LedgerRow(message.command.trigger.type, message.delivery, outcome)
+        return True
+
+    def _row(self, key: Key) -> LedgerRow | None:
+        return self._ledger.get(key) or self.store.ledger.get(key)
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise RuntimeError("the unit of work is used outside its transaction")
+
+    def _collect_new_events(self) -> list[OutboxRow]:
+        events = list(self._added_events)
+        for invoice in [*self._new_invoices, *self._saved_invoices.values()]:
+            events += invoice.pop_events()
+        order = {key: position for position, key in enumerate(self._deliveries)}
+        events.sort(key=lambda event: order.get(key_of(event.trigger), len(order)))
+        rows = []
+        for event in events:
+            outgoing = encode(event, self.store.topics)
+            delivery = self._deliveries.get(key_of(event.trigger))
+            rows.append((outgoing.id, outgoing.topic, outgoing.key, outgoing.type,
+                         outgoing.to_json(), delivery.traceparent if delivery else None))
+        return rows
+
+    def _commit(self) -> None:
+        for new in [*self._new_invoices, *self._new_notes]:
+            if _has_nul(new):
+                try:  # as the PostgreSQL unit of work raises it: the driver's error its context
+                    raise DataException("invalid byte sequence for encoding UTF8: 0x00")
+                except DataException as error:
+                    raise errors.RefusedByDatabase(
+                        "PostgreSQL refused the effect (SQLSTATE 22021)", cause=error) from None
+        if any(invoice.id in self.store.invoices for invoice in self._new_invoices) or any(
+                note.id in self.store.credit_notes for note in self._new_notes):
+            raise errors.RefusedByDatabase("PostgreSQL refused the effect (SQLSTATE 23505)")
+        rows = self._collect_new_events()
+        ledger = {**self.store.ledger, **self._ledger}
+        for key, outcome in self._outcomes.items():
+            ledger[key] = dataclasses.replace(ledger[key], outcome=outcome)
+        self.store.ledger = ledger
+        for invoice in [*self._new_invoices, *self._saved_invoices.values()]:
+            self.store.invoices[invoice.id] = invoice
+        for note in [*self._new_notes, *self._voided]:
+            self.store.credit_notes[note.id] = note
+        self.store.outbox += rows
+        self.store.commits += 1
+
+
+def _has_nul(value: Any) -> bool:
+    """Whether any text in ``value`` holds a NUL character (PostgreSQL's text refuses it)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(item) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return any(_has_nul(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return False

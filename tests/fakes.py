@@ -86,6 +86,11 @@ class FakeUnitOfWork:
         self._voided: list[CreditNote] = []
         self._added_events: list[Event] = []
 
+    @property
+    def claimed(self) -> frozenset[Key]:
+        """The keys this unit of work claimed (for a test's ``before_commit``)."""
+        return self._claimed
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
         self._open = True

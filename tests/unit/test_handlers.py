@@ -208,7 +208,7 @@ async def test_an_outage_propagates_after_telling_what_was_committed(
     monkeypatch.setitem(handlers._HANDLERS, IssueCreditNote, handler)
 
     def outage_at_c2(uow: Any) -> None:
-        if ("/tests", "c2") in uow._claimed:
+        if ("/tests", "c2") in uow.claimed:
             raise errors.Unavailable("PostgreSQL: connection reset")
 
     store.before_commit = outage_at_c2

@@ -44,6 +44,9 @@ class Topics(BaseModel):
         return inputs + self.outputs() + [f"{topic}.dlq" for topic in inputs]
 
 
+#: The contract's topic names: the defaults of the ``topic_*`` settings.
+DEFAULT_TOPICS = Topics()
+
 SettlementName = Literal["refund", "customer_balance", "out_of_band"]
 SETTLEMENTS: tuple[SettlementName, ...] = ("refund", "customer_balance", "out_of_band")
 
@@ -95,15 +98,16 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] | None = None
     log_level: str = "INFO"
 
-    topic_invoices: str = "invoices"
-    topic_returns: str = "returns"
-    topic_sla_breaches: str = "sla-breaches"
-    topic_downgrades: str = "downgrades"
-    topic_cancellations: str = "cancellations"
-    topic_credit_note_commands: str = "credit-note-commands"
-    topic_credit_note_events: str = "credit-note-events"
-    topic_invoice_events: str = "invoice-events"
-    topic_refund_requests: str = "refund-requests"
+    #: One ``topic_<name>`` per field of :class:`Topics`, defaulting to its name there.
+    topic_invoices: str = DEFAULT_TOPICS.invoices
+    topic_returns: str = DEFAULT_TOPICS.returns
+    topic_sla_breaches: str = DEFAULT_TOPICS.sla_breaches
+    topic_downgrades: str = DEFAULT_TOPICS.downgrades
+    topic_cancellations: str = DEFAULT_TOPICS.cancellations
+    topic_credit_note_commands: str = DEFAULT_TOPICS.credit_note_commands
+    topic_credit_note_events: str = DEFAULT_TOPICS.credit_note_events
+    topic_invoice_events: str = DEFAULT_TOPICS.invoice_events
+    topic_refund_requests: str = DEFAULT_TOPICS.refund_requests
 
     #: Which CloudEvents ``source`` values may publish on each input topic (JSON
     #: lists, e.g. ``CREDITNOTES_ALLOWED_SOURCES_RETURNS='["/warehouse/returns"]'``).
@@ -242,15 +246,7 @@ class Settings(BaseSettings):
 
     @property
     def topics(self) -> Topics:
-        return Topics(
-            invoices=self.topic_invoices, returns=self.topic_returns,
-            sla_breaches=self.topic_sla_breaches, downgrades=self.topic_downgrades,
-            cancellations=self.topic_cancellations,
-            credit_note_commands=self.topic_credit_note_commands,
-            credit_note_events=self.topic_credit_note_events,
-            invoice_events=self.topic_invoice_events,
-            refund_requests=self.topic_refund_requests,
-        )
+        return Topics(**{name: getattr(self, f"topic_{name}") for name in Topics.model_fields})
 
 
 def with_query(url: str, name: str, value: str) -> str:

@@ -26,8 +26,9 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from service.headers import Header
+
 _PROPAGATOR = TraceContextTextMapPropagator()
-Header = tuple[str, bytes]
 
 
 def tracer_provider(enabled: bool, endpoint: str | None,

@@ -35,6 +35,9 @@
   batch read never walks them; every other key flows. Any other error (the
   cluster, the client, the network, a timeout) is retried with backoff, never
   parked. ``creditnotes outbox retry`` un-parks a row and the rows held behind it.
+
+The end of the module holds what ops and ``/metrics`` ask of the outbox: the
+backlog, the parked rows, and releasing them (``creditnotes outbox``).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -62,7 +66,9 @@ from aiokafka.errors import (
 from opentelemetry import trace
 
 from service.adapters.event_codec import CONTENT_TYPE
-from service.adapters.kafka_producer import Header, KafkaProducer
+from service.adapters.kafka_producer import KafkaProducer
+from service.adapters.unavailable import DATABASE_ERRORS, DRIVER_ERRORS, NETWORK_ERRORS, Backoff
+from service.headers import Header
 from service.tracing import context_from_traceparent, headers_for, messaging_attributes
 
 _RELAY_LOCK_KEY = 0x6F757462  # "outb"
@@ -162,6 +168,11 @@ class LeadershipLost(Exception):
     """The relay's lock or alive connection is gone, or no longer holds its lock."""
 
 
+#: What interrupts the relay without being a bug: a server, the network, the producer
+#: (``RuntimeError``: a send it cancelled), or leadership lost. Logged as a warning.
+_INTERRUPTIONS: tuple[type[Exception], ...] = (*DRIVER_ERRORS, RuntimeError, LeadershipLost)
+
+
 @dataclass
 class _Batch:
     published: list[int] = field(default_factory=list)
@@ -199,24 +210,24 @@ class OutboxRelay:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Relay until ``stopping`` is set; survives database and broker outages."""
-        backoff = self._poll_seconds
+        backoff = Backoff(self._poll_seconds, self._max_backoff)
+        failures = 0
         try:
             while not stopping.is_set():
                 try:
                     await self._stay_alive()
                     await self._run_as_leader(stopping)
-                    backoff = self._poll_seconds
-                except (TimeoutError, OSError, KafkaError, asyncpg.PostgresError,
-                        asyncpg.InterfaceError, RuntimeError, LeadershipLost) as error:
+                    failures = 0
+                except _INTERRUPTIONS as error:
+                    failures += 1
                     log.warning("outbox relay interrupted, retrying", error=type(error).__name__,
-                                retry_in_s=backoff)
-                    await _sleep_unless(stopping, backoff)
-                    backoff = min(backoff * 2, self._max_backoff)
+                                retry_in_s=backoff.seconds_before(failures))
+                    await _sleep_unless(stopping, backoff.seconds_before(failures))
                 except Exception as error:  # a relay that stopped would wedge the outbox
+                    failures += 1
                     log.exception("outbox relay failed, retrying", error=type(error).__name__,
-                                  retry_in_s=backoff)
-                    await _sleep_unless(stopping, backoff)
-                    backoff = min(backoff * 2, self._max_backoff)
+                                  retry_in_s=backoff.seconds_before(failures))
+                    await _sleep_unless(stopping, backoff.seconds_before(failures))
         finally:
             if self._alive is not None:
                 with contextlib.suppress(Exception):
@@ -323,8 +334,7 @@ class OutboxRelay:
     async def _lock_query(self, query: Any) -> Any:
         try:
             return await asyncio.wait_for(query, _LOCK_QUERY_TIMEOUT_SECONDS)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
-                OSError, TimeoutError) as error:
+        except (*NETWORK_ERRORS, *DATABASE_ERRORS) as error:
             # killed mid-query, asyncpg may also answer "another operation is in progress"
             raise LeadershipLost(f"the relay's lock connection failed: {type(error).__name__}") \
                 from error
@@ -470,3 +480,81 @@ async def _connect(database_url: str,
 async def _sleep_unless(stopping: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(stopping.wait(), seconds)
+
+
+# --------------------------------------------------------------------------- for ops and /metrics
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """The unpublished rows: how many, the oldest one's age, how many were refused (parked)."""
+
+    rows: int
+    oldest_seconds: float
+    parked: int
+
+
+async def backlog(connection: asyncpg.Connection) -> Backlog:
+    row = await connection.fetchrow(
+        "SELECT count(*) AS backlog, coalesce(extract(epoch FROM now()"
+        " - min(created_at)), 0) AS oldest_seconds,"
+        " count(*) FILTER (WHERE parked_at IS NOT NULL AND held_behind IS NULL)"
+        " AS parked FROM outbox"
+        " WHERE published_at IS NULL")
+    assert row is not None  # an aggregate always answers one row
+    return Backlog(row["backlog"], float(row["oldest_seconds"]), row["parked"])
+
+
+@dataclass(frozen=True)
+class Parked:
+    seq: int
+    topic: str
+    key: str | None
+    type: str
+    error: str
+    parked_at: datetime
+    size: int
+    waiting: int  # later rows of the same key held behind this one, released with it
+
+
+async def parked_rows(database_url: str) -> list[Parked]:
+    """The rows the broker refused (not the rows held behind them: counted in ``waiting``)."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        rows = await connection.fetch(
+            """
+            SELECT p.seq, p.topic, p.key, p.type, p.park_error, p.parked_at,
+                   octet_length(p.payload::text) AS size,
+                   (SELECT count(*) FROM outbox w WHERE w.held_behind = p.seq
+                      AND w.published_at IS NULL) AS waiting
+            FROM outbox p WHERE p.parked_at IS NOT NULL AND p.held_behind IS NULL ORDER BY p.seq
+            """)
+    finally:
+        await connection.close()
+    return [Parked(row["seq"], row["topic"], row["key"], row["type"], row["park_error"] or "",
+                   row["parked_at"], row["size"], row["waiting"]) for row in rows]
+
+
+async def release(database_url: str, seq: int | None) -> tuple[list[int], int]:
+    """Un-park one refused row (or all when ``seq`` is None) and release the rows held
+    behind it, then wake the relay; returns the refused rows' seqs and how many were held."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        async with connection.transaction():
+            rows = await connection.fetch(
+                "WITH target AS (SELECT seq, held_behind FROM outbox"
+                "   WHERE parked_at IS NOT NULL AND ($1::bigint IS NULL"
+                "     OR (seq = $1 AND held_behind IS NULL) OR held_behind = $1) FOR UPDATE)"
+                " UPDATE outbox o SET parked_at = NULL, park_error = NULL, held_behind = NULL"
+                " FROM target t WHERE o.seq = t.seq RETURNING o.seq, t.held_behind", seq)
+            await connection.execute("SELECT pg_notify($1, '')", _CHANNEL)
+    finally:
+        await connection.close()
+    refused = sorted(row["seq"] for row in rows if row["held_behind"] is None)
+    return refused, len(rows) - len(refused)
+
+
+async def unpark(database_url: str, seq: int | None) -> list[int]:
+    """Un-park one refused row (or all) with the rows held behind it; returns its seqs."""
+    refused, _ = await release(database_url, seq)
+    return refused

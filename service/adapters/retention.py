@@ -36,6 +36,8 @@ import asyncpg
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 
+from service.adapters.unavailable import DATABASE_ERRORS, NETWORK_ERRORS
+
 log = structlog.get_logger(__name__)
 
 LOCK_KEY = 0x70726E65  # "prne": one pruning replica at a time
@@ -160,7 +162,7 @@ async def prune_if_leader(connection: Connection, policy: Policy, *, dry_run: bo
         await connection.execute("SET lock_timeout = '5s'; SET statement_timeout = '120s'")
         return await prune(connection, policy, dry_run=dry_run, stop=stop)
     finally:
-        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        with contextlib.suppress(*NETWORK_ERRORS, *DATABASE_ERRORS):
             await connection.execute("RESET lock_timeout; RESET statement_timeout")
             await connection.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
 

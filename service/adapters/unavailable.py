@@ -25,6 +25,17 @@ the server must never dead-letter good records.
   the next transaction re-prepares);
 - aiokafka errors that are retriable or about the connection
   (``KafkaConnectionError``, ``KafkaTimeoutError``, ``NodeNotReadyError`` ...).
+
+Code that only *reports* a failure of the servers, and never has a record to
+blame (the health probes, the outbox relay's retry loop, ``creditnotes run``
+and the ops commands), asks the wider question instead: did a driver or the
+network fail at all? :data:`DRIVER_ERRORS` (and :data:`DATABASE_ERRORS` and
+:data:`BROKER_ERRORS`, to say which server) answer it, and
+``mapped_to_unavailable(..., any_driver_error=True)`` raises ``Unavailable`` for
+every one of them. No other module names asyncpg's or aiokafka's connection
+errors; they name only the refusals of one record they handle themselves.
+
+Whoever retries the unavailable waits with :class:`Backoff`.
 """
 
 from __future__ import annotations
@@ -48,6 +59,30 @@ _KAFKA_CONNECTION_ERRORS = (
     kafka_errors.NodeNotReadyError, kafka_errors.KafkaUnavailableError,
     kafka_errors.BrokerNotAvailableError, kafka_errors.RequestTimedOutError,
 )
+
+
+#: PostgreSQL's, through asyncpg (``InternalClientError``: "another operation is in
+#: progress" on a connection killed mid-query).
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+#: The broker's, through aiokafka.
+BROKER_ERRORS: tuple[type[Exception], ...] = (kafka_errors.KafkaError,)
+#: The network's (``TimeoutError`` is an ``OSError``; named for the reader).
+NETWORK_ERRORS: tuple[type[Exception], ...] = (OSError, TimeoutError)
+#: Everything talking to PostgreSQL or the broker may raise, whoever is to blame.
+DRIVER_ERRORS = NETWORK_ERRORS + DATABASE_ERRORS + BROKER_ERRORS
+
+
+class Backoff:
+    """Capped exponential backoff: initial, 2x, 4x, ... up to the cap."""
+
+    def __init__(self, initial_s: float, cap_s: float) -> None:
+        self.initial_s = initial_s
+        self.cap_s = cap_s
+
+    def seconds_before(self, attempt: int) -> float:
+        """The wait before attempt ``attempt`` (1: the first retry waits ``initial_s``)."""
+        return float(min(self.cap_s, self.initial_s * 2 ** max(attempt - 1, 0)))
 
 
 def is_unavailable(error: BaseException) -> bool:
@@ -80,13 +115,18 @@ def unavailable(error: BaseException, what: str) -> errors.Unavailable:
 
 
 @contextmanager
-def mapped_to_unavailable(what: str) -> Iterator[None]:
-    """Raise ``errors.Unavailable`` (from the original) for a failure of ``what``."""
+def mapped_to_unavailable(what: str, *, any_driver_error: bool = False) -> Iterator[None]:
+    """Raise ``errors.Unavailable`` (from the original) for a failure of ``what``.
+
+    By default only for what :func:`is_unavailable` calls the server's; with
+    ``any_driver_error``, for every one of :data:`DRIVER_ERRORS` (a caller with
+    no record to blame).
+    """
     try:
         yield
     except errors.Unavailable:
         raise
     except Exception as error:
-        if is_unavailable(error):
+        if is_unavailable(error) or (any_driver_error and isinstance(error, DRIVER_ERRORS)):
             raise unavailable(error, what) from error
         raise

@@ -42,6 +42,7 @@ from typing import Any
 import structlog
 from opentelemetry import trace
 
+from service.adapters.unavailable import Backoff
 from service.domain import errors
 from service.domain.commands import Command, IssueCreditNote, VoidCreditNote
 from service.domain.credit_note import derived_id
@@ -151,17 +152,6 @@ def _upstream_context(record: Record) -> Any:
         return context_from_headers(list(record.headers))
     except Exception:  # a malformed header only loses the link to the upstream trace
         return None
-
-
-class Backoff:
-    """Capped exponential backoff: initial, 2x, 4x, ... up to the cap."""
-
-    def __init__(self, initial_s: float, cap_s: float) -> None:
-        self.initial_s = initial_s
-        self.cap_s = cap_s
-
-    def seconds_before(self, attempt: int) -> float:
-        return float(min(self.cap_s, self.initial_s * 2 ** max(attempt - 1, 0)))
 
 
 def _credit_note_of(command: Command, outcome: Outcome) -> str | None:

@@ -20,9 +20,10 @@ from typing import Protocol
 
 from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 
-from service.adapters.kafka_producer import Header, KafkaProducer
+from service.adapters.kafka_producer import KafkaProducer
 from service.adapters.unavailable import mapped_to_unavailable
 from service.domain.errors import Undeliverable
+from service.headers import Header
 
 
 class Record(Protocol):

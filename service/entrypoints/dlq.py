@@ -43,11 +43,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
 from typing import IO, Any
-from urllib.parse import urlsplit
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
@@ -55,7 +53,15 @@ from rich.text import Text
 
 from service.adapters.kafka_producer import KafkaProducer, connection_options
 from service.adapters.replay_audit import CLAIMED, AuditRow, Claim, ReplayAudit
+from service.adapters.unavailable import (
+    BROKER_ERRORS,
+    DATABASE_ERRORS,
+    DRIVER_ERRORS,
+    NETWORK_ERRORS,
+)
 from service.entrypoints import ops_context
+from service.entrypoints.ops_context import OpsError, database_address
+from service.headers import Header
 from service.settings import Settings
 
 #: Records read (and, for replay, checked against the audit table) at a time.
@@ -81,14 +87,6 @@ EXIT_CODES_HELP = f"""exit codes:
   {EXIT_NO_TOPIC}  no such topic on the broker
   {EXIT_NOT_DEAD_LETTER_TOPIC}  not a dead-letter topic (replay: not one of an input topic)
   {EXIT_HELD}  replay: some records were refused or held back (listed; see --force)"""
-
-
-class DlqError(Exception):
-    """An expected failure: one line for the operator and an exit code."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 # --------------------------------------------------------------------------- showing bytes
@@ -153,7 +151,7 @@ class DeadLetter:
     timestamp: int
     key: bytes | None
     value: bytes | None
-    headers: tuple[tuple[str, bytes], ...]
+    headers: tuple[Header, ...]
 
     def header(self, name: str) -> str | None:
         """The first header of this name, as text."""
@@ -185,12 +183,12 @@ class DeadLetter:
                 f"[{self.header('dlq.original.partition') or '?'}]"
                 f"@{self.header('dlq.original.offset') or '?'}")
 
-    def original_headers(self) -> list[tuple[str, bytes]]:
+    def original_headers(self) -> list[Header]:
         """The headers the record had before it was dead-lettered (what a replay sends)."""
         return list(self._original_headers)
 
     @cached_property
-    def _original_headers(self) -> tuple[tuple[str, bytes], ...]:
+    def _original_headers(self) -> tuple[Header, ...]:
         return tuple((name, value) for name, value in self.headers
                      if not name.startswith("dlq."))
 
@@ -207,7 +205,7 @@ class DeadLetter:
                         *_flat(self.original_headers())])
 
 
-def _flat(headers: Iterable[tuple[str, bytes]]) -> list[bytes | None]:
+def _flat(headers: Iterable[Header]) -> list[bytes | None]:
     return [part for name, value in headers for part in (name.encode(), value)]
 
 
@@ -254,7 +252,7 @@ class Filters:
 
 def input_topic_of(dlq_topic: str) -> str:
     if not dlq_topic.endswith(DLQ_SUFFIX) or len(dlq_topic) == len(DLQ_SUFFIX):
-        raise DlqError(f"{dlq_topic!r} is not a dead-letter topic (those end in "
+        raise OpsError(f"{dlq_topic!r} is not a dead-letter topic (those end in "
                        f"{DLQ_SUFFIX!r}, e.g. 'returns.dlq')", EXIT_NOT_DEAD_LETTER_TOPIC)
     return dlq_topic[: -len(DLQ_SUFFIX)]
 
@@ -268,8 +266,8 @@ async def _consumer(settings: Settings) -> AsyncIterator[AIOKafkaConsumer]:
     try:
         try:
             await consumer.start()
-        except KafkaError as error:
-            raise DlqError(f"cannot reach the broker at {settings.kafka_bootstrap_servers} "
+        except BROKER_ERRORS as error:
+            raise OpsError(f"cannot reach the broker at {settings.kafka_bootstrap_servers} "
                            f"({type(error).__name__})", EXIT_UNREACHABLE) from error
         yield consumer
     finally:
@@ -281,7 +279,7 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str,
     await consumer.topics()  # fresh metadata: a topic created a moment ago is seen
     found = consumer.partitions_for_topic(topic)
     if not found:
-        raise DlqError(f"no topic {topic!r} on the broker at {settings.kafka_bootstrap_servers}",
+        raise OpsError(f"no topic {topic!r} on the broker at {settings.kafka_bootstrap_servers}",
                        EXIT_NO_TOPIC)
     return [TopicPartition(topic, partition) for partition in sorted(found)]
 
@@ -677,7 +675,7 @@ async def replay(settings: Settings, dlq_topic: str, options: ReplayOptions,
     """Republish matching dead letters to their own input topic, each at most once."""
     input_topic = input_topic_of(dlq_topic)
     if input_topic not in settings.topics.inputs():
-        raise DlqError(f"{dlq_topic!r} is not the dead-letter topic of an input topic of this "
+        raise OpsError(f"{dlq_topic!r} is not the dead-letter topic of an input topic of this "
                        f"service ({', '.join(settings.topics.inputs())}); refusing to replay",
                        EXIT_NOT_DEAD_LETTER_TOPIC)
     connection = await _connect(settings)
@@ -687,7 +685,7 @@ async def replay(settings: Settings, dlq_topic: str, options: ReplayOptions,
         async with _consumer(settings) as consumer:
             partitions = await _partitions(consumer, dlq_topic, settings)
             if input_topic not in await consumer.topics():
-                raise DlqError(f"no topic {input_topic!r} on the broker at "
+                raise OpsError(f"no topic {input_topic!r} on the broker at "
                                f"{settings.kafka_bootstrap_servers}", EXIT_NO_TOPIC)
             if not options.dry_run:
                 producer = KafkaProducer(settings)
@@ -709,16 +707,10 @@ async def _connect(settings: Settings) -> asyncpg.Connection:
     try:
         connection: asyncpg.Connection = await asyncpg.connect(settings.database_url,
                                                                timeout=15)
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-        raise DlqError(f"cannot reach PostgreSQL at {database_location(settings.database_url)} "
+    except (*NETWORK_ERRORS, *DATABASE_ERRORS) as error:
+        raise OpsError(f"cannot reach PostgreSQL at {database_address(settings.database_url)} "
                        f"({type(error).__name__})", EXIT_UNREACHABLE) from error
     return connection
-
-
-def database_location(url: str) -> str:
-    """host:port/database of a URL, never its user or password."""
-    parts = urlsplit(url)
-    return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or '/'}"
 
 
 # --------------------------------------------------------------------------- the command
@@ -731,7 +723,7 @@ def command(args: Any, settings: Settings) -> int:
     out = sys.stdout
     try:
         return asyncio.run(_command(args, settings, out))
-    except DlqError as error:
+    except OpsError as error:
         if args.debug:
             raise
         out.flush()
@@ -740,11 +732,11 @@ def command(args: Any, settings: Settings) -> int:
     except BrokenPipeError:  # the reader went away (``| head``): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
-    except (KafkaError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+    except DRIVER_ERRORS as error:
         if args.debug:
             raise
         print(f"creditnotes dlq: the broker at {settings.kafka_bootstrap_servers} or PostgreSQL "
-              f"at {database_location(settings.database_url)} failed ({type(error).__name__}); "
+              f"at {database_address(settings.database_url)} failed ({type(error).__name__}); "
               "a record sent but not confirmed is held back as 'maybe sent' by the next replay; "
               "--debug shows the traceback", file=sys.stderr)
         return EXIT_UNREACHABLE
@@ -753,7 +745,7 @@ def command(args: Any, settings: Settings) -> int:
 async def _command(args: Any, settings: Settings, out: IO[str]) -> int:
     filters = Filters(reason=args.reason, since=args.since, key=args.key)
     print(f"creditnotes dlq: broker {settings.kafka_bootstrap_servers}"
-          + (f", PostgreSQL {database_location(settings.database_url)}"
+          + (f", PostgreSQL {database_address(settings.database_url)}"
              if args.dlq_command == "replay" else ""), file=sys.stderr)
     if args.dlq_command == "list":
         count = await list_records(settings, args.topic, filters, out)

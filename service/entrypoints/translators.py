@@ -39,12 +39,11 @@ from service.domain.commands import (
     VoidInvoice,
 )
 from service.entrypoints import wire
+from service.headers import Header
 from service.settings import SETTLEMENTS, Settings
 
 Model = TypeVar("Model", bound=BaseModel)
 Translator = Callable[[wire.CloudEvent, Trigger], Command]
-
-Header = tuple[str, bytes]
 
 
 def decode_envelope(value: bytes | None, headers: Sequence[Header]) -> wire.CloudEvent:

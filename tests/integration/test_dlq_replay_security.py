@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from service.adapters.replay_audit import Claim, ReplayAudit
 from service.devtools.devstack import EmbeddedKafka, create_topics
 from service.entrypoints import dlq
+from service.entrypoints.ops_context import OpsError
 from service.settings import Settings
 from tests.support import Kafka, cloudevent, fetch
 
@@ -87,7 +88,7 @@ async def test_a_planted_refund_request_is_refused_not_published(
 async def test_replay_refuses_a_topic_that_is_not_an_input_dead_letter_topic(
         settings: Settings) -> None:
     for topic in (settings.topics.returns, f"{settings.topics.refund_requests}.dlq"):
-        with pytest.raises(dlq.DlqError) as refused:
+        with pytest.raises(OpsError) as refused:
             await replay(settings, topic)
         assert refused.value.exit_code == dlq.EXIT_NOT_DEAD_LETTER_TOPIC
 

@@ -24,13 +24,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service import handlers
+from service.adapters.unavailable import Backoff
 from service.adapters.unit_of_work import PostgresUnitOfWork
 from service.domain import errors
 from service.domain.commands import DraftLine, FinalizeInvoice, IssueCreditNote, Trigger
 from service.entrypoints import dead_letters
 from service.entrypoints.consumer import (
     PER_RECORD_S,
-    Backoff,
     max_poll_interval_ms,
     retry_budget_seconds,
 )

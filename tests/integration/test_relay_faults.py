@@ -21,9 +21,16 @@ import structlog
 from aiokafka import errors as kafka_errors
 
 from service.adapters import outbox_relay
-from service.adapters.kafka_producer import Header, KafkaProducer
-from service.adapters.outbox_relay import _PENDING, RELAY_SESSION_SETTINGS, OutboxRelay, parkable
-from service.entrypoints.outbox_cli import parked_rows, unpark
+from service.adapters.kafka_producer import KafkaProducer
+from service.adapters.outbox_relay import (
+    _PENDING,
+    RELAY_SESSION_SETTINGS,
+    OutboxRelay,
+    parkable,
+    parked_rows,
+    unpark,
+)
+from service.headers import Header
 from service.settings import Settings
 from tests.integration.outbox_support import insert_row
 from tests.integration.test_single_relay import ALIVE_CLASS, leader_pid, wait_until

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import pkgutil
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import service
@@ -27,6 +29,12 @@ def without_dev_tooling(code: str, *args: str,
     prelude = f"import sys\nfor name in {DEV_TOOLING!r}:\n    sys.modules[name] = None\n"
     return subprocess.run([sys.executable, "-c", prelude + code, *args], capture_output=True,
                           text=True, timeout=120, cwd=ROOT, env=env)
+
+
+def test_the_modules_dev_and_demo_check_for_are_the_embedded_extra() -> None:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    distributions = {re.split(r"[<>=!~\[; ]", requirement)[0] for requirement in extras["embedded"]}
+    assert {name.replace("-", "_") for name in distributions} == set(EMBEDDED_EXTRA_MODULES)
 
 
 def production_modules() -> list[str]:

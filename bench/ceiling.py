@@ -31,7 +31,7 @@ from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 
-from service.main import broker_security
+from service.entrypoints.subscribers import broker_security
 from service.settings import Settings
 
 
@@ -56,7 +56,7 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopping.set)
-    # like the service (service.main): the broker first, then the subscribers started together
+    # like the service (entrypoints/subscribers.py): the broker first, then the subscribers
     await broker.start()
     try:
         subscribers = []

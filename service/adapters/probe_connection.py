@@ -3,8 +3,9 @@
 The health endpoints never take a connection from the consumers' pool: a flood
 of probes, or a pool busy with long batches, cannot starve one from the other.
 The connection is opened on first use, used by one check at a time, and
-dropped after any error so that the next check reconnects. It names itself
-``creditnotes-health`` (``application_name``) in ``pg_stat_activity``.
+dropped after any error so that the next check reconnects: a failure of
+PostgreSQL or of the network is raised as ``errors.Unavailable``. It names
+itself ``creditnotes-health`` (``application_name``) in ``pg_stat_activity``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
+
+from service.adapters.unavailable import mapped_to_unavailable
 
 APPLICATION_NAME = "creditnotes-health"
 
@@ -27,16 +30,17 @@ class ProbeConnection:
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
-        async with self._lock:
-            if self._connection is None or self._connection.is_closed():
-                self._connection = await asyncpg.connect(
-                    self._url, timeout=self._timeout,
-                    server_settings={"application_name": APPLICATION_NAME})
-            try:
-                yield self._connection
-            except BaseException:
-                await self._drop()
-                raise
+        with mapped_to_unavailable("PostgreSQL", any_driver_error=True):
+            async with self._lock:
+                if self._connection is None or self._connection.is_closed():
+                    self._connection = await asyncpg.connect(
+                        self._url, timeout=self._timeout,
+                        server_settings={"application_name": APPLICATION_NAME})
+                try:
+                    yield self._connection
+                except BaseException:
+                    await self._drop()
+                    raise
 
     async def close(self) -> None:
         async with self._lock:

@@ -11,6 +11,9 @@ checks behind ``/readyz`` and ``/metrics`` are :class:`Cached`: however many
 requests arrive, one computation runs at a time and its answer is reused for
 ``readiness_cache_seconds``. ``/metrics`` may be served on a port of its own
 (``CREDITNOTES_METRICS_PORT``), and then only there.
+
+What the two answer is at the end: :func:`readiness_check` and
+:func:`metrics_scrape`, both on the health probe's own PostgreSQL connection.
 """
 
 from __future__ import annotations
@@ -20,7 +23,16 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generic, TypeVar
+
+from faststream.kafka import KafkaBroker
+
+from service.adapters import migrations, outbox_relay
+from service.adapters.probe_connection import ProbeConnection
+from service.domain import errors
+from service.entrypoints.metrics import Metrics
+from service.entrypoints.subscribers import partition_lag
 
 Check = Callable[[], Awaitable[tuple[bool, str]]]
 T = TypeVar("T")
@@ -164,3 +176,41 @@ async def _answer(writer: asyncio.StreamWriter, status: str, body: bytes,
                  f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
     with contextlib.suppress(ConnectionError):
         await writer.drain()
+
+
+# --------------------------------------------------------------------------- what they answer
+
+
+def readiness_check(probe: ProbeConnection, broker: KafkaBroker, migrations_dir: Path) -> Check:
+    """``/readyz``: PostgreSQL answers with every migration applied, and so does the broker."""
+    async def readiness() -> tuple[bool, str]:
+        try:
+            async with probe.connection() as connection:
+                pending = await migrations.pending(connection, migrations_dir)
+        except errors.Unavailable:
+            return False, "database unreachable"
+        if pending:
+            return False, f"migrations pending: {', '.join(pending)}"
+        if not await broker.ping(timeout=2):
+            return False, "broker unreachable"
+        return True, "ready"
+    return readiness
+
+
+def metrics_scrape(probe: ProbeConnection, broker: KafkaBroker,
+                   metrics: Metrics) -> Callable[[], Awaitable[str]]:
+    """``/metrics``: the outbox gauges and the consumer lag refreshed, then every metric."""
+    async def scrape() -> str:
+        try:  # the other metrics still answer while PostgreSQL is down
+            async with probe.connection() as connection:
+                backlog = await asyncio.wait_for(outbox_relay.backlog(connection), 2)
+        except errors.Unavailable:
+            backlog = None
+        if backlog is not None:
+            metrics.outbox_backlog.set(backlog.rows)
+            metrics.outbox_oldest.set(backlog.oldest_seconds)
+            metrics.outbox_parked.set(backlog.parked)
+        for topic, partition, lag in await partition_lag(broker.subscribers):
+            metrics.lag.labels(topic, str(partition)).set(lag)
+        return metrics.render()
+    return scrape

@@ -8,71 +8,12 @@ an ACL) and un-park it; the relay then publishes it and them, in order.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from datetime import datetime
 
-import asyncpg
 from rich.console import Console
 from rich.table import Table
 
+from service.adapters.outbox_relay import parked_rows, release
 from service.settings import Settings
-
-_CHANNEL = "creditnotes_outbox"
-
-
-@dataclass(frozen=True)
-class Parked:
-    seq: int
-    topic: str
-    key: str | None
-    type: str
-    error: str
-    parked_at: datetime
-    size: int
-    waiting: int  # later rows of the same key held behind this one, released with it
-
-
-async def parked_rows(database_url: str) -> list[Parked]:
-    """The rows the broker refused (not the rows held behind them: counted in ``waiting``)."""
-    connection = await asyncpg.connect(database_url)
-    try:
-        rows = await connection.fetch(
-            """
-            SELECT p.seq, p.topic, p.key, p.type, p.park_error, p.parked_at,
-                   octet_length(p.payload::text) AS size,
-                   (SELECT count(*) FROM outbox w WHERE w.held_behind = p.seq
-                      AND w.published_at IS NULL) AS waiting
-            FROM outbox p WHERE p.parked_at IS NOT NULL AND p.held_behind IS NULL ORDER BY p.seq
-            """)
-    finally:
-        await connection.close()
-    return [Parked(row["seq"], row["topic"], row["key"], row["type"], row["park_error"] or "",
-                   row["parked_at"], row["size"], row["waiting"]) for row in rows]
-
-
-async def release(database_url: str, seq: int | None) -> tuple[list[int], int]:
-    """Un-park one refused row (or all when ``seq`` is None) and release the rows held
-    behind it, then wake the relay; returns the refused rows' seqs and how many were held."""
-    connection = await asyncpg.connect(database_url)
-    try:
-        async with connection.transaction():
-            rows = await connection.fetch(
-                "WITH target AS (SELECT seq, held_behind FROM outbox"
-                "   WHERE parked_at IS NOT NULL AND ($1::bigint IS NULL"
-                "     OR (seq = $1 AND held_behind IS NULL) OR held_behind = $1) FOR UPDATE)"
-                " UPDATE outbox o SET parked_at = NULL, park_error = NULL, held_behind = NULL"
-                " FROM target t WHERE o.seq = t.seq RETURNING o.seq, t.held_behind", seq)
-            await connection.execute("SELECT pg_notify($1, '')", _CHANNEL)
-    finally:
-        await connection.close()
-    refused = sorted(row["seq"] for row in rows if row["held_behind"] is None)
-    return refused, len(rows) - len(refused)
-
-
-async def unpark(database_url: str, seq: int | None) -> list[int]:
-    """Un-park one refused row (or all) with the rows held behind it; returns its seqs."""
-    refused, _ = await release(database_url, seq)
-    return refused
 
 
 def outbox_command(action: str, settings: Settings, *, seq: int | None = None,

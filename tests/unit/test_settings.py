@@ -12,9 +12,9 @@ from pydantic import ValidationError
 
 from service.adapters.kafka_producer import connection_options
 from service.domain.errors import UnauthorizedSource
+from service.entrypoints.subscribers import broker_security
 from service.entrypoints.translators import routes, translate
 from service.entrypoints.wire import CloudEvent
-from service.main import broker_security
 from service.settings import Settings, redact_url
 
 

@@ -16,12 +16,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 
-import asyncpg
 import structlog
-from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from service.adapters.migrations import migrate
+from service.adapters.unavailable import BROKER_ERRORS, DATABASE_ERRORS, NETWORK_ERRORS
 from service.entrypoints import ops_context
 from service.logging import configure_logging
 from service.main import Service, SourcesNotConfigured
@@ -182,7 +181,7 @@ def run(_: argparse.Namespace, settings: Settings) -> int:
         return 2
     try:
         asyncio.run(serve(settings))
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+    except (*NETWORK_ERRORS, *DATABASE_ERRORS) as error:
         if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
             ports = sorted({settings.http_port, settings.metrics_port or settings.http_port})
             print(f"creditnotes: cannot start: port {' or '.join(map(str, ports))} is in use"
@@ -191,7 +190,7 @@ def run(_: argparse.Namespace, settings: Settings) -> int:
         print(f"creditnotes: cannot start: PostgreSQL at {redact_url(settings.database_url)}:"
               f" {_one_line(error)}", file=sys.stderr)
         return 3
-    except KafkaError as error:
+    except BROKER_ERRORS as error:
         print(f"creditnotes: cannot start: Kafka at {settings.kafka_bootstrap_servers}:"
               f" {_one_line(error)}", file=sys.stderr)
         return 3

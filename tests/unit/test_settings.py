@@ -15,7 +15,7 @@ from service.domain.errors import UnauthorizedSource
 from service.entrypoints.subscribers import broker_security
 from service.entrypoints.translators import routes, translate
 from service.entrypoints.wire import CloudEvent
-from service.settings import Settings, redact_url
+from service.settings import Settings, Topics, redact_url
 
 
 def test_sasl_without_credentials_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -52,6 +52,17 @@ def test_topic_names_and_policies_come_from_the_environment(
     assert settings.allowed_sources()["warehouse.returns.v1"] == ["/warehouse/returns"]
     assert settings.consumer_group == "credit-notes"
     assert settings.http_port == 8080
+
+
+def test_each_topic_has_one_setting_defaulting_to_the_contract_name(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings(_env_file=None).topics == Topics()
+    for name in Topics.model_fields:
+        monkeypatch.setenv(f"CREDITNOTES_TOPIC_{name.upper()}", f"renamed.{name}")
+        topics = Settings(_env_file=None).topics
+        monkeypatch.delenv(f"CREDITNOTES_TOPIC_{name.upper()}")
+        assert {field: value for field, value in topics if value != getattr(Topics(), field)} \
+            == {name: f"renamed.{name}"}
 
 
 # --- secrets and sources (issues 10.3 and 15.2) ------------------------------------------------

@@ -49,16 +49,8 @@ from service.domain.credit_note import derived_id
 from service.entrypoints.dead_letters import DeadLetterWriter, Failure, Record
 from service.entrypoints.metrics import Metrics
 from service.entrypoints.translators import Route, decode_envelope, translate
-from service.handlers import (
-    Delivery,
-    Message,
-    Outcome,
-    Result,
-    UnitOfWork,
-    apply_batch,
-    decide_dead_letter,
-    invoice_of,
-)
+from service.handlers import Outcome, Result, apply_batch, decide_dead_letter, invoice_of
+from service.ports import Delivery, Message, UnitOfWork
 from service.tracing import context_from_headers, messaging_attributes, traceparent_of
 
 log = structlog.get_logger(__name__)

@@ -1,5 +1,5 @@
 # Everything set up from a fresh clone with only Python 3.11+:
-#   make demo   - create .venv, install, run the RULES.md examples on embedded servers
+#   make demo   - create .venv, install, run the docs/rules.md examples on embedded servers
 #   make test   - create .venv, install, run the whole suite on real servers
 PYTHON ?= python3
 VENV   := .venv

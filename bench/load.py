@@ -1,7 +1,7 @@
 """Load generation and observation: the messages, a fast or paced publisher, an output reader.
 
 Every benchmark message is a CloudEvent in structured JSON mode, keyed by its
-invoice id, exactly as upstream services publish them (CONTRACT.md). Invoices
+invoice id, exactly as upstream services publish them (docs/contract.md). Invoices
 are large (about 2.2 * 10^12 minor units over two lines) and each message asks
 for a small credit, so every credit is issued: the measured work is the
 service's normal path, not rejections.

@@ -20,7 +20,7 @@ MIGRATIONS_DIR = Path(str(resources.files("service.adapters") / "sql"))
 
 
 class Topics(BaseModel):
-    """Topic names (CONTRACT.md); each may be overridden, e.g. ``CREDITNOTES_TOPIC_RETURNS``."""
+    """Topic names (docs/contract.md); each may be overridden, e.g. ``CREDITNOTES_TOPIC_RETURNS``."""
 
     invoices: str = "invoices"
     returns: str = "returns"
@@ -31,13 +31,16 @@ class Topics(BaseModel):
     credit_note_events: str = "credit-note-events"
     invoice_events: str = "invoice-events"
     refund_requests: str = "refund-requests"
+    refund_results: str = "refund-results"
+    customer_balance_events: str = "customer-balance-events"
 
     def inputs(self) -> list[str]:
         return [self.invoices, self.returns, self.sla_breaches, self.downgrades,
-                self.cancellations, self.credit_note_commands]
+                self.cancellations, self.credit_note_commands, self.refund_results]
 
     def outputs(self) -> list[str]:
-        return [self.credit_note_events, self.invoice_events, self.refund_requests]
+        return [self.credit_note_events, self.invoice_events, self.refund_requests,
+                self.customer_balance_events]
 
     def all(self) -> list[str]:
         inputs = self.inputs()
@@ -49,6 +52,8 @@ DEFAULT_TOPICS = Topics()
 
 SettlementName = Literal["refund", "customer_balance", "out_of_band"]
 SETTLEMENTS: tuple[SettlementName, ...] = ("refund", "customer_balance", "out_of_band")
+#: Where a failed refund's amount goes (``CREDITNOTES_REFUND_FAILURE_SETTLEMENT``).
+RefundFailureSettlementName = Literal["customer_balance", "none"]
 
 
 class Settings(BaseSettings):
@@ -108,6 +113,8 @@ class Settings(BaseSettings):
     topic_credit_note_events: str = DEFAULT_TOPICS.credit_note_events
     topic_invoice_events: str = DEFAULT_TOPICS.invoice_events
     topic_refund_requests: str = DEFAULT_TOPICS.refund_requests
+    topic_refund_results: str = DEFAULT_TOPICS.refund_results
+    topic_customer_balance_events: str = DEFAULT_TOPICS.customer_balance_events
 
     #: Which CloudEvents ``source`` values may publish on each input topic (JSON
     #: lists, e.g. ``CREDITNOTES_ALLOWED_SOURCES_RETURNS='["/warehouse/returns"]'``).
@@ -118,6 +125,7 @@ class Settings(BaseSettings):
     allowed_sources_downgrades: list[str] | None = None
     allowed_sources_cancellations: list[str] | None = None
     allowed_sources_credit_note_commands: list[str] | None = None
+    allowed_sources_refund_results: list[str] | None = None
     #: ``creditnotes run`` refuses to start while an input topic has no allow-list, unless
     #: this is true (``dev``, ``demo`` and the tests): then those topics accept any source,
     #: and a warning at start names them.
@@ -143,8 +151,15 @@ class Settings(BaseSettings):
     allowed_settlements_cancellations: list[SettlementName] = Field(
         default_factory=lambda: list(SETTLEMENTS), min_length=1)
 
-    #: How long a message whose invoice (or credit note) is unknown keeps being
-    #: retried before it is dead-lettered as ``invoice_not_found``.
+    #: Where the amount of a refund that failed goes, read when the outcome is applied:
+    #: ``customer_balance`` (journal refunds_payable -> customer_credit_balance, and a
+    #: ``customer_balance.credited`` event) or ``none`` (it stays in refunds_payable for a
+    #: person to settle; the ``credit_note.refund_failed`` event says so).
+    refund_failure_settlement: RefundFailureSettlementName = "customer_balance"
+
+    #: How long a message whose invoice (credit note, refund) is unknown keeps being
+    #: retried before it is dead-lettered as ``invoice_not_found`` (``credit_note_not_found``,
+    #: ``refund_not_found``).
     not_found_retry_seconds: float = Field(default=30.0, ge=0)
     #: Backoff between retries, doubling up to the cap (seconds).
     retry_initial_backoff_seconds: float = Field(default=0.2, gt=0)
@@ -225,6 +240,7 @@ class Settings(BaseSettings):
             topics.downgrades: self.allowed_sources_downgrades,
             topics.cancellations: self.allowed_sources_cancellations,
             topics.credit_note_commands: self.allowed_sources_credit_note_commands,
+            topics.refund_results: self.allowed_sources_refund_results,
         }
 
     def open_topics(self) -> list[str]:
@@ -240,7 +256,8 @@ class Settings(BaseSettings):
                  "sla_breaches": self.allowed_sources_sla_breaches,
                  "downgrades": self.allowed_sources_downgrades,
                  "cancellations": self.allowed_sources_cancellations,
-                 "credit_note_commands": self.allowed_sources_credit_note_commands}
+                 "credit_note_commands": self.allowed_sources_credit_note_commands,
+                 "refund_results": self.allowed_sources_refund_results}
         return [f"CREDITNOTES_ALLOWED_SOURCES_{name.upper()}"
                 for name, sources in names.items() if sources is None]
 

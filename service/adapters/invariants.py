@@ -64,7 +64,7 @@ a memo, metadata or other personal data.
     says so too); downstream deduplicates by it.
 12. ``status_disagrees_with_amounts``: ``amount_paid`` never exceeds the
     amount due; a ``paid`` invoice has nothing left to pay and an ``open``
-    one has something (RULES.md: status and amounts agree).
+    one has something (docs/rules.md: status and amounts agree).
 13. ``line_coverage_disagrees``: an invoice line's ``time_credits`` (the
     coverage of time-based credits, ``[min, period end)``) list exactly the
     ``covers_from`` of the non-void credit-note lines on it.

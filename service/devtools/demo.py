@@ -1,9 +1,9 @@
-"""``creditnotes demo``: the RULES.md worked examples, as upstream events, end to end.
+"""``creditnotes demo``: the docs/rules.md worked examples, as upstream events, end to end.
 
 Publishes each example's invoice and commands as CloudEvents, waits for what
 the service publishes in return, and prints a table of every credit note, the
 invoice after it and the events out, each checked against the figures
-RULES.md gives. Any mismatch makes the command exit non-zero.
+docs/rules.md gives. Any mismatch makes the command exit non-zero.
 
 Ids carry a per-run suffix, so the demo can run again on the same database.
 """
@@ -88,7 +88,7 @@ def _topic(settings: Settings, type_: str) -> str:
 
 
 def examples(run: str) -> list[Example]:
-    """RULES.md worked examples 1 to 12 in order (as events), then a downgrade."""
+    """docs/rules.md worked examples 1 to 12 in order (as events), then a downgrade."""
     def number(example: Example) -> int:
         last = example.name.split()[-1]
         return int(last) if last.isdigit() else 99
@@ -332,7 +332,7 @@ async def run_demo(settings: Settings, console: Console, timeout_s: float = 90.0
     all_ok = True
     notes: dict[str, str] = {}
     try:
-        console.print(f"[bold]creditnotes demo[/] (run {run}): the RULES.md worked examples, "
+        console.print(f"[bold]creditnotes demo[/] (run {run}): the docs/rules.md worked examples, "
                       "published as CloudEvents, checked against what the service publishes")
         for example in examples(run):
             table = _table(f"{example.name}: {example.title} (amounts in {CURRENCY.upper()})")
@@ -357,8 +357,8 @@ async def run_demo(settings: Settings, console: Console, timeout_s: float = 90.0
     finally:
         await producer.stop()
         await outputs.stop()
-    verdict = ("[bold green]every example matched RULES.md" if all_ok
-               else "[bold red]some figures differ from RULES.md")
+    verdict = ("[bold green]every example matched docs/rules.md" if all_ok
+               else "[bold red]some figures differ from docs/rules.md")
     console.print(verdict)
     return all_ok
 

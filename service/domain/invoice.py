@@ -5,7 +5,7 @@ lock, and it keeps the running figures the caps are checked against. Its
 original lines and totals never change after finalization; only the credited
 amounts, the payments and the status do.
 
-Order of an invoice (RULES.md): line items, discounts, pre-tax total, taxes,
+Order of an invoice (docs/rules.md): line items, discounts, pre-tax total, taxes,
 customer balance applied, credit notes, new amount due::
 
     total            = subtotal - discount + tax
@@ -314,7 +314,7 @@ def discount_total(subtotal: int, discounts: tuple[Discount, ...]) -> int:
 
 
 def finalize_invoice(command: FinalizeInvoice) -> Invoice:
-    """Price a finalized invoice as RULES.md says, refusing a differing stated total."""
+    """Price a finalized invoice as docs/rules.md says, refusing a differing stated total."""
     if not command.lines:
         raise errors.InvalidMessage("an invoice needs at least one line")
     if any(line.quantity <= 0 or line.unit_amount < 0 or line.tax_rate_bps < 0
@@ -360,7 +360,7 @@ def finalize_invoice(command: FinalizeInvoice) -> Invoice:
 
 def _status_and_paid(status: InvoiceStatus, amount_paid: int | None,
                      amount_due: int) -> tuple[InvoiceStatus, int]:
-    """Status and amount paid that agree (RULES.md), or ``InvoiceInconsistent``.
+    """Status and amount paid that agree (docs/rules.md), or ``InvoiceInconsistent``.
 
     ``paid`` without ``amount_paid`` was paid in full; ``paid`` with another
     amount than the amount due, or any amount above it, is refused; ``open``

@@ -1,4 +1,4 @@
-"""Pricing a credit note: every rule of RULES.md that decides how much, and where it goes.
+"""Pricing a credit note: every rule of docs/rules.md that decides how much, and where it goes.
 
 :func:`price_credit_note` is pure: it checks everything against the invoice
 as it stands and returns a :class:`~service.domain.invoice.PricedCredit`, or

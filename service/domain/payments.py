@@ -1,7 +1,7 @@
 """Payments as facts about cash: what of a payment is applied, and what is an overpayment.
 
 A payment (``invoice.payment_succeeded``) is never refused for its invoice's
-state (RULES.md, Payments). The part up to the invoice's amount remaining is
+state (docs/rules.md, Payments). The part up to the invoice's amount remaining is
 *applied*: ``amount_paid`` grows, and at zero remaining an ``open`` or
 ``uncollectible`` invoice becomes ``paid``. The rest is an *overpayment* (a
 payment that raced a credit note, a payment on a ``paid`` or ``void``

@@ -1,6 +1,6 @@
 """Refunds against payments: where a credit note's refund part goes, and how it stands.
 
-RULES.md (Refunds): the refund part of a credit note is spread over the
+docs/rules.md (Refunds): the refund part of a credit note is spread over the
 invoice's payments *newest first*, each up to what of it is not refunded yet
 (pending or succeeded refunds; a failed one gave its cash back). One refund
 per payment touched, with a stable id. Refunds already made in the payment
@@ -14,7 +14,7 @@ take it first; they are recorded as ``succeeded`` and never requested.
 - :func:`refund_status`: a credit note's ``refund_status`` from its refunds;
 - :func:`transition`: what an outcome does to a refund (apply, duplicate, conflict).
 
-Decisions where RULES.md is silent (docs/decisions.md):
+Decisions where docs/rules.md is silent (docs/decisions.md):
 
 - A refund in a payment system goes back to one payment, so a linked refund is
   placed whole on one payment: the newest whose remainder holds it, largest
@@ -265,7 +265,7 @@ def refund_status(states: Iterable[RefundState]) -> RefundStatus:
 
 
 def transition(current: RefundState, outcome: RefundState) -> Transition:
-    """A pending refund takes its first outcome; a final one keeps it (RULES.md, Refunds)."""
+    """A pending refund takes its first outcome; a final one keeps it (docs/rules.md, Refunds)."""
     if outcome is RefundState.PENDING:
         raise ValueError("an outcome is succeeded or failed")
     if current is RefundState.PENDING:

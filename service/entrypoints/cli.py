@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("run", help="run the service (consumers, outbox relay, health endpoints)")
     commands.add_parser("migrate", help="apply database migrations (idempotent)")
     for name, text in (("dev", "embedded PostgreSQL and broker, migrate, create topics, run"),
-                       ("demo", "run the RULES.md worked examples end to end and check them")):
+                       ("demo", "run the worked examples of docs/rules.md end to end and check them")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--data-dir", type=Path,  # default: service.devtools.dev_state
                          help="where embedded servers keep their data "

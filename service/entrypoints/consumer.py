@@ -1,7 +1,7 @@
 """What every input topic does with a record: decode, translate, apply, or dead-letter.
 
 One pipeline for all topics (subscribers stay one line each), so the failure
-classes of CONTRACT.md are handled in one place. The default is that a
+classes of docs/contract.md are handled in one place. The default is that a
 failure is the record's; only the infrastructure's is waited out:
 
 - invalid message, unsupported type, too large: dead-lettered at once (so is

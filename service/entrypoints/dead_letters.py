@@ -1,7 +1,7 @@
 """Dead letters: a record that cannot be processed goes, unchanged, to ``<topic>.dlq``.
 
 The key, value, headers and timestamp are kept as they were; the ``dlq.*``
-headers of CONTRACT.md say where it came from and why it failed, in words
+headers of docs/contract.md say where it came from and why it failed, in words
 that carry no payload data. The caller commits the original offset only
 after :meth:`DeadLetterWriter.write` returned, that is after the broker
 acknowledged the dead-letter record. A broker that cannot take it raises

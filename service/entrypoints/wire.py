@@ -1,4 +1,4 @@
-"""Wire models of the messages the service reads (CONTRACT.md), as pydantic v2 models.
+"""Wire models of the messages the service reads (docs/contract.md), as pydantic v2 models.
 
 Strict on purpose: amounts are integers (a float or a numeric string is
 refused), payloads refuse unknown fields, and every amount is bounded so that
@@ -165,7 +165,7 @@ class Invoice(Payload):
     lines: Annotated[list[InvoiceLine], Field(min_length=1, max_length=1000)]
     discounts: Annotated[list[Discount], Field(max_length=20)] = []
     customer_balance_applied: Amount = 0
-    #: Absent: 0, or the whole amount due when the invoice arrives ``paid`` (RULES.md).
+    #: Absent: 0, or the whole amount due when the invoice arrives ``paid`` (docs/rules.md).
     amount_paid: Amount | None = None
     total: Amount | None = None
 

@@ -60,7 +60,7 @@ def test_demo_prints_every_example_with_the_expected_figures(
     for example in range(1, 15):
         assert f"Example {example}:" in done.stdout
     assert "Downgrade:" in done.stdout
-    assert "every example matched RULES.md" in done.stdout
+    assert "every example matched docs/rules.md" in done.stdout
     assert "800.00 USD due, open" in done.stdout  # major units, labelled with the currency
     assert "exceeds_creditable_amount" in done.stdout
     assert "✗" not in done.stdout

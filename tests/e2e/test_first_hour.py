@@ -102,7 +102,7 @@ def test_dev_beside_demo_publish_and_ops_commands_that_find_the_dev_stack(
 
     demo = cli(tmp_path, "demo")
     assert demo.returncode == 0, demo.stdout + demo.stderr
-    assert "every example matched RULES.md" in demo.stdout
+    assert "every example matched docs/rules.md" in demo.stdout
 
     # the demo had its own servers: dev's are untouched and its topics still there
     assert process.poll() is None

@@ -100,11 +100,12 @@ def test_production_tls_options_are_added_to_the_database_url() -> None:
 def test_run_needs_an_allow_list_per_input_topic_or_allow_any() -> None:
     settings = Settings(_env_file=None, allowed_sources_returns=["/warehouse/returns"])
     assert "CREDITNOTES_ALLOWED_SOURCES_RETURNS" not in settings.missing_allow_lists()
-    assert len(settings.missing_allow_lists()) == 5
+    assert len(settings.missing_allow_lists()) == len(settings.topics.inputs()) - 1
+    assert "CREDITNOTES_ALLOWED_SOURCES_REFUND_RESULTS" in settings.missing_allow_lists()
     open_settings = settings.model_copy(update={"allow_any_source": True})
     assert open_settings.missing_allow_lists() == []
     assert settings.topics.returns not in open_settings.open_topics()
-    assert len(open_settings.open_topics()) == 5
+    assert len(open_settings.open_topics()) == len(settings.topics.inputs()) - 1
 
 
 _STRICT = Settings(_env_file=None, allowed_sources_sla_breaches=["/monitoring/sla"])
@@ -122,3 +123,21 @@ def test_a_source_not_on_the_list_is_refused_before_any_translation(source: str)
         assume(False)
     with pytest.raises(UnauthorizedSource):
         translate(event, _STRICT.topics.sla_breaches, _TABLE)
+
+
+def test_a_failed_refund_goes_to_the_customer_balance_unless_told_otherwise(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings(_env_file=None).refund_failure_settlement == "customer_balance"
+    monkeypatch.setenv("CREDITNOTES_REFUND_FAILURE_SETTLEMENT", "none")
+    assert Settings(_env_file=None).refund_failure_settlement == "none"
+    monkeypatch.setenv("CREDITNOTES_REFUND_FAILURE_SETTLEMENT", "refund")
+    with pytest.raises(ValidationError, match="refund_failure_settlement"):
+        Settings(_env_file=None)
+
+
+def test_refund_results_is_an_input_with_its_dead_letter_topic_and_the_balance_an_output(
+) -> None:
+    topics = Settings(_env_file=None).topics
+    assert "refund-results" in topics.inputs() and "refund-results.dlq" in topics.all()
+    assert "customer-balance-events" in topics.outputs()
+    assert "customer-balance-events.dlq" not in topics.all()

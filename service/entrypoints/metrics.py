@@ -35,6 +35,29 @@ class Metrics:
         self.lag = Gauge(
             "creditnotes_consumer_lag", "Records on a partition not yet consumed",
             ["topic", "partition"], registry=self.registry)
+        self.refund_outcomes = Counter(
+            "creditnotes_refund_outcomes",
+            "Records on refund-results, by what they did to their refund (succeeded, failed,"
+            " duplicate: the same outcome again, conflict: the opposite one, not_found)",
+            ["outcome"], registry=self.registry)
+        self.refunds_requested = Counter(
+            "creditnotes_refunds_requested",
+            "Refunds requested from the payment system (one refund.requested each)",
+            registry=self.registry)
+        self.refunds_linked = Counter(
+            "creditnotes_refunds_linked",
+            "Refunds already made in the payment system, linked on credit_note.issue",
+            registry=self.registry)
+        self.refunds_pending = Gauge(
+            "creditnotes_refunds_pending", "Refunds requested and still waiting for their outcome",
+            registry=self.registry)
+        self.refund_oldest_pending = Gauge(
+            "creditnotes_refund_oldest_pending_seconds",
+            "Age of the oldest refund still waiting for its outcome", registry=self.registry)
+        self.customer_balance_credited = Counter(
+            "creditnotes_customer_balance_credited",
+            "Amounts sent to a customer's credit balance (customer_balance.credited), by reason"
+            " (credit_note, refund_failed, overpayment)", ["reason"], registry=self.registry)
         self.retention_pruned = Counter(
             "creditnotes_retention_pruned_rows", "Rows deleted by retention, by table",
             ["table"], registry=self.registry)

@@ -7,19 +7,28 @@ them. Every command carries the :class:`Trigger` that caused it, whose
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from service.domain.refunds import FailureSettlement, LinkedRefund, RefundState
+
 
 @dataclass(frozen=True)
 class Trigger:
-    """The upstream CloudEvent (or command) that caused an effect."""
+    """The upstream CloudEvent (or command) that caused an effect.
+
+    ``time`` is the CloudEvent's ``time`` when it had one: the default
+    accounting date (``effective_at``) of what it causes. It is not part of
+    the idempotency key, and is not stored with the trigger.
+    """
 
     source: str
     id: str
     type: str
+    time: datetime | None = field(default=None, compare=False)
 
 
 class Settlement(StrEnum):
@@ -104,6 +113,10 @@ class IssueCreditNote:
     policy: str | None = None
     #: The settlements the trigger's topic may ask for (None: any, as for explicit commands).
     allowed_settlements: frozenset[Settlement] | None = None
+    #: Refunds already made in the payment system for this invoice (``refunds`` on the wire).
+    linked_refunds: tuple[LinkedRefund, ...] = ()
+    #: The explicit accounting date; None: the trigger's ``time``, else when it is processed.
+    effective_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -154,10 +167,47 @@ class FinalizeInvoice:
 
 @dataclass(frozen=True)
 class RecordPayment:
+    """A payment (``invoice.payment_succeeded``): a fact, recorded once per ``payment_id``."""
+
     trigger: Trigger
     invoice_id: str
     amount: int
     currency: str
+    #: the payment system's id; None: told apart by its upstream event (source + id) only
+    payment_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordRefundOutcome:
+    """``refund.succeeded`` / ``refund.failed`` for one refund of ``invoice_id``.
+
+    ``failure_settlement`` is ``CREDITNOTES_REFUND_FAILURE_SETTLEMENT`` as it
+    stands when the outcome is applied (the translator stamps it). The
+    outcome's journal is dated ``trigger.time`` (else when it is processed).
+    """
+
+    trigger: Trigger
+    invoice_id: str
+    refund_id: str
+    outcome: RefundState
+    failure_reason: str | None = None
+    failure_settlement: FailureSettlement = FailureSettlement.CUSTOMER_BALANCE
+
+
+@dataclass(frozen=True)
+class UpdateCreditNote:
+    """``credit_note.update``: the memo and/or metadata, the only things that change after issue.
+
+    ``memo_set`` tells a ``memo`` of None that clears it (True) from an absent
+    one (False). ``metadata_patch`` is merged key by key; a None value removes
+    its key.
+    """
+
+    trigger: Trigger
+    credit_note_id: str
+    memo: str | None = None
+    memo_set: bool = False
+    metadata_patch: Mapping[str, str | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -180,3 +230,5 @@ Command = (
     | VoidInvoice
     | MarkInvoiceUncollectible
 )
+"""The commands the handlers take today; ``RecordRefundOutcome`` and ``UpdateCreditNote``
+join when their handlers do."""

@@ -8,12 +8,20 @@ debits are the net and the tax, credits are the parts of the total.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 from service.domain.commands import Trigger
+from service.domain.refunds import (
+    FailureSettlement,
+    Refund,
+    RefundState,
+    RefundStatus,
+    refund_status,
+)
 
 
 class CreditNoteType(StrEnum):
@@ -45,6 +53,7 @@ class Account(StrEnum):
     REFUNDS_PAYABLE = "refunds_payable"
     CUSTOMER_CREDIT_BALANCE = "customer_credit_balance"
     OUT_OF_BAND_SETTLEMENT = "out_of_band_settlement"
+    CASH = "cash"
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,15 @@ class CreditNote:
     status: CreditNoteStatus = CreditNoteStatus.ISSUED
     #: the upstream event that voided it (set by :meth:`voided`, not read back from storage)
     voided_by: Trigger | None = field(default=None, compare=False)
+    #: the accounting date of the note, its events and its journal (None: stored before it had one)
+    effective_at: datetime | None = None
+    #: its refunds: linked ones first (in the order given), then new ones newest payment first
+    refunds: tuple[Refund, ...] = ()
+
+    @property
+    def refund_status(self) -> RefundStatus:
+        """``none``, ``pending``, ``succeeded``, ``failed`` or ``partially_failed`` (RULES.md)."""
+        return refund_status(refund.state for refund in self.refunds)
 
     @property
     def subtotal(self) -> int:
@@ -146,6 +164,52 @@ class CreditNote:
 
     def voided(self, by: Trigger) -> CreditNote:
         return replace(self, status=CreditNoteStatus.VOID, voided_by=by)
+
+    def with_refund(self, settled: Refund) -> CreditNote:
+        """This credit note with one of its refunds replaced by its settled self."""
+        if all(refund.refund_id != settled.refund_id for refund in self.refunds):
+            raise ValueError("the refund is not this credit note's")
+        return replace(self, refunds=tuple(settled if refund.refund_id == settled.refund_id
+                                           else refund for refund in self.refunds))
+
+
+def refund_outcome_journal(amount: int, outcome: RefundState,
+                           resettled_to: FailureSettlement | None) -> tuple[JournalLine, ...]:
+    """The lines a refund's outcome posts (RULES.md, Refunds), balanced.
+
+    Succeeded: debit ``refunds_payable``, credit ``cash``. Failed and settled to
+    the balance: debit ``refunds_payable``, credit ``customer_credit_balance``.
+    Failed and settled as none (it stays in ``refunds_payable``), or pending: none.
+    """
+    if outcome is RefundState.SUCCEEDED:
+        return (JournalLine(Account.REFUNDS_PAYABLE, debit=amount),
+                JournalLine(Account.CASH, credit=amount))
+    if outcome is RefundState.FAILED and resettled_to is FailureSettlement.CUSTOMER_BALANCE:
+        return (JournalLine(Account.REFUNDS_PAYABLE, debit=amount),
+                JournalLine(Account.CUSTOMER_CREDIT_BALANCE, credit=amount))
+    return ()
+
+
+def refund_journal(refund: Refund) -> tuple[JournalLine, ...]:
+    """The lines of one refund as it stands (a linked one's are posted at issue)."""
+    return refund_outcome_journal(refund.amount, refund.state, refund.resettled_to)
+
+
+#: Limits of a credit note's metadata (as on issue): keys, key length, value length.
+METADATA_MAX_KEYS = 50
+METADATA_MAX_KEY_LENGTH = 40
+METADATA_MAX_VALUE_LENGTH = 500
+
+
+def merged_metadata(current: Mapping[str, Any], patch: Mapping[str, str | None]) -> dict[str, Any]:
+    """``current`` with ``patch`` merged key by key; a key set to None is removed."""
+    merged = dict(current)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return merged
 
 
 def credit_note_number(invoice_number: str, sequence: int) -> str:

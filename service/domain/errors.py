@@ -16,7 +16,9 @@
     │   ├── NoServicePeriod               no_service_period
     │   ├── NotVoidable                   not_voidable
     │   ├── AlreadyVoid                   already_void
-    │   └── SettlementNotAllowed          settlement_not_allowed
+    │   ├── SettlementNotAllowed          settlement_not_allowed
+    │   ├── RefundAlreadyLinked           refund_already_linked
+    │   └── InvalidEffectiveAt            invalid_effective_at
     ├── Undeliverable           the message cannot be processed: dead-lettered with its reason
     │   ├── InvalidMessage                invalid_message
     │   ├── MessageTooLarge               message_too_large
@@ -30,7 +32,11 @@
     │   ├── InvalidInvoiceTransition      invalid_invoice_transition
     │   ├── RefusedByDatabase             refused_by_database
     │   ├── ProcessingFailed              processing_failed  (any other exception)
-    │   └── PaymentRefused                payment_refused
+    │   ├── RefundNotFound                refund_not_found  (retried for a while first)
+    │   ├── RefundStateConflict           refund_state_conflict
+    │   ├── PaymentCurrencyMismatch       currency_mismatch
+    │   ├── PaymentConflict               payment_conflict
+    │   └── PaymentRefused                payment_refused  (retired: old dead letters only)
     └── Unavailable             PostgreSQL or the broker failed: retried in place
 
 Messages say what is wrong in words an operator can act on; they never carry
@@ -115,6 +121,18 @@ class SettlementNotAllowed(Rejection):
     code = "settlement_not_allowed"
 
 
+class RefundAlreadyLinked(Rejection):
+    """A linked refund's id is already a refund's, on any credit note (an id appears once, ever)."""
+
+    code = "refund_already_linked"
+
+
+class InvalidEffectiveAt(Rejection):
+    """An ``effective_at`` more than 5 minutes ahead of the service's clock."""
+
+    code = "invalid_effective_at"
+
+
 class Undeliverable(CreditNoteError):
     """The message itself cannot be processed; it goes to its dead-letter topic."""
 
@@ -178,7 +196,34 @@ class RefusedByDatabase(Undeliverable):
 
 
 class PaymentRefused(Undeliverable):
+    """Retired: payments are no longer refused; kept so old dead letters still read."""
+
     code = "payment_refused"
+
+
+class RefundNotFound(Undeliverable):
+    """An outcome for a refund the invoice does not have (yet): waited for, then dead-lettered."""
+
+    code = "refund_not_found"
+    retryable = True
+
+
+class RefundStateConflict(Undeliverable):
+    """The opposite outcome after a final one: nothing changes, a person looks at it."""
+
+    code = "refund_state_conflict"
+
+
+class PaymentCurrencyMismatch(Undeliverable):
+    """A payment in another currency than its invoice's (same code as the rejection)."""
+
+    code = "currency_mismatch"
+
+
+class PaymentConflict(Undeliverable):
+    """The same ``payment_id`` on the invoice again, with another amount."""
+
+    code = "payment_conflict"
 
 
 class ProcessingFailed(Undeliverable):

@@ -15,6 +15,7 @@ customer balance applied, credit notes, new amount due::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -30,6 +31,8 @@ from service.domain.events import (
     InvoiceState,
     RefundRequested,
 )
+from service.domain.payments import Payment, Receipt, finalization_payment
+from service.domain.refunds import FailureSettlement, Refund, RefundState, Transition
 
 
 class InvoiceStatus(StrEnum):
@@ -148,6 +151,12 @@ class Invoice:
     credit_note_count: int = 0
     #: Per trigger type (``sla.breached``, ...): the total of its non-void credit notes.
     credited_by_trigger: dict[str, int] = field(default_factory=dict)
+    #: Its payments, oldest (sequence 0: at finalization) first (loaded under the lock).
+    payments: list[Payment] = field(default_factory=list)
+    #: The refunds of all its credit notes, in the order recorded (loaded under the lock).
+    refunds: list[Refund] = field(default_factory=list)
+    #: The sum of its failed refunds (``refunded`` counts every refund ever recorded).
+    refunds_failed: int = 0
     events: list[Event] = field(default_factory=list, compare=False, repr=False)
 
     @property
@@ -237,10 +246,12 @@ class Invoice:
             ))
         return note
 
-    def void_credit_note(self, note: CreditNote, trigger: Trigger) -> CreditNote:
+    def void_credit_note(self, note: CreditNote, trigger: Trigger, *,
+                         now: datetime | None = None) -> CreditNote:
         """Void a wholly pre-payment credit note of this open invoice, restoring what it took.
 
         Raises a Rejection (``AlreadyVoid``, ``NotVoidable``) before changing anything.
+        The void journal is dated the void event's time, else ``now`` (None: when stored).
         """
         if note.status is CreditNoteStatus.VOID:
             raise errors.AlreadyVoid(f"credit note {note.number} is already void")
@@ -259,7 +270,8 @@ class Invoice:
         self.pre_payment_credited -= note.total
         self._count_for_trigger(note.trigger.type, -note.total)
         voided = note.voided(by=trigger)
-        self.events.append(CreditNoteVoided(voided, self._state(), trigger))
+        self.events.append(CreditNoteVoided(voided, self._state(), trigger,
+                                            effective_at=trigger.time or now))
         return voided
 
     def _count_for_trigger(self, kind: str, amount: int) -> None:
@@ -284,6 +296,43 @@ class Invoice:
         self.amount_paid += amount
         if self.amount_remaining == 0:
             self.status = InvoiceStatus.PAID
+
+    def receive_payment(self, payment_id: str | None, amount: int, currency: str,
+                        trigger: Trigger) -> Receipt:
+        """Record a payment, never refused for the invoice's state (RULES.md, Payments).
+
+        Another currency: ``PaymentCurrencyMismatch``; the same ``payment_id``
+        with another amount: ``PaymentConflict`` (both before any change); the
+        same again: ``Receipt.DUPLICATE``, no effect. A new one is applied up to
+        the amount remaining (the invoice may become ``paid``); the rest is an
+        overpayment, recorded as ``CustomerBalanceCredited`` (reason ``overpayment``).
+        """
+        raise NotImplementedError
+
+    def settle_refund(self, refund_id: str, outcome: RefundState, trigger: Trigger, *,
+                      failure_reason: str | None = None,
+                      settlement: FailureSettlement = FailureSettlement.CUSTOMER_BALANCE,
+                      now: datetime) -> Transition:
+        """Apply a refund's outcome (RULES.md, Refunds); the journal is dated ``trigger.time or now``.
+
+        Unknown refund: ``RefundNotFound``; the opposite of a final outcome:
+        ``RefundStateConflict`` (both before any change); the same again:
+        ``Transition.DUPLICATE``, no effect. Applied: the refund is replaced in
+        ``refunds``; a failure gives its payment's cash back (``refunds_failed``
+        grows) and is settled again as ``settlement``. Records
+        ``CreditNoteRefundSucceeded`` or ``CreditNoteRefundFailed`` (with the
+        credit note's ``refund_status`` after it), then ``CustomerBalanceCredited``
+        (reason ``refund_failed``) when it went to the balance.
+        """
+        raise NotImplementedError
+
+    def update_credit_note(self, note: CreditNote, trigger: Trigger, *, memo: str | None = None,
+                           memo_set: bool = False,
+                           metadata_patch: Mapping[str, str | None] | None = None) -> CreditNote:
+        """The credit note with its memo (when ``memo_set``) and merged metadata; records
+        ``CreditNoteUpdated``. Any status, void included. A merged metadata beyond
+        issue's limits: ``InvalidMessage``."""
+        raise NotImplementedError
 
     def void(self) -> None:
         self._transition(InvoiceStatus.VOID, allowed_from={InvoiceStatus.OPEN,
@@ -355,6 +404,7 @@ def finalize_invoice(command: FinalizeInvoice) -> Invoice:
         total=total,
         customer_balance_applied=command.customer_balance_applied,
         amount_paid=amount_paid,
+        payments=[payment] if (payment := finalization_payment(amount_paid)) else [],
     )
 
 

@@ -25,8 +25,9 @@ Where each rule lives:
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from service.domain import errors, money
 from service.domain.commands import (
@@ -67,18 +68,36 @@ class _Credit:
     method: CreditMethod | None = None
 
 
-def issue_credit_note(invoice: Invoice, command: IssueCreditNote) -> CreditNote:
+#: How far ahead of the service's clock an ``effective_at`` may be (RULES.md, Editing and dates).
+EFFECTIVE_AT_TOLERANCE = timedelta(minutes=5)
+
+
+def issue_credit_note(invoice: Invoice, command: IssueCreditNote, *,
+                      now: datetime | None = None,
+                      taken_refund_ids: Collection[str] = frozenset()) -> CreditNote:
     """Price a credit note on ``invoice`` and apply it (or raise a Rejection, changing nothing)."""
-    return invoice.issue(price_credit_note(invoice, command))
+    return invoice.issue(price_credit_note(invoice, command, now=now,
+                                           taken_refund_ids=taken_refund_ids))
 
 
-def void_credit_note(invoice: Invoice, note: CreditNote, command: VoidCreditNote) -> CreditNote:
+def void_credit_note(invoice: Invoice, note: CreditNote, command: VoidCreditNote, *,
+                     now: datetime | None = None) -> CreditNote:
     """Void ``note`` on its invoice (the rules are the aggregate's: ``Invoice.void_credit_note``)."""
-    return invoice.void_credit_note(note, command.trigger)
+    return invoice.void_credit_note(note, command.trigger, now=now)
 
 
-def price_credit_note(invoice: Invoice, command: IssueCreditNote) -> PricedCredit:
-    """Price a credit note on ``invoice`` as it stands, or raise a Rejection; changes nothing."""
+def price_credit_note(invoice: Invoice, command: IssueCreditNote, *,
+                      now: datetime | None = None,
+                      taken_refund_ids: Collection[str] = frozenset()) -> PricedCredit:
+    """Price a credit note on ``invoice`` as it stands, or raise a Rejection; changes nothing.
+
+    ``now`` is the service's clock (default: read here); ``taken_refund_ids``
+    are the ids of ``command.linked_refunds`` that any refund already has
+    (the unit of work's lock reports them): linking one is rejected
+    ``refund_already_linked``.
+    """
+    now = now or datetime.now(UTC)
+    effective_at = _effective_at(command, now)
     if invoice.status is InvoiceStatus.VOID:
         raise errors.InvoiceVoid("credit notes cannot be issued on a void invoice")
     if command.currency is not None and command.currency != invoice.currency:
@@ -124,9 +143,26 @@ def price_credit_note(invoice: Invoice, command: IssueCreditNote) -> PricedCredi
         policy=command.policy,
         memo=command.memo,
         metadata=dict(command.metadata),
+        effective_at=effective_at,
     )
     return PricedCredit(note, tuple(LineTake(credit.quantity, credit.method)
                                     for credit in credits))
+
+
+def _effective_at(command: IssueCreditNote, now: datetime) -> datetime:
+    """The accounting date: explicit, else the upstream event's time, else ``now``.
+
+    More than 5 minutes ahead of ``now`` is rejected ``invalid_effective_at``
+    (an upstream event's own time too: a clock that far ahead is for a person
+    to look at); there is no lower bound (backdating is allowed).
+    """
+    effective_at = command.effective_at or command.trigger.time or now
+    if effective_at.tzinfo is None:
+        raise errors.InvalidMessage("effective_at needs a time zone offset")
+    if effective_at > now + EFFECTIVE_AT_TOLERANCE:
+        raise errors.InvalidEffectiveAt(
+            "effective_at is more than 5 minutes ahead of the service's clock")
+    return effective_at
 
 
 def _check_request(command: IssueCreditNote) -> None:

@@ -33,10 +33,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from service.domain import errors
 from service.domain.payments import Payment
+
+if TYPE_CHECKING:  # commands imports this module: no import back at run time
+    from service.domain.commands import Trigger
 
 
 class RefundState(StrEnum):
@@ -104,7 +109,13 @@ class LinkedRefund:
 
 @dataclass(frozen=True)
 class Refund:
-    """One refund of a credit note, on one payment."""
+    """One refund of a credit note, on one payment.
+
+    Once settled: ``settled_by`` is the outcome event (None for a linked
+    refund, made before it was recorded), ``settled_at`` the date of its
+    journal (a linked refund's: its credit note's ``effective_at``), and a
+    failed one says where its amount went again (``resettled_to``).
+    """
 
     refund_id: str
     credit_note_id: str
@@ -113,23 +124,53 @@ class Refund:
     amount: int
     linked: bool = False
     state: RefundState = RefundState.PENDING
+    failure_reason: str | None = None
+    resettled_to: FailureSettlement | None = None
+    settled_by: Trigger | None = None
+    settled_at: datetime | None = None
 
     def __post_init__(self) -> None:
         if self.amount <= 0:
             raise ValueError("a refund's amount is positive")
         if self.linked and self.state is not RefundState.SUCCEEDED:
             raise ValueError("a linked refund was made already: it is succeeded")
+        if (self.state is RefundState.FAILED) != (self.resettled_to is not None):
+            raise ValueError("a failed refund, and only a failed one, is settled again")
+        if self.failure_reason is not None and self.state is not RefundState.FAILED:
+            raise ValueError("only a failed refund has a failure reason")
 
     @property
     def holds_cash(self) -> bool:
         """Pending or succeeded: it counts against its payment's refundable cash."""
         return self.state is not RefundState.FAILED
 
-    def settled(self, outcome: RefundState) -> Refund:
-        """This refund with ``outcome`` recorded (check :func:`transition` first)."""
+    @property
+    def to_customer_balance(self) -> int:
+        """What of it went to the customer's credit balance (a failure settled there)."""
+        return self.amount if self.resettled_to is FailureSettlement.CUSTOMER_BALANCE else 0
+
+    @property
+    def open_payable(self) -> int:
+        """What of it is still in ``refunds_payable``: pending, or failed and settled as none."""
+        if self.state is RefundState.PENDING or self.resettled_to is FailureSettlement.NONE:
+            return self.amount
+        return 0
+
+    def settled(self, outcome: RefundState, *, failure_reason: str | None = None,
+                resettled_to: FailureSettlement | None = None, by: Trigger | None = None,
+                at: datetime | None = None) -> Refund:
+        """This refund with ``outcome`` recorded (check :func:`transition` first).
+
+        A failure is settled again as ``resettled_to`` says (default: the
+        customer balance); a success has no failure reason.
+        """
         if transition(self.state, outcome) is not Transition.APPLY:
             raise ValueError(f"a {self.state} refund cannot become {outcome}")
-        return replace(self, state=outcome)
+        if outcome is RefundState.FAILED:
+            return replace(self, state=outcome, failure_reason=failure_reason,
+                           resettled_to=resettled_to or FailureSettlement.CUSTOMER_BALANCE,
+                           settled_by=by, settled_at=at)
+        return replace(self, state=outcome, settled_by=by, settled_at=at)
 
 
 _NAMESPACE = uuid.UUID("0b9e3c5e-7f44-4a53-9a53-5be4d1f0c2a7")
@@ -221,13 +262,15 @@ def place_linked(linked: Sequence[LinkedRefund], payments: Sequence[PaymentCash]
 
 
 def plan_refunds(credit_note_id: str, refund_amount: int, payments: Sequence[PaymentCash],
-                 linked: Sequence[LinkedRefund] = ()) -> tuple[Refund, ...]:
+                 linked: Sequence[LinkedRefund] = (), effective_at: datetime | None = None,
+                 ) -> tuple[Refund, ...]:
     """The refunds of a credit note: its linked refunds (in the order given), then new ones.
 
     The linked refunds take their cash first (:func:`place_linked`), the rest
     of ``refund_amount`` is requested newest first (:func:`allocate_newest_first`),
     one new refund per payment touched. The refunds add up to ``refund_amount``
-    exactly and no payment gives more than its remainder.
+    exactly and no payment gives more than its remainder. Linked refunds are
+    settled (their journal dated ``effective_at``, the credit note's).
     """
     _check_linked(linked)
     linked_total = sum(refund.amount for refund in linked)
@@ -241,7 +284,7 @@ def plan_refunds(credit_note_id: str, refund_amount: int, payments: Sequence[Pay
     refunds = [Refund(refund_id=refund.refund_id, credit_note_id=credit_note_id,
                       payment_sequence=placed[refund.refund_id].sequence,
                       payment_id=placed[refund.refund_id].payment_id, amount=refund.amount,
-                      linked=True, state=RefundState.SUCCEEDED)
+                      linked=True, state=RefundState.SUCCEEDED, settled_at=effective_at)
                for refund in linked]
     for payment, part in allocate_newest_first(refund_amount - linked_total, after):
         refunds.append(Refund(refund_id=refund_id_for(credit_note_id, payment),

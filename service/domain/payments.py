@@ -20,13 +20,14 @@ aggregate calls it under its lock.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from service.domain import errors
 
-if TYPE_CHECKING:  # the invoice aggregate imports this module: no import back at run time
+if TYPE_CHECKING:  # the invoice aggregate (and commands) import this module: no import back
+    from service.domain.commands import Trigger
     from service.domain.invoice import InvoiceStatus
 
 #: The sequence of the payment recorded at finalization (``amount_paid`` given then).
@@ -43,6 +44,8 @@ class Payment:
     payment_id: str | None
     amount: int
     applied: int
+    #: the upstream event that recorded it (None: the finalization payment)
+    trigger: Trigger | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.sequence < 0:
@@ -130,7 +133,8 @@ def classify(payments: Sequence[Payment], payment_id: str | None, amount: int) -
 
 
 def receive(payments: Sequence[Payment], payment_id: str | None, amount: int,
-            amount_remaining: int, status: InvoiceStatus) -> tuple[Payment, PaymentApplication]:
+            amount_remaining: int, status: InvoiceStatus,
+            trigger: Trigger | None = None) -> tuple[Payment, PaymentApplication]:
     """A new payment recorded after ``payments``: the next sequence, applied as it lands.
 
     The caller checked it is new (:func:`classify`).
@@ -139,7 +143,7 @@ def receive(payments: Sequence[Payment], payment_id: str | None, amount: int,
     sequence = max((payment.sequence for payment in payments),
                    default=FINALIZATION_SEQUENCE) + 1
     payment = Payment(sequence=sequence, payment_id=payment_id, amount=amount,
-                      applied=application.applied)
+                      applied=application.applied, trigger=trigger)
     return payment, application
 
 

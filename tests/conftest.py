@@ -42,7 +42,8 @@ async def database_url(servers: Servers) -> AsyncIterator[str]:
 async def settings(servers: Servers, database_url: str) -> Settings:
     prefix = f"t{uuid.uuid4().hex[:8]}-"
     names = ["invoices", "returns", "sla_breaches", "downgrades", "cancellations",
-             "credit_note_commands", "credit_note_events", "invoice_events", "refund_requests"]
+             "credit_note_commands", "refund_results", "credit_note_events", "invoice_events",
+             "refund_requests", "customer_balance_events"]
     configured = Settings(
         database_url=database_url,
         kafka_bootstrap_servers=servers.bootstrap_servers,

@@ -59,10 +59,13 @@ def broker_security(settings: Settings) -> BaseSecurity | None:
 
 async def start_subscribers(broker: KafkaBroker, table: Mapping[str, Route],
                             pipeline: Pipeline, settings: Settings) -> list[Any]:
-    """Two thin batch subscribers, each its own consumer, handing records to the pipeline.
+    """Three thin batch subscribers, each its own consumer, handing records to the pipeline.
 
     - ``invoices`` alone, so a credit waiting for its invoice never holds up
       the topic the invoice arrives on;
+    - ``refund-results`` alone, so an outcome waiting for its refund (a payment
+      system faster than our commit) never holds up the credit note that
+      brings the refund;
     - every topic that credits an invoice (commands and triggers) together,
       so their batches never wait on each other's invoice locks (the
       benchmark's finding: per-topic consumers on the same invoices
@@ -76,9 +79,9 @@ async def start_subscribers(broker: KafkaBroker, table: Mapping[str, Route],
     on receipt); an exception seeks every partition of the batch back to its
     first record, so they are all delivered again.
     """
-    invoices = settings.topics.invoices
-    groups = [[topic for topic in table if topic == invoices],
-              [topic for topic in table if topic != invoices]]
+    alone = (settings.topics.invoices, settings.topics.refund_results)
+    groups = [*([topic for topic in table if topic == own] for own in alone),
+              [topic for topic in table if topic not in alone]]
     # above the longest a batch can take (retry budget, wait, backoff, per record)
     poll_interval_ms = max_poll_interval_ms(
         Backoff(settings.retry_initial_backoff_seconds, settings.retry_max_backoff_seconds),

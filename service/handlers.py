@@ -2,10 +2,11 @@
 
 Handlers run inside a transaction the caller opened on the unit of work
 (:mod:`service.ports`), so a batch of messages shares one transaction
-(:func:`apply_batch`): it locks the batch's invoices (and the voided credit
-notes' invoices) up front, which the unit of work does in a stable order, and
-the unit of work writes everything, with the events the invoices recorded,
-when the batch commits.
+(:func:`apply_batch`): it locks the batch's invoices (and the invoices of the
+credit notes voided or updated) up front, which the unit of work does in a
+stable order, and reads which of the refund ids ``credit_note.issue`` links
+some refund already has; the unit of work writes everything, with the events
+the invoices recorded, when the batch commits.
 
 Each message first claims its ``source`` + ``id`` in the processed-message
 ledger; a message already claimed has no second effect. A business refusal
@@ -20,13 +21,18 @@ compare-and-set that refuses if another transaction applied the key meanwhile
 gives its key back (``released:<reason>``). A redelivery of a dead-lettered
 delivery is not re-evaluated: its dead letter is sent again. So a record gets
 a dead letter or an effect, never both.
+
+A fact told again under another upstream id (a payment's ``payment_id`` with
+the same amount, a refund's outcome again) has no effect either: the ledger
+records ``duplicate:<what>`` and the outcome is ``duplicate``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -37,11 +43,16 @@ from service.domain.commands import (
     IssueCreditNote,
     MarkInvoiceUncollectible,
     RecordPayment,
+    RecordRefundOutcome,
+    UpdateCreditNote,
     VoidCreditNote,
     VoidInvoice,
 )
-from service.domain.events import CreditNoteRejected
+from service.domain.credit_note import CreditNote
+from service.domain.events import CreditNoteRejected, Event
 from service.domain.invoice import Invoice, finalize_invoice
+from service.domain.payments import Receipt
+from service.domain.refunds import Transition
 from service.ports import Claims, Delivery, Key, Message, UnitOfWork, key_of
 
 #: the port's types, where callers of the handlers have always found them
@@ -67,6 +78,8 @@ class Result:
     decided: bool = False
     #: how many times it was applied (for ``dlq.attempts``)
     attempts: int = 1
+    #: what the invoices recorded for it (committed with it), for the metrics
+    events: tuple[Event, ...] = ()
 
 
 #: Called before a message that failed is tried alone again: sleeps, and says whether to.
@@ -202,15 +215,15 @@ async def _apply_together(messages: Sequence[Message], uow: UnitOfWork) -> list[
     async with uow.transaction():
         # every invoice of the batch locked up front, in one sorted round: no deadlock
         await uow.lock({invoice_of(m.command) for m in messages} - {""},
-                       {m.command.credit_note_id for m in messages
-                        if isinstance(m.command, VoidCreditNote)})
+                       {note for m in messages for note in credit_notes_of(m.command)},
+                       refund_ids={refund for m in messages for refund in linked_of(m.command)})
         first: dict[Key, Message] = {}
         for m in messages:  # the first copy of a key is the one that may apply
             first.setdefault(key_of(m.command.trigger), m)
         batch = _Batch(await uow.claim(list(first.values())))
         for message in messages:
             try:
-                outcome, reason = await handle(message, uow, batch)
+                outcome, reason, events = await _handle_recording(message, uow, batch)
             except _DeadLetterDecided as decided:
                 results.append(Result(message, error=decided.error, decided=True))
             except errors.Undeliverable as error:
@@ -219,8 +232,25 @@ async def _apply_together(messages: Sequence[Message], uow: UnitOfWork) -> list[
                 await uow.record(message, f"{verdict}:{error.code}")
                 results.append(Result(message, error=error, decided=not error.retryable))
             else:
-                results.append(Result(message, outcome=outcome, reason=reason))
+                results.append(Result(message, outcome=outcome, reason=reason, events=events))
     return results
+
+
+async def _handle_recording(message: Message, uow: UnitOfWork,
+                            batch: _Batch) -> tuple[Outcome, str, tuple[Event, ...]]:
+    """:func:`handle`, and the events its invoice recorded meanwhile (read, not taken)."""
+    invoices = await _invoices_of(message.command, uow)
+    before = {invoice.id: len(invoice.events) for invoice in invoices}
+    outcome, reason = await handle(message, uow, batch)
+    events = tuple(event for invoice in invoices
+                   for event in invoice.events[before[invoice.id]:])
+    return outcome, reason, events
+
+
+async def _invoices_of(command: Command, uow: UnitOfWork) -> list[Invoice]:
+    """The locked invoices ``command`` may change (read again: locked for the batch already)."""
+    locked = await uow.lock({invoice_of(command)} - {""}, credit_notes_of(command))
+    return [invoice for invoice in locked.invoices.values() if invoice is not None]
 
 
 @dataclass
@@ -248,12 +278,11 @@ async def handle(message: Message, uow: UnitOfWork, batch: _Batch) -> tuple[Outc
             raise _DeadLetterDecided(_redelivered(reason))
         return Outcome.DUPLICATE, ""
     try:
-        await _HANDLERS[type(command)](command, uow)
+        duplicate = await _HANDLERS[type(command)](command, uow)
     except errors.Rejection as rejection:
         invoice_id = invoice_of(command)
-        if isinstance(command, VoidCreditNote):  # keyed and ordered with its invoice's events
-            note = (await uow.lock((), [command.credit_note_id])).credit_notes.get(
-                command.credit_note_id)
+        for note_id in credit_notes_of(command):  # keyed and ordered with its invoice's events
+            note = (await uow.lock((), [note_id])).credit_notes.get(note_id)
             invoice_id = note.invoice_id if note is not None else ""
         await uow.add(CreditNoteRejected(
             trigger=command.trigger, invoice_id=invoice_id or None,
@@ -261,63 +290,119 @@ async def handle(message: Message, uow: UnitOfWork, batch: _Batch) -> tuple[Outc
         ))
         await uow.record(message, f"rejected:{rejection.code}")
         return Outcome.REJECTED, rejection.code
+    if duplicate is not None:
+        await uow.record(message, duplicate)
+        return Outcome.DUPLICATE, ""
     return Outcome.APPLIED, ""
 
 
-async def issue_credit_note(command: IssueCreditNote, uow: UnitOfWork) -> None:
-    invoice = await _locked_invoice(uow, command.invoice_id)
-    note = invoice.issue(issuing.price_credit_note(invoice, command))
+#: What a handler returns: None when it applied its command, else the ledger's outcome of a
+#: fact told again under another upstream id (``duplicate:<what>``), which has no effect.
+Duplicate = str | None
+
+
+async def issue_credit_note(command: IssueCreditNote, uow: UnitOfWork) -> Duplicate:
+    # the ids it links that some refund already has, read under the invoice's lock
+    linked = linked_of(command)
+    locked = await uow.lock([command.invoice_id], refund_ids=linked)
+    invoice = locked.invoices.get(command.invoice_id)
+    if invoice is None:
+        raise errors.InvoiceNotFound("the invoice has not been received (yet)")
+    # stored ones (another invoice's too), and this invoice's added earlier in the batch
+    taken = (locked.taken_refund_ids | {refund.refund_id for refund in invoice.refunds}) \
+        & set(linked)
+    note = invoice.issue(issuing.price_credit_note(invoice, command, taken_refund_ids=taken))
     await uow.add(note)
     await uow.save(invoice)
+    return None
 
 
-async def void_credit_note(command: VoidCreditNote, uow: UnitOfWork) -> None:
-    # the credit note is read under its invoice's lock (the port's ``lock``)
-    note = (await uow.lock((), [command.credit_note_id])).credit_notes.get(
-        command.credit_note_id)
-    if note is None:
-        raise errors.CreditNoteNotFound("no credit note has this id")
-    invoice = await _locked_invoice(uow, note.invoice_id)
+async def void_credit_note(command: VoidCreditNote, uow: UnitOfWork) -> Duplicate:
+    note, invoice = await _locked_credit_note(uow, command.credit_note_id)
     voided = invoice.void_credit_note(note, command.trigger)
     await uow.save(voided)
     await uow.save(invoice)
+    return None
 
 
-async def finalize(command: FinalizeInvoice, uow: UnitOfWork) -> None:
+async def update_credit_note(command: UpdateCreditNote, uow: UnitOfWork) -> Duplicate:
+    note, invoice = await _locked_credit_note(uow, command.credit_note_id)
+    updated = invoice.update_credit_note(note, command.trigger, memo=command.memo,
+                                         memo_set=command.memo_set,
+                                         metadata_patch=command.metadata_patch)
+    await uow.save(updated)
+    await uow.save(invoice)
+    return None
+
+
+async def finalize(command: FinalizeInvoice, uow: UnitOfWork) -> Duplicate:
     invoice = finalize_invoice(command)
     existing = (await uow.lock([command.invoice_id])).invoices.get(command.invoice_id)
     if existing is None:
         await uow.add(invoice)
     elif not _same_document(existing, invoice):
         raise errors.InvoiceConflict("a different invoice with this id was finalized before")
+    return None
 
 
-async def record_payment(command: RecordPayment, uow: UnitOfWork) -> None:
+async def record_payment(command: RecordPayment, uow: UnitOfWork) -> Duplicate:
+    """A payment is a fact: recorded once per ``payment_id``, never refused for the state."""
     invoice = await _locked_invoice(uow, command.invoice_id)
-    invoice.record_payment(command.amount, command.currency)
+    receipt = invoice.receive_payment(command.payment_id, command.amount, command.currency,
+                                      command.trigger)
+    if receipt is Receipt.DUPLICATE:
+        return "duplicate:payment"
     await uow.save(invoice)
+    return None
 
 
-async def void_invoice(command: VoidInvoice, uow: UnitOfWork) -> None:
+async def record_refund_outcome(command: RecordRefundOutcome, uow: UnitOfWork) -> Duplicate:
+    """An outcome applies to a pending refund of its invoice; one not known (yet) waits."""
+    invoice = (await uow.lock([command.invoice_id])).invoices.get(command.invoice_id)
+    if invoice is None:  # no invoice: no refund of it either (the note may not be committed)
+        raise errors.RefundNotFound("the invoice of the refund has not been received (yet)")
+    transition = invoice.settle_refund(
+        command.refund_id, command.outcome, command.trigger,
+        failure_reason=command.failure_reason, settlement=command.failure_settlement,
+        now=datetime.now(UTC))
+    if transition is Transition.DUPLICATE:
+        return f"duplicate:refund_{command.outcome}"
+    await uow.save(invoice)
+    return None
+
+
+async def void_invoice(command: VoidInvoice, uow: UnitOfWork) -> Duplicate:
     invoice = await _locked_invoice(uow, command.invoice_id)
     invoice.void()
     await uow.save(invoice)
+    return None
 
 
-async def mark_uncollectible(command: MarkInvoiceUncollectible, uow: UnitOfWork) -> None:
+async def mark_uncollectible(command: MarkInvoiceUncollectible, uow: UnitOfWork) -> Duplicate:
     invoice = await _locked_invoice(uow, command.invoice_id)
     invoice.mark_uncollectible()
     await uow.save(invoice)
+    return None
 
 
-_HANDLERS: dict[type, Callable[[Any, UnitOfWork], Awaitable[None]]] = {
+_HANDLERS: dict[type, Callable[[Any, UnitOfWork], Awaitable[Duplicate]]] = {
     IssueCreditNote: issue_credit_note,
     VoidCreditNote: void_credit_note,
+    UpdateCreditNote: update_credit_note,
     FinalizeInvoice: finalize,
     RecordPayment: record_payment,
+    RecordRefundOutcome: record_refund_outcome,
     VoidInvoice: void_invoice,
     MarkInvoiceUncollectible: mark_uncollectible,
 }
+
+
+async def _locked_credit_note(uow: UnitOfWork, credit_note_id: str) -> tuple[CreditNote, Invoice]:
+    """A credit note read under its invoice's lock (the port's ``lock``), and that invoice."""
+    note = (await uow.lock((), [credit_note_id])).credit_notes.get(credit_note_id)
+    if note is None:
+        raise errors.CreditNoteNotFound("no credit note has this id")
+    return note, await _locked_invoice(uow, note.invoice_id)
 
 
 async def _locked_invoice(uow: UnitOfWork, invoice_id: str) -> Invoice:
@@ -328,8 +413,22 @@ async def _locked_invoice(uow: UnitOfWork, invoice_id: str) -> Invoice:
 
 
 def invoice_of(command: Command) -> str:
-    """The invoice a command is about ("" for a void, which names its credit note)."""
-    return "" if isinstance(command, VoidCreditNote) else command.invoice_id
+    """The invoice a command is about ("" for a void or an update: they name a credit note)."""
+    return "" if isinstance(command, VoidCreditNote | UpdateCreditNote) else command.invoice_id
+
+
+def credit_notes_of(command: Command) -> Collection[str]:
+    """The credit note a command names (its invoice is locked for it)."""
+    if isinstance(command, VoidCreditNote | UpdateCreditNote):
+        return (command.credit_note_id,)
+    return ()
+
+
+def linked_of(command: Command) -> list[str]:
+    """The refund ids a ``credit_note.issue`` links (each must be no refund's yet)."""
+    if isinstance(command, IssueCreditNote):
+        return [refund.refund_id for refund in command.linked_refunds]
+    return []
 
 
 def _same_document(a: Invoice, b: Invoice) -> bool:

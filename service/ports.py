@@ -73,10 +73,16 @@ class Claims:
 
 @dataclass(frozen=True)
 class Locked:
-    """Invoices and credit notes read under their invoices' locks (None: there is none)."""
+    """Invoices and credit notes read under their invoices' locks (None: there is none).
+
+    An invoice comes with its payments and the refunds of its credit notes; a
+    credit note with its refunds.
+    """
 
     invoices: Mapping[str, Invoice | None]
     credit_notes: Mapping[str, CreditNote | None]
+    #: of the refund ids asked about, those some refund (of any invoice) already has
+    taken_refund_ids: frozenset[str] = frozenset()
 
 
 class UnitOfWork(Protocol):
@@ -104,11 +110,14 @@ class UnitOfWork(Protocol):
         """
         ...
 
-    async def lock(self, invoice_ids: Collection[str],
-                   credit_note_ids: Collection[str] = ()) -> Locked:
+    async def lock(self, invoice_ids: Collection[str], credit_note_ids: Collection[str] = (),
+                   refund_ids: Collection[str] = ()) -> Locked:
         """Lock invoices in a stable order, and read credit notes under their invoices' locks.
 
         Holds until the transaction ends; asking again returns what was read.
+        ``refund_ids`` (to link): which of them a refund already has, committed
+        or recorded in this transaction (not locked: a refund id linked
+        concurrently elsewhere makes one of the two commits fail as refused).
         """
         ...
 
@@ -117,7 +126,11 @@ class UnitOfWork(Protocol):
         ...
 
     async def save(self, changed: Invoice | CreditNote) -> None:
-        """A locked invoice that changed (its new events are collected), or a voided note."""
+        """A locked invoice that changed (its new events are collected), or a credit note
+        voided or updated (its memo and metadata: written with its ``CreditNoteUpdated``).
+
+        An invoice's new payments and refunds, and its refunds' outcomes, are written with it.
+        """
         ...
 
     async def record(self, message: Message, outcome: str) -> bool:

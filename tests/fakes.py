@@ -4,10 +4,13 @@
 processed-message ledger and the outbox); ``FakeUnitOfWork`` works on copies
 and writes at commit, so an exception inside its transaction writes nothing.
 It keeps the PostgreSQL unit of work's rules, and ``tests/contract`` runs one
-suite against both so it cannot drift: the claim rules of the ledger, the
-compare-and-set of a dead letter, events collected from the saved invoices in
-the order of their messages, and a value storage refuses (a NUL character in
-text, as PostgreSQL refuses it) failing the whole commit.
+suite against both so it cannot drift: the claim rules of the ledger (an
+upstream event that recorded a payment, settled a refund or updated a credit
+note has had its effect too), the compare-and-set of a dead letter, events
+collected from the saved invoices in the order of their messages, refund ids
+taken anywhere, a credit note's memo and metadata written from its update
+event, and what storage refuses failing the whole commit: a NUL character in
+text (SQLSTATE 22021), a refund id or a payment id used twice (23505).
 
 Locks are not modelled: one event loop, and no test here runs two units of
 work at once (the PostgreSQL tests do).
@@ -23,9 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.adapters.event_codec import encode
+from service.adapters.unit_of_work import saved_note
 from service.domain import errors
-from service.domain.credit_note import CreditNote, CreditNoteStatus
-from service.domain.events import Event
+from service.domain.credit_note import CreditNote
+from service.domain.events import CreditNoteUpdated, Event
 from service.domain.invoice import Invoice
 from service.ports import Claims, Delivery, Key, Locked, Message, key_of
 from service.settings import Topics
@@ -56,6 +60,8 @@ class FakeStore:
     credit_notes: dict[str, CreditNote] = field(default_factory=dict)
     ledger: dict[Key, LedgerRow] = field(default_factory=dict)
     outbox: list[OutboxRow] = field(default_factory=list)
+    #: the upstream events that updated a credit note (credit_note_updates' keys)
+    note_updates: set[Key] = field(default_factory=set)
     commits: int = 0
     #: called as each transaction commits (may raise, e.g. ``errors.Unavailable``)
     before_commit: Callable[[FakeUnitOfWork], None] | None = None
@@ -66,6 +72,16 @@ class FakeStore:
     def outcome(self, key: Key) -> str | None:
         row = self.ledger.get(key)
         return row.outcome if row else None
+
+    def has_effect(self, key: Key) -> bool:
+        """Whether an upstream event issued a note, recorded a payment, settled a refund or
+        updated a note (what ``claim`` finds even without its ledger row)."""
+        return (key in self.note_updates
+                or any(key_of(note.trigger) == key for note in self.credit_notes.values())
+                or any(payment.trigger is not None and key_of(payment.trigger) == key
+                       for invoice in self.invoices.values() for payment in invoice.payments)
+                or any(refund.settled_by is not None and key_of(refund.settled_by) == key
+                       for invoice in self.invoices.values() for refund in invoice.refunds))
 
 
 class FakeUnitOfWork:
@@ -115,8 +131,7 @@ class FakeUnitOfWork:
                     row.outcome.startswith("dead_lettered:")
                     and not m.delivery.same_record(row.delivery)):
                 self._ledger[key] = LedgerRow(m.command.trigger.type, m.delivery, "applied")
-                if not any(key_of(note.trigger) == key
-                           for note in self.store.credit_notes.values()):
+                if not self.store.has_effect(key):
                     claimed.add(key)
         self._claimed |= claimed
         dead_lettered = {}
@@ -127,20 +142,29 @@ class FakeUnitOfWork:
                 dead_lettered[key] = (row.delivery, row.outcome.removeprefix("dead_lettered:"))
         return Claims(frozenset(claimed), dead_lettered)
 
-    async def lock(self, invoice_ids: Collection[str],
-                   credit_note_ids: Collection[str] = ()) -> Locked:
+    async def lock(self, invoice_ids: Collection[str], credit_note_ids: Collection[str] = (),
+                   refund_ids: Collection[str] = ()) -> Locked:
         self._check_open()
-        for note_id in credit_note_ids:
-            if note_id not in self._notes:
-                self._notes[note_id] = self.store.credit_notes.get(note_id)
-        notes = {note_id: self._notes[note_id] for note_id in sorted(set(credit_note_ids))}
-        wanted = set(invoice_ids) | {note.invoice_id for note in notes.values() if note}
+        unread = [note_id for note_id in credit_note_ids if note_id not in self._notes]
+        wanted = set(invoice_ids) | {self.store.credit_notes[note_id].invoice_id
+                                     for note_id in unread if note_id in self.store.credit_notes}
         for invoice_id in wanted:
             if invoice_id not in self._invoices:
                 stored = self.store.invoices.get(invoice_id)
                 self._invoices[invoice_id] = copy.deepcopy(stored)
+        for note_id in unread:  # with its refunds as its invoice, read under the lock, has them
+            note = self.store.credit_notes.get(note_id)
+            invoice = self._invoices.get(note.invoice_id) if note else None
+            self._notes[note_id] = note and dataclasses.replace(note, refunds=tuple(
+                refund for refund in (invoice.refunds if invoice else ())
+                if refund.credit_note_id == note.id))
+        notes = {note_id: self._notes[note_id] for note_id in sorted(set(credit_note_ids))}
+        wanted |= {note.invoice_id for note in notes.values() if note}
+        taken = {refund.refund_id
+                 for invoice in [*self.store.invoices.values(), *self._invoices.values()]
+                 if invoice for refund in invoice.refunds}
         return Locked({invoice_id: self._invoices[invoice_id] for invoice_id in sorted(wanted)},
-                      notes)
+                      notes, frozenset(taken & set(refund_ids)))
 
     async def add(self, new: Invoice | CreditNote | Event) -> None:
         self._check_open()
@@ -158,10 +182,9 @@ class FakeUnitOfWork:
         if isinstance(changed, Invoice):
             self._saved_invoices.setdefault(changed.id, changed)
             return
-        if changed.status is not CreditNoteStatus.VOID or changed.voided_by is None:
-            raise ValueError("a credit note changes only by being voided")
+        if saved_note(self._notes.get(changed.id), changed, self._voided):
+            self._voided.append(changed)
         self._notes[changed.id] = changed
-        self._voided.append(changed)
 
     async def record(self, message: Message, outcome: str) -> bool:
         self._check_open()
@@ -184,12 +207,15 @@ class FakeUnitOfWork:
         if not self._open:
             raise RuntimeError("the unit of work is used outside its transaction")
 
-    def _collect_new_events(self) -> list[OutboxRow]:
-        events = list(self._added_events)
+    def _collect_new_events(self) -> list[Event]:
+        events: list[Event] = list(self._added_events)
         for invoice in [*self._new_invoices, *self._saved_invoices.values()]:
             events += invoice.pop_events()
         order = {key: position for position, key in enumerate(self._deliveries)}
         events.sort(key=lambda event: order.get(key_of(event.trigger), len(order)))
+        return events
+
+    def _outbox_rows(self, events: list[Event]) -> list[OutboxRow]:
         rows = []
         for event in events:
             outgoing = encode(event, self.store.topics)
@@ -207,9 +233,10 @@ class FakeUnitOfWork:
                     raise errors.RefusedByDatabase(
                         "PostgreSQL refused the effect (SQLSTATE 22021)", cause=error) from None
         if any(invoice.id in self.store.invoices for invoice in self._new_invoices) or any(
-                note.id in self.store.credit_notes for note in self._new_notes):
+                note.id in self.store.credit_notes for note in self._new_notes) or self._reused():
             raise errors.RefusedByDatabase("PostgreSQL refused the effect (SQLSTATE 23505)")
-        rows = self._collect_new_events()
+        events = self._collect_new_events()
+        rows = self._outbox_rows(events)
         ledger = {**self.store.ledger, **self._ledger}
         for key, outcome in self._outcomes.items():
             ledger[key] = dataclasses.replace(ledger[key], outcome=outcome)
@@ -218,8 +245,26 @@ class FakeUnitOfWork:
             self.store.invoices[invoice.id] = invoice
         for note in [*self._new_notes, *self._voided]:
             self.store.credit_notes[note.id] = note
+        for event in events:  # memo and metadata as the update left them
+            if isinstance(event, CreditNoteUpdated):
+                note = event.credit_note
+                self.store.credit_notes[note.id] = dataclasses.replace(
+                    self.store.credit_notes[note.id], memo=note.memo, metadata=note.metadata)
+                self.store.note_updates.add(key_of(event.trigger))
         self.store.outbox += rows
         self.store.commits += 1
+
+
+    def _reused(self) -> bool:
+        """A refund id or payment id (per invoice) used twice: the keys PostgreSQL has."""
+        invoices = {**self.store.invoices,
+                    **{invoice.id: invoice for invoice in self._invoices.values() if invoice}}
+        refund_ids = [refund.refund_id for invoice in invoices.values()
+                      for refund in invoice.refunds]
+        payment_ids = [(invoice.id, payment.payment_id) for invoice in invoices.values()
+                       for payment in invoice.payments if payment.payment_id is not None]
+        return (len(set(refund_ids)) != len(refund_ids)
+                or len(set(payment_ids)) != len(payment_ids))
 
 
 def _has_nul(value: Any) -> bool:

@@ -1,7 +1,10 @@
 """Domain events as CloudEvents 1.0 (structured JSON) on the contract's topics.
 
-The event ``id`` is derived from the upstream trigger and the event type, so
-the same effect always carries the same id, even if it is written again.
+The event ``id`` is derived from the upstream trigger and the event type (for
+``refund.requested``, one per refund of a credit note: the type and the refund
+id), so the same effect always carries the same id, even if it is written again
+after a crash or a redelivery. Everything is keyed by its invoice, but
+``customer_balance.credited``: by its customer (order per customer).
 """
 
 from __future__ import annotations
@@ -15,13 +18,17 @@ from service.domain.commands import Trigger
 from service.domain.credit_note import CreditNote, JournalLine, derived_id
 from service.domain.events import (
     CreditNoteIssued,
+    CreditNoteRefundSucceeded,
     CreditNoteRejected,
+    CreditNoteUpdated,
     CreditNoteVoided,
+    CustomerBalanceCredited,
     Event,
     InvoicePaid,
     InvoiceState,
     RefundRequested,
 )
+from service.domain.refunds import Refund
 from service.settings import Topics
 
 SOURCE = "/credit-notes"
@@ -46,9 +53,12 @@ class OutgoingEvent:
         return json.dumps(self.cloudevent, ensure_ascii=False, separators=(",", ":"))
 
 
-def encode(event: Event, topics: Topics, now: datetime | None = None) -> OutgoingEvent:
+def encode(event: Event, topics: Topics,
+           now: datetime | None = None) -> OutgoingEvent:
     topic, type_, key, data = _describe(event, topics)
-    event_id = derived_id("evt", event.trigger, type_)
+    event_id = derived_id("evt", event.trigger, purpose(event, type_))
+    if isinstance(event, CustomerBalanceCredited):
+        data = {"id": event_id, **data}
     cloudevent = {
         "specversion": "1.0",
         "id": event_id,
@@ -63,7 +73,19 @@ def encode(event: Event, topics: Topics, now: datetime | None = None) -> Outgoin
     return OutgoingEvent(event_id, topic, key, type_, cloudevent)
 
 
-def _describe(event: Event, topics: Topics) -> tuple[str, str, str | None, dict[str, Any]]:
+def purpose(event: Event, type_: str) -> str:
+    """What tells the event apart from the trigger's other effects (its id is derived from it).
+
+    A trigger has at most one event of each type, but a credit note requests
+    one refund per payment: each ``refund.requested`` is named by its refund id.
+    """
+    if isinstance(event, RefundRequested):
+        return f"{type_}:{event.id}"
+    return type_
+
+
+def _describe(event: Event,
+              topics: Topics) -> tuple[str, str, str | None, dict[str, Any]]:
     if isinstance(event, CreditNoteIssued):
         return (topics.credit_note_events, "credit_note.issued", event.invoice_id,
                 credit_note_data(event.credit_note, event.invoice))
@@ -85,7 +107,30 @@ def _describe(event: Event, topics: Topics) -> tuple[str, str, str | None, dict[
             "invoice_id": event.invoice_id, "paid_by": "credit_note",
             "credit_note_id": event.credit_note_id, "amount_remaining": 0,
         })
-    return (topics.refund_requests, "refund.requested", event.invoice_id, refund_data(event))
+    if isinstance(event, RefundRequested):
+        return (topics.refund_requests, "refund.requested", event.invoice_id,
+                refund_data(event))
+    if isinstance(event, CustomerBalanceCredited):
+        return (topics.customer_balance_events, "customer_balance.credited", event.customer_id,
+                balance_data(event))
+    if isinstance(event, CreditNoteUpdated):
+        note = event.credit_note
+        return (topics.credit_note_events, "credit_note.updated", note.invoice_id, {
+            "id": note.id, "number": note.number, "invoice_id": note.invoice_id,
+            "memo": note.memo, "metadata": note.metadata, "trigger": _trigger(event.trigger),
+        })
+    data = {
+        "credit_note_id": event.credit_note_id, "invoice_id": event.invoice_id,
+        "refund_id": event.refund_id, "payment_id": event.payment_id, "amount": event.amount,
+        "refund_status": event.refund_status.value, "journal": journal_data(event.journal),
+        "effective_at": _time(event.effective_at),
+    }
+    if isinstance(event, CreditNoteRefundSucceeded):
+        return (topics.credit_note_events, "credit_note.refund_succeeded", event.invoice_id,
+                data)
+    return (topics.credit_note_events, "credit_note.refund_failed", event.invoice_id, {
+        **data, "failure_reason": event.failure_reason,
+        "resettled_to": event.resettled_to.value})
 
 
 def credit_note_data(note: CreditNote, invoice: InvoiceState | None) -> dict[str, Any]:
@@ -108,6 +153,9 @@ def credit_note_data(note: CreditNote, invoice: InvoiceState | None) -> dict[str
         "journal": journal_data(note.journal),
         "trigger": _trigger(note.trigger),
         "policy": note.policy, "memo": note.memo, "metadata": note.metadata,
+        "effective_at": _time(note.effective_at) if note.effective_at else None,
+        "refund_status": note.refund_status.value,
+        "refunds": [_refund(refund) for refund in note.refunds],
     }
     if invoice is not None:
         data["invoice"] = _invoice(invoice)
@@ -116,8 +164,25 @@ def credit_note_data(note: CreditNote, invoice: InvoiceState | None) -> dict[str
 
 def refund_data(event: RefundRequested) -> dict[str, Any]:
     return {"id": event.id, "invoice_id": event.invoice_id, "customer_id": event.customer_id,
-            "credit_note_id": event.credit_note_id, "amount": event.amount,
-            "currency": event.currency}
+            "credit_note_id": event.credit_note_id, "payment_id": event.payment_id,
+            "amount": event.amount, "currency": event.currency}
+
+
+def balance_data(event: CustomerBalanceCredited) -> dict[str, Any]:
+    """Without ``id`` (the CloudEvent's, added by :func:`encode`); ids that do not apply left out."""
+    data: dict[str, Any] = {
+        "customer_id": event.customer_id, "currency": event.currency, "amount": event.amount,
+        "reason": event.reason.value, "invoice_id": event.invoice_id}
+    for name, value in (("credit_note_id", event.credit_note_id),
+                        ("refund_id", event.refund_id), ("payment_id", event.payment_id)):
+        if value is not None:
+            data[name] = value
+    return data
+
+
+def _refund(refund: Refund) -> dict[str, Any]:
+    return {"refund_id": refund.refund_id, "payment_id": refund.payment_id,
+            "amount": refund.amount, "status": refund.state.value, "linked": refund.linked}
 
 
 def journal_data(journal: tuple[JournalLine, ...]) -> list[dict[str, Any]]:
@@ -127,6 +192,11 @@ def journal_data(journal: tuple[JournalLine, ...]) -> list[dict[str, Any]]:
 
 def _trigger(trigger: Trigger) -> dict[str, str]:
     return {"source": trigger.source, "id": trigger.id, "type": trigger.type}
+
+
+def _time(time: datetime) -> str:
+    """RFC 3339 in UTC, ``Z`` (as the envelope's ``time``)."""
+    return time.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _invoice(state: InvoiceState) -> dict[str, Any]:

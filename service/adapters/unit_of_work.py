@@ -1,8 +1,9 @@
 """The PostgreSQL unit of work: one connection, one transaction for a batch of messages.
 
-Everything a batch changes (the processed-message rows, the invoices, the
-credit notes with their lines and journals, the outbox rows) is written
-through here inside that transaction, so it commits together or not at all.
+Everything a batch changes (the processed-message rows, the invoices with
+their payments and refunds, the credit notes with their lines and journals,
+the refunds' outcomes with theirs, the outbox rows) is written through here
+inside that transaction, so it commits together or not at all.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,9 +27,12 @@ from service.domain.credit_note import (
     CreditNoteLine,
     CreditNoteStatus,
     Reason,
+    refund_journal,
 )
-from service.domain.events import Event
+from service.domain.events import CreditNoteUpdated, CreditNoteVoided, Event
 from service.domain.invoice import CreditMethod, Invoice, InvoiceLine, InvoiceStatus
+from service.domain.payments import Payment
+from service.domain.refunds import FailureSettlement, Refund, RefundState
 from service.ports import Claims, Delivery, Key, Locked, Message, key_of
 from service.settings import Topics
 
@@ -65,6 +69,9 @@ class PostgresUnitOfWork:
         self._new_notes: list[CreditNote] = []
         self._voided: list[CreditNote] = []
         self._added_events: list[Event] = []
+        #: as read under the lock: each invoice's payment sequences, and every refund by id
+        self._stored_payments: dict[str, frozenset[int]] = {}
+        self._stored_refunds: dict[str, Refund] = {}
 
     @property
     def connection(self) -> Connection:
@@ -101,13 +108,15 @@ class PostgresUnitOfWork:
                 finally:
                     self._connection = None
 
-    async def lock(self, invoice_ids: Collection[str],
-                   credit_note_ids: Collection[str] = ()) -> Locked:
+    async def lock(self, invoice_ids: Collection[str], credit_note_ids: Collection[str] = (),
+                   refund_ids: Collection[str] = ()) -> Locked:
         """Lock invoices in a stable order, and read credit notes under their invoices' locks.
 
         A credit note's invoice is looked up first, unlocked, so that it is
         locked in the same sorted round as the others; the note itself is read
-        only once its invoice is locked (see ``_load_credit_notes``).
+        only once its invoice is locked (see ``_load_credit_notes``). Of
+        ``refund_ids``, those some refund already has (of any invoice, committed
+        or recorded in this batch) come back as ``taken_refund_ids``.
         """
         note_ids = sorted(set(credit_note_ids))
         unread = [note_id for note_id in note_ids if note_id not in self._notes]
@@ -118,7 +127,15 @@ class PostgresUnitOfWork:
         notes = {note_id: self._notes[note_id] for note_id in note_ids}
         wanted = set(invoice_ids) | {note.invoice_id for note in notes.values() if note}
         return Locked({invoice_id: self._invoices[invoice_id] for invoice_id in sorted(wanted)},
-                      notes)
+                      notes, await self._taken_refund_ids(refund_ids) if refund_ids else frozenset())
+
+    async def _taken_refund_ids(self, refund_ids: Collection[str]) -> frozenset[str]:
+        """Read, not locked: a refund id linked meanwhile elsewhere loses on the primary key."""
+        rows = await self.connection.fetch(
+            "SELECT refund_id FROM refunds WHERE refund_id = ANY($1::text[])", sorted(refund_ids))
+        recorded = {refund.refund_id for invoice in self._invoices.values() if invoice
+                    for refund in invoice.refunds}
+        return frozenset({row["refund_id"] for row in rows} | (recorded & set(refund_ids)))
 
     async def claim(self, messages: Sequence[Message]) -> Claims:
         """Claim the messages' keys in the ledger, in one statement (``UnitOfWork.claim``)."""
@@ -129,8 +146,9 @@ class PostgresUnitOfWork:
             self._deliveries.setdefault(key, m.delivery)
         keys = sorted(first.items())
         # A key is claimed when it is new, released, or dead-lettered by another delivery
-        # (a replay); one whose event already issued a credit note is a duplicate even
-        # after retention pruned its ledger row. A key dead-lettered by this very delivery
+        # (a replay); one whose event already had an effect (issued a credit note, recorded
+        # a payment, settled a refund, updated a credit note) is a duplicate even after
+        # retention pruned its ledger row. A key dead-lettered by this very delivery
         # (topic, partition, offset) is not re-evaluated: its dead letter is sent again.
         rows = await self.connection.fetch(
             """
@@ -156,6 +174,12 @@ class PostgresUnitOfWork:
             )
             SELECT source, id FROM claimed
             WHERE NOT EXISTS (SELECT FROM credit_notes
+                              WHERE trigger_source = claimed.source AND trigger_id = claimed.id)
+              AND NOT EXISTS (SELECT FROM payments
+                              WHERE trigger_source = claimed.source AND trigger_id = claimed.id)
+              AND NOT EXISTS (SELECT FROM refunds
+                              WHERE outcome_source = claimed.source AND outcome_id = claimed.id)
+              AND NOT EXISTS (SELECT FROM credit_note_updates
                               WHERE trigger_source = claimed.source AND trigger_id = claimed.id)
             """,
             [key[0] for key, _ in keys], [key[1] for key, _ in keys],
@@ -189,13 +213,17 @@ class PostgresUnitOfWork:
             self._added_events.append(new)
 
     async def save(self, changed: Invoice | CreditNote) -> None:
+        """A changed invoice, or a credit note voided or updated (see :func:`saved_note`).
+
+        An update's memo and metadata are written from its ``CreditNoteUpdated``
+        event (collected from the saved invoice), with its ``credit_note_updates`` row.
+        """
         if isinstance(changed, Invoice):
             self._saved_invoices.setdefault(changed.id, changed)
             return
-        if changed.status is not CreditNoteStatus.VOID or changed.voided_by is None:
-            raise ValueError("a credit note changes only by being voided")
+        if saved_note(self._notes.get(changed.id), changed, self._voided):
+            self._voided.append(changed)
         self._notes[changed.id] = changed
-        self._voided.append(changed)
 
     async def record(self, message: Message, outcome: str) -> bool:
         """The ledger's outcome of a message (``UnitOfWork.record``).
@@ -230,17 +258,22 @@ class PostgresUnitOfWork:
             delivery.offset, reason)
         return row is not None
 
-    def _collect_new_events(self) -> list[tuple[str, str, str | None, str, str, str | None]]:
-        """The saved invoices' new events and the added ones, as outbox rows.
+    def _collect_new_events(self) -> list[Event]:
+        """The saved invoices' new events and the added ones.
 
         In the order of the messages that caused them (stable: an invoice's own
-        events keep theirs), each with its message's trace context.
+        events keep theirs).
         """
-        events = list(self._added_events)
+        events: list[Event] = list(self._added_events)
         for invoice in [*self._new_invoices, *self._saved_invoices.values()]:
             events += invoice.pop_events()
         order = {key: position for position, key in enumerate(self._deliveries)}
         events.sort(key=lambda event: order.get(key_of(event.trigger), len(order)))
+        return events
+
+    def _outbox_rows(self, events: Sequence[Event]
+                     ) -> list[tuple[str, str, str | None, str, str, str | None]]:
+        """Events as outbox rows, each with its message's trace context."""
         rows = []
         for event in events:
             outgoing = encode(event, self._topics)
@@ -261,10 +294,26 @@ class PostgresUnitOfWork:
         by_invoice: dict[str, list[asyncpg.Record]] = {}
         for line in lines:
             by_invoice.setdefault(line["invoice_id"], []).append(line)
+        ids = [row["id"] for row in rows]
+        payments: dict[str, list[Payment]] = {}
+        for payment in await self.connection.fetch(
+                "SELECT * FROM payments WHERE invoice_id = ANY($1::text[])"
+                " ORDER BY invoice_id, sequence", ids):
+            payments.setdefault(payment["invoice_id"], []).append(payment_from_row(payment))
+        refunds: dict[str, list[Refund]] = {}
+        for refund in await self.connection.fetch(_REFUNDS_OF_INVOICES, ids):
+            refunds.setdefault(refund["invoice_id"], []).append(refund_from_row(refund))
         for invoice_id in wanted:
             self._invoices[invoice_id] = None
         for row in rows:
-            self._invoices[row["id"]] = invoice_from_rows(row, by_invoice.get(row["id"], []))
+            invoice_id = row["id"]
+            self._invoices[invoice_id] = invoice_from_rows(
+                row, by_invoice.get(invoice_id, []), payments.get(invoice_id, []),
+                refunds.get(invoice_id, []))
+            self._stored_payments[invoice_id] = frozenset(
+                payment.sequence for payment in payments.get(invoice_id, []))
+            self._stored_refunds.update(
+                (refund.refund_id, refund) for refund in refunds.get(invoice_id, []))
         # per trigger type, what its non-void credit notes add up to (policy caps are
         # cumulative); read under the invoices' locks, so no other batch changes it
         for credited in await self.connection.fetch(
@@ -312,12 +361,17 @@ class PostgresUnitOfWork:
         for note_id in wanted:
             self._notes[note_id] = None
         for row in rows:
-            self._notes[row["id"]] = credit_note_from_rows(row, by_note.get(row["id"], []))
+            invoice = self._invoices[row["invoice_id"]]
+            self._notes[row["id"]] = credit_note_from_rows(
+                row, by_note.get(row["id"], []),
+                [refund for refund in invoice.refunds if refund.credit_note_id == row["id"]]
+                if invoice else ())
 
     async def _flush(self) -> None:
         """Write everything the batch recorded, one statement per table, parents first."""
         connection = self.connection
         new = self._new_invoices
+        events = self._collect_new_events()
         await _insert(connection, _INVOICES, [
             (i.id, i.number, i.customer_id, i.currency, i.status.value, i.subtotal, i.discount,
              i.tax, i.total, i.customer_balance_applied, i.amount_paid) for i in new])
@@ -326,39 +380,109 @@ class PostgresUnitOfWork:
              line.tax_rate_bps, _utc(line.period.start) if line.period else None,
              _utc(line.period.end) if line.period else None, line.discount, line.tax)
             for i in new for line in i.lines])
+        # every invoice the batch created or saved, once (a new one may be saved too)
+        touched = list({i.id: i for i in [*new, *self._saved_invoices.values()]}.values())
+        await _insert(connection, _PAYMENTS, [
+            (i.id, p.sequence, p.payment_id, p.amount, p.applied,
+             p.trigger.source if p.trigger else None, p.trigger.id if p.trigger else None)
+            for i in touched for p in i.payments
+            if p.sequence not in self._stored_payments.get(i.id, frozenset())])
         notes = self._new_notes
         await _insert(connection, _CREDIT_NOTES, [
             (n.id, n.invoice_id, n.sequence, n.number, n.customer_id, n.currency,
              CreditNoteStatus.ISSUED.value, n.reason.value, n.subtotal, n.tax, n.total,
              n.pre_payment_amount, n.refund_amount, n.credit_amount, n.out_of_band_amount,
              n.refund_id, n.trigger.source, n.trigger.id, n.trigger.type, n.policy, n.memo,
-             json.dumps(n.metadata)) for n in notes])
+             json.dumps(n.metadata), _utc(n.effective_at) if n.effective_at else None)
+            for n in notes])
         await _insert(connection, _CREDIT_NOTE_LINES, [
             (n.id, position, line.invoice_line_id, line.description, line.quantity,
              line.unit_amount, line.tax_rate_bps, line.net, line.tax,
              _utc(line.covers_from) if line.covers_from else None)
             for n in notes for position, line in enumerate(n.lines)])
+        new_refunds, settled = self._changed_refunds(touched)
+        await _insert(connection, _REFUNDS, [
+            (i.id, r.refund_id, r.payment_sequence, r.credit_note_id, r.amount, r.state.value,
+             r.linked) for i, r in new_refunds])
+        await _update(connection, _REFUND_OUTCOMES, [
+            (r.refund_id, r.state.value, r.failure_reason,
+             r.resettled_to.value if r.resettled_to else None,
+             r.settled_by.source if r.settled_by else None,
+             r.settled_by.id if r.settled_by else None,
+             r.settled_by.type if r.settled_by else None,
+             _utc(r.settled_at) if r.settled_at else None) for r in settled])
+        await _insert(connection, _REFUND_JOURNAL_LINES, [
+            (r.refund_id, position, line.account.value, line.debit, line.credit,
+             _utc(r.settled_at) if r.settled_at else None)
+            for r in [*(r for _, r in new_refunds if r.linked), *settled]
+            for position, line in enumerate(refund_journal(r))])
         await _update(connection, _VOIDS, [
             (n.id, n.voided_by.source, n.voided_by.id) for n in self._voided if n.voided_by])
+        void_dates = {event.credit_note.id: event.effective_at for event in events
+                      if isinstance(event, CreditNoteVoided)}
         await _insert(connection, _JOURNAL_LINES, [
-            (n.id, "issue", position, line.account.value, line.debit, line.credit)
+            (n.id, "issue", position, line.account.value, line.debit, line.credit,
+             _utc(n.effective_at) if n.effective_at else None)
             for n in notes for position, line in enumerate(n.journal)] + [
-            (n.id, "void", position, line.account.value, line.debit, line.credit)
+            (n.id, "void", position, line.account.value, line.debit, line.credit,
+             _utc(date) if (date := void_dates.get(n.id)) else None)
             for n in self._voided for position, line in enumerate(n.void_journal)])
         # invoices new in this batch too: they were inserted as finalized, and what the
         # batch credited on them (counters, number count, coverage) is written here
         dirty = list(self._saved_invoices.values())
         await _update(connection, _INVOICE_FIGURES, [
             (i.id, i.status.value, i.amount_paid, i.pre_payment_credited,
-             i.post_payment_credited, i.refunded, i.credit_note_count) for i in dirty])
+             i.post_payment_credited, i.refunded, i.refunds_failed, i.credit_note_count)
+            for i in dirty])
         await _update(connection, _INVOICE_LINE_CREDITS, [
             (i.id, line.id, line.credited_net, line.credited_tax, line.credited_quantity,
              line.credit_method.value if line.credit_method else None,
              _timestamps_literal(line.time_credits))
             for i in dirty for line in i.lines])
-        await _insert(connection, _OUTBOX, self._collect_new_events())
+        updates = [event for event in events if isinstance(event, CreditNoteUpdated)]
+        await _insert(connection, _CREDIT_NOTE_UPDATES, [
+            (u.credit_note.id, u.trigger.source, u.trigger.id, u.credit_note.memo,
+             json.dumps(u.credit_note.metadata)) for u in updates])
+        edited = {u.credit_note.id: u.credit_note for u in updates}  # the last of each note
+        await _update(connection, _NOTE_EDITS, [
+            (n.id, n.memo, json.dumps(n.metadata)) for n in edited.values()])
+        await _insert(connection, _OUTBOX, self._outbox_rows(events))
         await _update(connection, _OUTCOMES, [
             (source, id_, outcome) for (source, id_), outcome in self._outcomes.items()])
+
+    def _changed_refunds(self, invoices: Sequence[Invoice]
+                         ) -> tuple[list[tuple[Invoice, Refund]], list[Refund]]:
+        """The refunds the batch recorded (with their invoice), and those it settled."""
+        new: list[tuple[Invoice, Refund]] = []
+        settled: list[Refund] = []
+        for invoice in invoices:
+            for refund in invoice.refunds:
+                stored = self._stored_refunds.get(refund.refund_id)
+                if stored is None:
+                    new.append((invoice, refund))
+                elif refund != stored:
+                    if stored.state is not RefundState.PENDING:
+                        raise ValueError(f"refund {refund.refund_id} is settled: it never changes")
+                    settled.append(refund)
+        return new, settled
+
+
+def saved_note(stored: CreditNote | None, changed: CreditNote,
+               voided: Sequence[CreditNote]) -> bool:
+    """Whether a credit note saved is voided now (True) or edited (False), else ValueError.
+
+    A credit note changes only by being voided, or in its memo and metadata
+    (and its refunds' outcomes, written with its invoice's refunds).
+    """
+    if stored is None:
+        raise ValueError("a credit note changes only once read under its invoice's lock")
+    if (changed.status is CreditNoteStatus.VOID and changed.voided_by is not None
+            and all(note.id != changed.id for note in voided)):
+        return True
+    if replace(changed, memo=stored.memo, metadata=stored.metadata,
+               refunds=stored.refunds) != stored:
+        raise ValueError("a credit note changes only by being voided, or in its memo and metadata")
+    return False
 
 
 @dataclass(frozen=True)
@@ -369,6 +493,12 @@ class _Table:
     columns: tuple[tuple[str, str], ...]
     keys: int = 0  # for updates: how many leading columns identify the row
     extra_set: str = ""
+    #: (column, SQL) written instead of a NULL value, e.g. ("effective_at", "now()")
+    fallbacks: tuple[tuple[str, str], ...] = ()
+
+    def value(self, name: str, kind: str) -> str:
+        fallback = dict(self.fallbacks).get(name)
+        return f"coalesce(v.{name}::{kind}, {fallback})" if fallback else f"v.{name}::{kind}"
 
     def arrays(self) -> str:
         # an array column travels as its text form (unnest would flatten an array of arrays)
@@ -382,7 +512,7 @@ class _Table:
 async def _insert(connection: Connection, table: _Table, rows: Sequence[tuple[Any, ...]]) -> None:
     """All rows in one INSERT: column arrays unnested server-side."""
     if rows:
-        casts = ", ".join(f"v.{name}::{kind}" for name, kind in table.columns)
+        casts = ", ".join(table.value(name, kind) for name, kind in table.columns)
         await connection.execute(
             f"INSERT INTO {table.name} ({table.names()}) SELECT {casts}"
             f" FROM unnest({table.arrays()}) AS v({table.names()})",
@@ -393,7 +523,7 @@ async def _update(connection: Connection, table: _Table, rows: Sequence[tuple[An
     """All rows in one UPDATE ... FROM unnest(...), matched on the leading key columns."""
     if rows:
         keys, values = table.columns[:table.keys], table.columns[table.keys:]
-        assignments = ", ".join([f"{name} = v.{name}::{kind}" for name, kind in values]
+        assignments = ", ".join([f"{name} = {table.value(name, kind)}" for name, kind in values]
                                 + ([table.extra_set] if table.extra_set else []))
         match = " AND ".join(f"t.{name} = v.{name}" for name, _ in keys)
         await connection.execute(
@@ -423,7 +553,8 @@ _CREDIT_NOTES = _Table("credit_notes", (
     ("pre_payment_amount", "bigint"), ("refund_amount", "bigint"), ("credit_amount", "bigint"),
     ("out_of_band_amount", "bigint"), ("refund_id", "text"), ("trigger_source", "text"),
     ("trigger_id", "text"), ("trigger_type", "text"), ("policy", "text"), ("memo", "text"),
-    ("metadata", "jsonb")))
+    ("metadata", "jsonb"), ("effective_at", "timestamptz")),
+    fallbacks=(("effective_at", "now()"),))
 _CREDIT_NOTE_LINES = _Table("credit_note_lines", (
     ("credit_note_id", "text"), ("position", "integer"), ("invoice_line_id", "text"),
     ("description", "text"), ("quantity", "bigint"), ("unit_amount", "bigint"),
@@ -431,7 +562,30 @@ _CREDIT_NOTE_LINES = _Table("credit_note_lines", (
     ("covers_from", "timestamptz")))
 _JOURNAL_LINES = _Table("journal_lines", (
     ("credit_note_id", "text"), ("entry", "text"), ("position", "integer"), ("account", "text"),
-    ("debit", "bigint"), ("credit", "bigint")))
+    ("debit", "bigint"), ("credit", "bigint"), ("effective_at", "timestamptz")),
+    fallbacks=(("effective_at", "now()"),))
+_PAYMENTS = _Table("payments", (
+    ("invoice_id", "text"), ("sequence", "integer"), ("payment_id", "text"),
+    ("amount", "bigint"), ("applied", "bigint"), ("trigger_source", "text"),
+    ("trigger_id", "text")))
+_REFUNDS = _Table("refunds", (
+    ("invoice_id", "text"), ("refund_id", "text"), ("payment_sequence", "integer"),
+    ("credit_note_id", "text"), ("amount", "bigint"), ("status", "text"), ("linked", "boolean")))
+_REFUND_OUTCOMES = _Table("refunds", (
+    ("refund_id", "text"), ("status", "text"), ("failure_reason", "text"),
+    ("resettled_to", "text"), ("outcome_source", "text"), ("outcome_id", "text"),
+    ("outcome_type", "text"), ("outcome_at", "timestamptz")), keys=1,
+    fallbacks=(("outcome_at", "now()"),))
+_REFUND_JOURNAL_LINES = _Table("refund_journal_lines", (
+    ("refund_id", "text"), ("position", "integer"), ("account", "text"), ("debit", "bigint"),
+    ("credit", "bigint"), ("effective_at", "timestamptz")),
+    fallbacks=(("effective_at", "now()"),))
+_CREDIT_NOTE_UPDATES = _Table("credit_note_updates", (
+    ("credit_note_id", "text"), ("trigger_source", "text"), ("trigger_id", "text"),
+    ("memo", "text"), ("metadata", "jsonb")))
+_NOTE_EDITS = _Table("credit_notes", (
+    ("id", "text"), ("memo", "text"), ("metadata", "jsonb")), keys=1,
+    extra_set="updated_at = now()")
 _OUTBOX = _Table("outbox", (
     ("event_id", "text"), ("topic", "text"), ("key", "text"), ("type", "text"),
     ("payload", "json"), ("traceparent", "text")))
@@ -441,7 +595,8 @@ _VOIDS = _Table("credit_notes", (
 _INVOICE_FIGURES = _Table("invoices", (
     ("id", "text"), ("status", "text"), ("amount_paid", "bigint"),
     ("pre_payment_credited", "bigint"), ("post_payment_credited", "bigint"),
-    ("refunded", "bigint"), ("credit_note_count", "integer")), keys=1,
+    ("refunded", "bigint"), ("refunds_failed", "bigint"), ("credit_note_count", "integer")),
+    keys=1,
     extra_set="updated_at = now()")
 _INVOICE_LINE_CREDITS = _Table("invoice_lines", (
     ("invoice_id", "text"), ("line_id", "text"), ("credited_net", "bigint"),
@@ -461,7 +616,49 @@ def _utc(time: datetime) -> datetime:
     return time.astimezone(UTC)
 
 
-def invoice_from_rows(row: asyncpg.Record, lines: Sequence[asyncpg.Record]) -> Invoice:
+#: The refunds of some invoices (``$1``), each with its payment's id and, for a linked one,
+#: its credit note's date; in the order recorded: by credit note, then as a credit note
+#: lists them (linked first, then newest payment first).
+_REFUNDS_OF_INVOICES = """
+    SELECT r.*, p.payment_id, n.effective_at AS note_effective_at
+      FROM refunds AS r
+      JOIN payments AS p ON p.invoice_id = r.invoice_id AND p.sequence = r.payment_sequence
+      JOIN credit_notes AS n ON n.id = r.credit_note_id
+     WHERE r.invoice_id = ANY($1::text[])
+     ORDER BY r.invoice_id, n.sequence, r.linked DESC, r.payment_sequence DESC, r.refund_id
+"""
+
+
+def payment_from_row(row: asyncpg.Record) -> Payment:
+    trigger = (Trigger(row["trigger_source"], row["trigger_id"], "invoice.payment_succeeded")
+               if row["trigger_id"] is not None else None)
+    return Payment(sequence=row["sequence"], payment_id=row["payment_id"], amount=row["amount"],
+                   applied=row["applied"], trigger=trigger)
+
+
+def refund_from_row(row: asyncpg.Record) -> Refund:
+    """A refund from a row of ``_REFUNDS_OF_INVOICES`` (or any with ``payment_id``).
+
+    A linked refund's date is its credit note's ``effective_at`` (``note_effective_at``).
+    """
+    settled_by = (Trigger(row["outcome_source"], row["outcome_id"], row["outcome_type"])
+                  if row["outcome_id"] is not None else None)
+    settled_at = row["outcome_at"]
+    if row["linked"]:
+        settled_at = row.get("note_effective_at", settled_at)
+    resettled_to = row["resettled_to"]
+    return Refund(
+        refund_id=row["refund_id"], credit_note_id=row["credit_note_id"],
+        payment_sequence=row["payment_sequence"], payment_id=row["payment_id"],
+        amount=row["amount"], linked=row["linked"], state=RefundState(row["status"]),
+        failure_reason=row["failure_reason"],
+        resettled_to=FailureSettlement(resettled_to) if resettled_to else None,
+        settled_by=settled_by, settled_at=settled_at)
+
+
+def invoice_from_rows(row: asyncpg.Record, lines: Sequence[asyncpg.Record],
+                      payments: Sequence[Payment] = (), refunds: Sequence[Refund] = ()
+                      ) -> Invoice:
     return Invoice(
         id=row["id"], number=row["number"], customer_id=row["customer_id"],
         currency=row["currency"], status=InvoiceStatus(row["status"]),
@@ -470,7 +667,8 @@ def invoice_from_rows(row: asyncpg.Record, lines: Sequence[asyncpg.Record]) -> I
         customer_balance_applied=row["customer_balance_applied"],
         amount_paid=row["amount_paid"], pre_payment_credited=row["pre_payment_credited"],
         post_payment_credited=row["post_payment_credited"], refunded=row["refunded"],
-        credit_note_count=row["credit_note_count"],
+        credit_note_count=row["credit_note_count"], payments=list(payments),
+        refunds=list(refunds), refunds_failed=row["refunds_failed"],
     )
 
 
@@ -489,7 +687,8 @@ def _invoice_line(row: asyncpg.Record) -> InvoiceLine:
     )
 
 
-def credit_note_from_rows(row: asyncpg.Record, lines: Sequence[asyncpg.Record]) -> CreditNote:
+def credit_note_from_rows(row: asyncpg.Record, lines: Sequence[asyncpg.Record],
+                          refunds: Sequence[Refund] = ()) -> CreditNote:
     metadata: Any = row["metadata"]
     return CreditNote(
         id=row["id"], number=row["number"], sequence=row["sequence"],
@@ -507,5 +706,6 @@ def credit_note_from_rows(row: asyncpg.Record, lines: Sequence[asyncpg.Record]) 
         trigger=Trigger(row["trigger_source"], row["trigger_id"], row["trigger_type"]),
         refund_id=row["refund_id"], policy=row["policy"], memo=row["memo"],
         metadata=json.loads(metadata) if isinstance(metadata, str) else dict(metadata),
-        status=CreditNoteStatus(row["status"]),
+        status=CreditNoteStatus(row["status"]), effective_at=row["effective_at"],
+        refunds=tuple(refunds),
     )

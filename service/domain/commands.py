@@ -229,6 +229,6 @@ Command = (
     | RecordPayment
     | VoidInvoice
     | MarkInvoiceUncollectible
+    | RecordRefundOutcome
+    | UpdateCreditNote
 )
-"""The commands the handlers take today; ``RecordRefundOutcome`` and ``UpdateCreditNote``
-join when their handlers do."""

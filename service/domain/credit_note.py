@@ -117,7 +117,7 @@ class CreditNote:
 
     @property
     def refund_status(self) -> RefundStatus:
-        """``none``, ``pending``, ``succeeded``, ``failed`` or ``partially_failed`` (RULES.md)."""
+        """``none``, ``pending``, ``succeeded``, ``failed`` or ``partially_failed`` (docs/rules.md)."""
         return refund_status(refund.state for refund in self.refunds)
 
     @property
@@ -173,9 +173,14 @@ class CreditNote:
                                            else refund for refund in self.refunds))
 
 
+def refund_order(refund: Refund) -> tuple[bool, int, str]:
+    """A credit note's refunds in order: linked first, then newest payment first, then by id."""
+    return (not refund.linked, -refund.payment_sequence, refund.refund_id)
+
+
 def refund_outcome_journal(amount: int, outcome: RefundState,
                            resettled_to: FailureSettlement | None) -> tuple[JournalLine, ...]:
-    """The lines a refund's outcome posts (RULES.md, Refunds), balanced.
+    """The lines a refund's outcome posts (docs/rules.md, Refunds), balanced.
 
     Succeeded: debit ``refunds_payable``, credit ``cash``. Failed and settled to
     the balance: debit ``refunds_payable``, credit ``customer_credit_balance``.

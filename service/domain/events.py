@@ -156,7 +156,6 @@ class CreditNoteUpdated:
         return self.credit_note.invoice_id
 
 
-Event = CreditNoteIssued | CreditNoteVoided | CreditNoteRejected | InvoicePaid | RefundRequested
-#: The events of the money loop (issue 12); they join ``Event`` once the codec writes them.
-MoneyLoopEvent = (CustomerBalanceCredited | CreditNoteRefundSucceeded | CreditNoteRefundFailed
-                  | CreditNoteUpdated)
+Event = (CreditNoteIssued | CreditNoteVoided | CreditNoteRejected | InvoicePaid | RefundRequested
+         | CustomerBalanceCredited | CreditNoteRefundSucceeded | CreditNoteRefundFailed
+         | CreditNoteUpdated)

@@ -16,23 +16,42 @@ customer balance applied, credit notes, new amount due::
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 
-from service.domain import errors, money
+from service.domain import errors, money, payments, refunds
 from service.domain.commands import Discount, DraftLine, FinalizeInvoice, ServicePeriod, Trigger
-from service.domain.credit_note import CreditNote, CreditNoteStatus
+from service.domain.credit_note import (
+    METADATA_MAX_KEY_LENGTH,
+    METADATA_MAX_KEYS,
+    METADATA_MAX_VALUE_LENGTH,
+    CreditNote,
+    CreditNoteStatus,
+    merged_metadata,
+    refund_journal,
+)
 from service.domain.events import (
+    BalanceReason,
     CreditNoteIssued,
+    CreditNoteRefundFailed,
+    CreditNoteRefundSucceeded,
+    CreditNoteUpdated,
     CreditNoteVoided,
+    CustomerBalanceCredited,
     Event,
     InvoicePaid,
     InvoiceState,
     RefundRequested,
 )
 from service.domain.payments import Payment, Receipt, finalization_payment
-from service.domain.refunds import FailureSettlement, Refund, RefundState, Transition
+from service.domain.refunds import (
+    FailureSettlement,
+    PaymentCash,
+    Refund,
+    RefundState,
+    Transition,
+)
 
 
 class InvoiceStatus(StrEnum):
@@ -178,9 +197,18 @@ class Invoice:
         return self.total - self.credited_total
 
     @property
+    def cash(self) -> tuple[PaymentCash, ...]:
+        """Each payment's applied cash and what its pending and succeeded refunds took of it."""
+        return refunds.cash_of(self.payments, self.refunds)
+
+    @property
     def refundable(self) -> int:
-        """Cash actually collected and not yet refunded (balance applied is not cash)."""
-        return self.amount_paid - self.refunded
+        """Cash actually collected and not refunded (pending or succeeded); balance is not cash."""
+        return refunds.refundable(self.cash)
+
+    def refunds_of(self, credit_note_id: str) -> tuple[Refund, ...]:
+        """A credit note's refunds as they stand, in the order recorded."""
+        return tuple(refund for refund in self.refunds if refund.credit_note_id == credit_note_id)
 
     def load_credited_by_trigger(self, trigger_type: str, total: object) -> None:
         """Record what the non-void credit notes of ``trigger_type`` add up to (as stored).
@@ -209,12 +237,17 @@ class Invoice:
 
         ``priced`` was priced against this invoice as it stands (its sequence is
         the next one); the events recorded: ``CreditNoteIssued``, then
-        ``InvoicePaid`` when the pre-payment part settled the rest, then
-        ``RefundRequested`` when cash goes back.
+        ``InvoicePaid`` when the pre-payment part settled the rest, then one
+        ``RefundRequested`` per new (not linked) refund, newest payment first,
+        then ``CustomerBalanceCredited`` for its ``credit_amount``.
         """
         note = priced.note
         if note.invoice_id != self.id or note.sequence != self.credit_note_count + 1:
             raise ValueError("the credit note was not priced against this invoice as it stands")
+        if sum(refund.amount for refund in note.refunds) != note.refund_amount or any(
+                refund.credit_note_id != note.id for refund in note.refunds):
+            raise ValueError("the credit note's refunds do not add up to its refund amount")
+        refunds.cash_of(self.payments, [*self.refunds, *note.refunds])  # each on a payment it has
         for line, take in zip(note.lines, priced.takes, strict=True):
             if line.invoice_line_id is None:
                 continue
@@ -230,6 +263,7 @@ class Invoice:
         self.pre_payment_credited += note.pre_payment_amount
         self.post_payment_credited += note.post_payment_amount
         self.refunded += note.refund_amount
+        self.refunds += note.refunds
         self.credit_note_count = note.sequence
         became_paid = (self.status is InvoiceStatus.OPEN and note.pre_payment_amount > 0
                        and self.amount_remaining == 0)
@@ -238,12 +272,16 @@ class Invoice:
         self.events.append(CreditNoteIssued(note, self._state()))
         if became_paid:
             self.events.append(InvoicePaid(self.id, note.id, note.trigger))
-        if note.refund_id is not None:
-            self.events.append(RefundRequested(
-                id=note.refund_id, invoice_id=self.id, customer_id=self.customer_id,
-                credit_note_id=note.id, amount=note.refund_amount, currency=note.currency,
-                trigger=note.trigger,
-            ))
+        self.events += [RefundRequested(
+            id=refund.refund_id, invoice_id=self.id, customer_id=self.customer_id,
+            credit_note_id=note.id, amount=refund.amount, currency=note.currency,
+            trigger=note.trigger, payment_id=refund.payment_id,
+        ) for refund in note.refunds if not refund.linked]
+        if note.credit_amount > 0:
+            self.events.append(CustomerBalanceCredited(
+                customer_id=self.customer_id, invoice_id=self.id, currency=self.currency,
+                amount=note.credit_amount, reason=BalanceReason.CREDIT_NOTE, trigger=note.trigger,
+                credit_note_id=note.id, effective_at=note.effective_at))
         return note
 
     def void_credit_note(self, note: CreditNote, trigger: Trigger, *,
@@ -284,36 +322,46 @@ class Invoice:
     def _state(self) -> InvoiceState:
         return InvoiceState(amount_remaining=self.amount_remaining, status=self.status.value)
 
-    def record_payment(self, amount: int, currency: str) -> None:
-        if amount <= 0:
-            raise errors.PaymentRefused("a payment amount must be positive")
-        if currency != self.currency:
-            raise errors.PaymentRefused("the payment's currency differs from the invoice's")
-        if self.status is not InvoiceStatus.OPEN:
-            raise errors.PaymentRefused(f"a payment cannot be recorded on a {self.status} invoice")
-        if amount > self.amount_remaining:
-            raise errors.PaymentRefused("the payment is larger than the amount remaining")
-        self.amount_paid += amount
-        if self.amount_remaining == 0:
-            self.status = InvoiceStatus.PAID
-
     def receive_payment(self, payment_id: str | None, amount: int, currency: str,
                         trigger: Trigger) -> Receipt:
-        """Record a payment, never refused for the invoice's state (RULES.md, Payments).
+        """Record a payment, never refused for the invoice's state (docs/rules.md, Payments).
 
         Another currency: ``PaymentCurrencyMismatch``; the same ``payment_id``
         with another amount: ``PaymentConflict`` (both before any change); the
         same again: ``Receipt.DUPLICATE``, no effect. A new one is applied up to
         the amount remaining (the invoice may become ``paid``); the rest is an
         overpayment, recorded as ``CustomerBalanceCredited`` (reason ``overpayment``).
+        No ``invoice.paid`` is published: the payment's sender knows it was paid.
         """
-        raise NotImplementedError
+        if amount <= 0:
+            raise errors.InvalidMessage("a payment amount must be positive")
+        if currency != self.currency:
+            raise errors.PaymentCurrencyMismatch(
+                f"the payment is in {currency} but the invoice is in {self.currency}")
+        receipt = payments.classify(self.payments, payment_id, amount)
+        if receipt is Receipt.CONFLICT:
+            raise errors.PaymentConflict(
+                "the invoice has a payment with this payment_id and another amount")
+        if receipt is Receipt.DUPLICATE:
+            return receipt
+        payment, application = payments.receive(self.payments, payment_id, amount,
+                                                self.amount_remaining, self.status, trigger)
+        self.payments.append(payment)
+        self.amount_paid += application.applied
+        if application.settles_invoice:
+            self.status = InvoiceStatus.PAID
+        if application.overpayment:
+            self.events.append(CustomerBalanceCredited(
+                customer_id=self.customer_id, invoice_id=self.id, currency=self.currency,
+                amount=application.overpayment, reason=BalanceReason.OVERPAYMENT,
+                trigger=trigger, payment_id=payment_id, effective_at=trigger.time))
+        return receipt
 
     def settle_refund(self, refund_id: str, outcome: RefundState, trigger: Trigger, *,
                       failure_reason: str | None = None,
                       settlement: FailureSettlement = FailureSettlement.CUSTOMER_BALANCE,
                       now: datetime) -> Transition:
-        """Apply a refund's outcome (RULES.md, Refunds); the journal is dated ``trigger.time or now``.
+        """Apply a refund's outcome (docs/rules.md, Refunds), dated ``trigger.time or now``.
 
         Unknown refund: ``RefundNotFound``; the opposite of a final outcome:
         ``RefundStateConflict`` (both before any change); the same again:
@@ -324,7 +372,51 @@ class Invoice:
         credit note's ``refund_status`` after it), then ``CustomerBalanceCredited``
         (reason ``refund_failed``) when it went to the balance.
         """
-        raise NotImplementedError
+        if outcome is RefundState.PENDING:
+            raise ValueError("an outcome is succeeded or failed")
+        position = next((index for index, refund in enumerate(self.refunds)
+                         if refund.refund_id == refund_id), None)
+        if position is None:
+            raise errors.RefundNotFound("the invoice has no refund with this id (yet)")
+        refund = self.refunds[position]
+        step = refunds.transition(refund.state, outcome)
+        if step is Transition.CONFLICT:
+            raise errors.RefundStateConflict(
+                f"the refund is {refund.state} already; an outcome is final")
+        if step is Transition.DUPLICATE:
+            return step
+        at = trigger.time or now
+        failed = outcome is RefundState.FAILED
+        settled = refund.settled(outcome, failure_reason=failure_reason if failed else None,
+                                 resettled_to=settlement if failed else None, by=trigger, at=at)
+        self.refunds[position] = settled
+        if failed:
+            self.refunds_failed += settled.amount
+        self._record_outcome(settled, trigger, at)
+        return step
+
+    def _record_outcome(self, settled: Refund, trigger: Trigger, at: datetime) -> None:
+        status = refunds.refund_status(other.state
+                                       for other in self.refunds_of(settled.credit_note_id))
+        journal = refund_journal(settled)
+        if settled.resettled_to is None:
+            self.events.append(CreditNoteRefundSucceeded(
+                credit_note_id=settled.credit_note_id, invoice_id=self.id,
+                refund_id=settled.refund_id, payment_id=settled.payment_id,
+                amount=settled.amount, refund_status=status, journal=journal, effective_at=at,
+                trigger=trigger))
+            return
+        self.events.append(CreditNoteRefundFailed(
+            credit_note_id=settled.credit_note_id, invoice_id=self.id,
+            refund_id=settled.refund_id, payment_id=settled.payment_id, amount=settled.amount,
+            refund_status=status, journal=journal, effective_at=at, trigger=trigger,
+            failure_reason=settled.failure_reason, resettled_to=settled.resettled_to))
+        if settled.to_customer_balance:
+            self.events.append(CustomerBalanceCredited(
+                customer_id=self.customer_id, invoice_id=self.id, currency=self.currency,
+                amount=settled.to_customer_balance, reason=BalanceReason.REFUND_FAILED,
+                trigger=trigger, credit_note_id=settled.credit_note_id,
+                refund_id=settled.refund_id, payment_id=settled.payment_id, effective_at=at))
 
     def update_credit_note(self, note: CreditNote, trigger: Trigger, *, memo: str | None = None,
                            memo_set: bool = False,
@@ -332,7 +424,19 @@ class Invoice:
         """The credit note with its memo (when ``memo_set``) and merged metadata; records
         ``CreditNoteUpdated``. Any status, void included. A merged metadata beyond
         issue's limits: ``InvalidMessage``."""
-        raise NotImplementedError
+        if note.invoice_id != self.id:
+            raise ValueError("the credit note is not this invoice's")
+        metadata = merged_metadata(note.metadata, metadata_patch or {})
+        if len(metadata) > METADATA_MAX_KEYS or any(
+                len(key) > METADATA_MAX_KEY_LENGTH
+                or (isinstance(value, str) and len(value) > METADATA_MAX_VALUE_LENGTH)
+                for key, value in metadata.items()):
+            raise errors.InvalidMessage(
+                f"the metadata after the update would exceed {METADATA_MAX_KEYS} keys of "
+                f"{METADATA_MAX_KEY_LENGTH} characters with values of {METADATA_MAX_VALUE_LENGTH}")
+        updated = replace(note, memo=memo if memo_set else note.memo, metadata=metadata)
+        self.events.append(CreditNoteUpdated(updated, trigger))
+        return updated
 
     def void(self) -> None:
         self._transition(InvoiceStatus.VOID, allowed_from={InvoiceStatus.OPEN,

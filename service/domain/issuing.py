@@ -29,7 +29,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
-from service.domain import errors, money
+from service.domain import errors, money, refunds
 from service.domain.commands import (
     CustomLine,
     InvoiceLineByAmount,
@@ -47,6 +47,7 @@ from service.domain.credit_note import (
     Reason,
     credit_note_number,
     derived_id,
+    refund_order,
 )
 from service.domain.invoice import (
     CreditMethod,
@@ -68,7 +69,7 @@ class _Credit:
     method: CreditMethod | None = None
 
 
-#: How far ahead of the service's clock an ``effective_at`` may be (RULES.md, Editing and dates).
+#: How far ahead of the service's clock an ``effective_at`` may be (docs/rules.md, Editing and dates).
 EFFECTIVE_AT_TOLERANCE = timedelta(minutes=5)
 
 
@@ -96,8 +97,6 @@ def price_credit_note(invoice: Invoice, command: IssueCreditNote, *,
     (the unit of work's lock reports them): linking one is rejected
     ``refund_already_linked``.
     """
-    now = now or datetime.now(UTC)
-    effective_at = _effective_at(command, now)
     if invoice.status is InvoiceStatus.VOID:
         raise errors.InvoiceVoid("credit notes cannot be issued on a void invoice")
     if command.currency is not None and command.currency != invoice.currency:
@@ -110,6 +109,8 @@ def price_credit_note(invoice: Invoice, command: IssueCreditNote, *,
         raise errors.InvalidMessage(f"unknown credit note reason {command.reason!r}") from None
     _check_request(command)
     _check_settlement(command)
+    effective_at = _effective_at(command, now or datetime.now(UTC))
+    _check_linked(invoice, command, taken_refund_ids)
 
     credits = _price(invoice, command)
     total = sum(credit.line.total for credit in credits)
@@ -123,10 +124,13 @@ def price_credit_note(invoice: Invoice, command: IssueCreditNote, *,
         raise errors.NothingLeftToCredit("nothing is left to credit on this invoice")
 
     pre_payment = min(total, invoice.amount_remaining)
-    refund, balance, out_of_band = _settle(invoice, command.settlement, total - pre_payment)
+    refund, balance, out_of_band = _settle(invoice, command, total - pre_payment)
+    note_id = derived_id("cn", command.trigger)
+    planned = refunds.plan_refunds(note_id, refund, invoice.cash, command.linked_refunds,
+                                   effective_at=effective_at)
     sequence = invoice.credit_note_count + 1
     note = CreditNote(
-        id=derived_id("cn", command.trigger),
+        id=note_id,
         number=credit_note_number(invoice.number, sequence),
         sequence=sequence,
         invoice_id=invoice.id,
@@ -139,11 +143,11 @@ def price_credit_note(invoice: Invoice, command: IssueCreditNote, *,
         credit_amount=balance,
         out_of_band_amount=out_of_band,
         trigger=command.trigger,
-        refund_id=derived_id("rf", command.trigger) if refund else None,
         policy=command.policy,
         memo=command.memo,
         metadata=dict(command.metadata),
         effective_at=effective_at,
+        refunds=tuple(sorted(planned, key=refund_order)),
     )
     return PricedCredit(note, tuple(LineTake(credit.quantity, credit.method)
                                     for credit in credits))
@@ -163,6 +167,17 @@ def _effective_at(command: IssueCreditNote, now: datetime) -> datetime:
         raise errors.InvalidEffectiveAt(
             "effective_at is more than 5 minutes ahead of the service's clock")
     return effective_at
+
+
+def _check_linked(invoice: Invoice, command: IssueCreditNote,
+                  taken_refund_ids: Collection[str]) -> None:
+    """A refund id is linked once, ever: not one any refund already has (here or elsewhere)."""
+    mine = {refund.refund_id for refund in invoice.refunds}
+    taken = [refund.refund_id for refund in command.linked_refunds
+             if refund.refund_id in mine or refund.refund_id in taken_refund_ids]
+    if taken:
+        raise errors.RefundAlreadyLinked(
+            f"{len(taken)} of the linked refund ids belong to a refund already")
 
 
 def _check_request(command: IssueCreditNote) -> None:
@@ -414,9 +429,29 @@ def _refuse_excess(on_excess: OnExcess, message: str) -> None:
         raise errors.ExceedsCreditableAmount(f"the request asks for more than is left: {message}")
 
 
-def _settle(invoice: Invoice, settlement: SettlementSplit | Settlement,
-            post_payment: int) -> tuple[int, int, int]:
-    """Split the post-payment part into (refund, customer balance, out of band)."""
+def _settle(invoice: Invoice, command: IssueCreditNote, post_payment: int
+            ) -> tuple[int, int, int]:
+    """Split the post-payment part into (refund, customer balance, out of band).
+
+    Linked refunds are part of the refund: an explicit ``refund_amount`` must
+    hold them (``settlement_mismatch``; 0 with linked refunds is read as not
+    given); without one, the refund is their sum and the rest of the
+    post-payment part goes where the settlement says (out of band, else the
+    customer balance). Where each refund goes: :func:`refunds.plan_refunds`.
+    """
+    settlement = command.settlement
+    linked = sum(refund.amount for refund in command.linked_refunds)
+    if linked and isinstance(settlement, SettlementSplit) and settlement.refund_amount == 0:
+        settlement = replace(settlement, refund_amount=linked)
+    if linked and not isinstance(settlement, SettlementSplit):
+        if post_payment < linked:
+            raise errors.SettlementMismatch(
+                f"the linked refunds add up to {linked}, more than the post-payment amount "
+                f"{post_payment}")
+        rest = post_payment - linked
+        if settlement is Settlement.OUT_OF_BAND:
+            return linked, 0, rest
+        return linked, rest, 0
     if isinstance(settlement, SettlementSplit):
         parts = (settlement.refund_amount, settlement.credit_amount,
                  settlement.out_of_band_amount)

@@ -44,8 +44,21 @@ from opentelemetry import trace
 
 from service.adapters.unavailable import Backoff
 from service.domain import errors
-from service.domain.commands import Command, IssueCreditNote, VoidCreditNote
+from service.domain.commands import (
+    Command,
+    IssueCreditNote,
+    RecordRefundOutcome,
+    UpdateCreditNote,
+    VoidCreditNote,
+)
 from service.domain.credit_note import derived_id
+from service.domain.events import (
+    CreditNoteIssued,
+    CreditNoteRefundFailed,
+    CreditNoteRefundSucceeded,
+    CustomerBalanceCredited,
+    RefundRequested,
+)
 from service.entrypoints.dead_letters import DeadLetterWriter, Failure, Record
 from service.entrypoints.metrics import Metrics
 from service.entrypoints.translators import Route, decode_envelope, translate
@@ -146,9 +159,13 @@ def _upstream_context(record: Record) -> Any:
         return None
 
 
+#: The refund outcomes dead-lettered, by their ``creditnotes_refund_outcomes`` label.
+REFUND_DEAD_LETTERS = {"refund_state_conflict": "conflict", "refund_not_found": "not_found"}
+
+
 def _credit_note_of(command: Command, outcome: Outcome) -> str | None:
-    """The credit note a processed message issued or voided, for the log."""
-    if isinstance(command, VoidCreditNote):
+    """The credit note a processed message issued, voided or updated, for the log."""
+    if isinstance(command, VoidCreditNote | UpdateCreditNote):
         return command.credit_note_id
     if isinstance(command, IssueCreditNote) and outcome is Outcome.APPLIED:
         return derived_id("cn", command.trigger)
@@ -323,7 +340,27 @@ class Pipeline:
                  reason=result.reason or None, invoice_id=invoice_of(command) or None,
                  credit_note_id=_credit_note_of(command, result.outcome))
         self._metrics.outcomes.labels(record.topic, result.outcome.value, result.reason).inc()
+        self._count_money(result)
         return result.outcome
+
+    def _count_money(self, result: Result) -> None:
+        """The refund and customer-balance metrics of what a committed message did."""
+        metrics = self._metrics
+        if (isinstance(result.message.command, RecordRefundOutcome)
+                and result.outcome is Outcome.DUPLICATE):
+            metrics.refund_outcomes.labels("duplicate").inc()
+        for event in result.events:
+            if isinstance(event, CreditNoteRefundSucceeded):
+                metrics.refund_outcomes.labels("succeeded").inc()
+            elif isinstance(event, CreditNoteRefundFailed):
+                metrics.refund_outcomes.labels("failed").inc()
+            elif isinstance(event, RefundRequested):
+                metrics.refunds_requested.inc()
+            elif isinstance(event, CreditNoteIssued):
+                metrics.refunds_linked.inc(
+                    sum(1 for refund in event.credit_note.refunds if refund.linked))
+            elif isinstance(event, CustomerBalanceCredited):
+                metrics.customer_balance_credited.labels(event.reason.value).inc()
 
     async def _wait_and_apply(self, records: Sequence[Record],
                               waiting: list[tuple[int, Message, errors.Undeliverable]],
@@ -366,6 +403,8 @@ class Pipeline:
     async def _dead_letter(self, record: Record, failure: Failure) -> None:
         await self._dead_letters.write(record, failure)
         self._metrics.outcomes.labels(record.topic, "dead_lettered", failure.error.code).inc()
+        if failure.error.code in REFUND_DEAD_LETTERS:
+            self._metrics.refund_outcomes.labels(REFUND_DEAD_LETTERS[failure.error.code]).inc()
         log.warning("message dead-lettered", topic=record.topic, partition=record.partition,
                     offset=record.offset, reason=failure.error.code,
                     error_class=failure.error.error_class,

@@ -30,14 +30,17 @@ from service.domain.commands import (
     MarkInvoiceUncollectible,
     OnExcess,
     RecordPayment,
+    RecordRefundOutcome,
     ServicePeriod,
     Settlement,
     SettlementSplit,
     Trigger,
     UnusedTime,
+    UpdateCreditNote,
     VoidCreditNote,
     VoidInvoice,
 )
+from service.domain.refunds import FailureSettlement, LinkedRefund, RefundState
 from service.entrypoints import wire
 from service.headers import Header
 from service.settings import SETTLEMENTS, Settings
@@ -170,7 +173,8 @@ def finalized(event: wire.CloudEvent, trigger: Trigger) -> Command:
 
 def payment_succeeded(event: wire.CloudEvent, trigger: Trigger) -> Command:
     data = parse(wire.InvoicePaymentSucceeded, event.data, "invoice.payment_succeeded data")
-    return RecordPayment(trigger, data.invoice_id, data.amount, data.currency)
+    return RecordPayment(trigger, data.invoice_id, data.amount, data.currency,
+                         payment_id=data.payment_id)
 
 
 def voided(event: wire.CloudEvent, trigger: Trigger) -> Command:
@@ -194,12 +198,33 @@ def issue(event: wire.CloudEvent, trigger: Trigger) -> Command:
         lines=tuple(_line(line) for line in data.lines or ()), amount=data.amount,
         settlement=settlement, currency=data.currency, memo=data.memo,
         metadata=dict(data.metadata),
+        linked_refunds=tuple(LinkedRefund(refund.refund_id, refund.amount)
+                             for refund in data.refunds),
+        effective_at=data.effective_at,
     )
 
 
 def void(event: wire.CloudEvent, trigger: Trigger) -> Command:
     data = parse(wire.CreditNoteVoid, event.data, "credit_note.void data")
     return VoidCreditNote(trigger, data.credit_note_id)
+
+
+def update(event: wire.CloudEvent, trigger: Trigger) -> Command:
+    """``credit_note.update``: memo (null clears it) and/or metadata (null removes a key)."""
+    data = parse(wire.CreditNoteUpdate, event.data, "credit_note.update data")
+    return UpdateCreditNote(trigger, data.credit_note_id, memo=data.memo,
+                            memo_set=data.memo_set, metadata_patch=dict(data.metadata or {}))
+
+
+def refund_outcome(event: wire.CloudEvent, trigger: Trigger, outcome: RefundState,
+                   failure_settlement: str = FailureSettlement.CUSTOMER_BALANCE) -> Command:
+    """``refund.succeeded`` / ``refund.failed``: stamped with where a failure's amount goes
+    (``CREDITNOTES_REFUND_FAILURE_SETTLEMENT`` as it stands now, not at issue)."""
+    data = parse(wire.RefundOutcome, event.data, f"{event.type} data")
+    return RecordRefundOutcome(
+        trigger=trigger, invoice_id=data.invoice_id, refund_id=data.refund_id, outcome=outcome,
+        failure_reason=data.failure_reason if outcome is RefundState.FAILED else None,
+        failure_settlement=FailureSettlement(failure_settlement))
 
 
 def _line(line: wire.InvoiceLineItem | wire.CustomLineItem) -> LineRequest:
@@ -306,6 +331,13 @@ def routes(settings: Settings) -> dict[str, Route]:
         topics.credit_note_commands: {
             "credit_note.issue": issue,
             "credit_note.void": void,
+            "credit_note.update": update,
+        },
+        topics.refund_results: {
+            "refund.succeeded": partial(refund_outcome, outcome=RefundState.SUCCEEDED,
+                                        failure_settlement=settings.refund_failure_settlement),
+            "refund.failed": partial(refund_outcome, outcome=RefundState.FAILED,
+                                     failure_settlement=settings.refund_failure_settlement),
         },
         topics.returns: {
             "return.received": partial(
@@ -345,4 +377,4 @@ def translate(event: wire.CloudEvent, topic: str, table: Mapping[str, Route]) ->
     translator = route.translators.get(event.type) if route is not None else None
     if translator is None:
         raise errors.UnsupportedType(f"the event's type is not read from topic {topic}")
-    return translator(event, Trigger(event.source, event.id, event.type))
+    return translator(event, Trigger(event.source, event.id, event.type, event.time))

@@ -24,6 +24,7 @@ from pydantic import (
     Field,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 #: No amount may exceed 10^15 minor units (10 trillion in a two-decimal currency),
 #: so that any sum the service makes stays far inside a 64-bit integer.
@@ -186,6 +187,8 @@ class InvoicePaymentSucceeded(Payload):
     invoice_id: Id
     amount: PositiveAmount
     currency: Currency
+    #: The payment system's id: a payment is recorded once per id (absent: once per event).
+    payment_id: Annotated[Id, AfterValidator(_printable)] | None = None
 
 
 class InvoiceReference(Payload):
@@ -222,6 +225,24 @@ class CustomLineItem(Payload):
 LineItem = Annotated[InvoiceLineItem | CustomLineItem, Field(discriminator="type")]
 
 
+#: Most refunds one credit_note.issue may link, and the longest failure reason kept.
+MAX_LINKED_REFUNDS = 100
+MAX_FAILURE_REASON = 500
+#: Metadata as issue takes it: at most 50 keys of 40 characters, values of 500.
+MetadataKey = Annotated[str, Field(max_length=40)]
+MetadataValue = Annotated[str, Field(max_length=500)]
+MAX_METADATA_KEYS = 50
+Memo = Annotated[str, Field(max_length=5000)]
+RefundId = Annotated[Id, AfterValidator(_printable)]
+
+
+class LinkedRefund(Payload):
+    """A refund already made in the payment system, counted as part of ``refund_amount``."""
+
+    refund_id: RefundId
+    amount: PositiveAmount
+
+
 class CreditNoteIssue(Payload):
     invoice_id: Id
     amount: PositiveAmount | None = None
@@ -230,16 +251,22 @@ class CreditNoteIssue(Payload):
     credit_amount: Amount | None = None
     out_of_band_amount: Amount | None = None
     currency: Currency | None = None
+    refunds: Annotated[list[LinkedRefund], Field(max_length=MAX_LINKED_REFUNDS)] = []
     reason: Reason = "other"
-    memo: Annotated[str, Field(max_length=5000)] | None = None
-    metadata: Annotated[dict[Annotated[str, Field(max_length=40)],
-                             Annotated[str, Field(max_length=500)]],
-                        Field(max_length=50)] = {}
+    memo: Memo | None = None
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_KEYS)] = {}
+    #: The accounting date (absent: the event's ``time``, else when it is processed).
+    effective_at: Time | None = None
 
     @model_validator(mode="after")
     def _amount_or_lines(self) -> CreditNoteIssue:
         if (self.amount is None) == (self.lines is None):
             raise ValueError("credit_note.issue needs exactly one of amount and lines")
+        refund_ids = [refund.refund_id for refund in self.refunds]
+        if len(set(refund_ids)) != len(refund_ids):
+            raise ValueError("a refund id may be linked only once in a credit note")
+        if sum(refund.amount for refund in self.refunds) > MAX_AMOUNT:
+            raise ValueError("the linked refunds are too large together")
         _line_text_bounded((line.invoice_line_id if isinstance(line, InvoiceLineItem)
                             else line.description for line in self.lines or ()), "lines'")
         return self
@@ -247,6 +274,43 @@ class CreditNoteIssue(Payload):
 
 class CreditNoteVoid(Payload):
     credit_note_id: Id
+
+
+class CreditNoteUpdate(Payload):
+    """``memo`` (null clears it) and/or ``metadata`` (merged key by key; null removes a key).
+
+    A field left out is left as it is; at least one of the two is given.
+    """
+
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["memo"]},
+                                                           {"required": ["metadata"]}]})
+
+    credit_note_id: Id
+    memo: Memo | None = None
+    metadata: Annotated[dict[MetadataKey, MetadataValue | None],
+                        Field(max_length=MAX_METADATA_KEYS)] | SkipJsonSchema[None] = None
+
+    @model_validator(mode="after")
+    def _something_to_change(self) -> CreditNoteUpdate:
+        if not {"memo", "metadata"} & self.model_fields_set:
+            raise ValueError("credit_note.update needs memo or metadata (or both)")
+        if "metadata" in self.model_fields_set and self.metadata is None:
+            raise ValueError("metadata is an object (a key set to null is removed)")
+        return self
+
+    @property
+    def memo_set(self) -> bool:
+        """Whether the message says what the memo becomes (``null``: none)."""
+        return "memo" in self.model_fields_set
+
+
+class RefundOutcome(Payload):
+    """``refund.succeeded`` / ``refund.failed`` on ``refund-results``."""
+
+    refund_id: RefundId
+    invoice_id: Id
+    #: Kept on a failure (ignored on a success); never logged.
+    failure_reason: Annotated[str, Field(max_length=MAX_FAILURE_REASON)] | None = None
 
 
 # Upstream triggers (issue #3): each becomes a credit_note.issue-like command.

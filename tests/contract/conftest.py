@@ -32,6 +32,12 @@ class Backend(Protocol):
         """(status, amount paid, pre-payment credited, credit note count) as stored."""
         ...
     async def credit_note_status(self, note_id: str) -> str | None: ...
+    async def refunds(self, invoice_id: str) -> list[tuple[str, int, str]]:
+        """(refund id, payment sequence, status) of the invoice's refunds, by id, as stored."""
+        ...
+    async def forget(self, key: Key) -> None:
+        """Prune a ledger row, as retention does after a day."""
+        ...
 
 
 class FakeBackend:
@@ -58,6 +64,14 @@ class FakeBackend:
     async def credit_note_status(self, note_id: str) -> str | None:
         note = self.store.credit_notes.get(note_id)
         return note.status.value if note else None
+
+    async def refunds(self, invoice_id: str) -> list[tuple[str, int, str]]:
+        invoice = self.store.invoices.get(invoice_id)
+        return sorted((refund.refund_id, refund.payment_sequence, refund.state.value)
+                      for refund in (invoice.refunds if invoice else ()))
+
+    async def forget(self, key: Key) -> None:
+        del self.store.ledger[key]
 
 
 class PostgresBackend:
@@ -86,6 +100,17 @@ class PostgresBackend:
         value: str | None = await self.pool.fetchval(
             "SELECT status FROM credit_notes WHERE id = $1", note_id)
         return value
+
+    async def refunds(self, invoice_id: str) -> list[tuple[str, int, str]]:
+        rows = await self.pool.fetch(
+            "SELECT refund_id, payment_sequence, status FROM refunds WHERE invoice_id = $1"
+            " ORDER BY refund_id", invoice_id)
+        return [(row[0], row[1], row[2]) for row in rows]
+
+    async def forget(self, key: Key) -> None:
+        # the superuser may delete any ledger row (retention's guard, 0009)
+        await self.pool.execute(
+            "DELETE FROM processed_messages WHERE source = $1 AND id = $2", *key)
 
 
 @pytest.fixture(params=["fake", pytest.param("postgres", marks=pytest.mark.integration)])

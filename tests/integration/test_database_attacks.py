@@ -38,12 +38,16 @@ from service.domain.commands import (
     InvoiceLineByQuantity,
     IssueCreditNote,
     OnExcess,
+    RecordPayment,
     ServicePeriod,
+    Settlement,
     Trigger,
     UnusedTime,
+    UpdateCreditNote,
     VoidCreditNote,
 )
 from service.domain.credit_note import derived_id
+from service.domain.refunds import LinkedRefund
 from service.handlers import Delivery, Message, Outcome, Result, apply_batch
 from service.settings import Topics
 
@@ -57,7 +61,11 @@ D, D1, D2 = "in_4004", "ACME-4004-CN-01", "ACME-4004-CN-02"
 OCT1, NOV1, OCT16 = (datetime(2026, month, day, tzinfo=UTC) for month, day in
                      ((10, 1), (11, 1), (10, 16)))
 HISTORY = ("invoices", "invoice_lines", "credit_notes", "credit_note_lines", "journal_lines",
-           "processed_messages", "outbox", "dlq_replays", "retention_horizons")
+           "processed_messages", "outbox", "dlq_replays", "retention_horizons", "payments",
+           "refunds", "refund_journal_lines", "credit_note_updates")
+# the money loop (0016): on B a refund requested (pending, on its finalization payment) and
+# one linked (re_b, succeeded with its journal); a payment on C; A1's memo updated
+B1, B2 = "ACME-2002-CN-01", "ACME-2002-CN-02"
 ROLES = ("app", "migrator", "superuser")
 PERMISSION = "permission denied"
 
@@ -141,7 +149,17 @@ async def ledger(roles: Roles) -> Roles:
                         IssueCreditNote(_trigger("cmd-d2", "subscription.canceled"), D,
                                         "subscription_cancellation",
                                         lines=(UnusedTime("il_1", OCT16),),
-                                        on_excess=OnExcess.CAP)):
+                                        on_excess=OnExcess.CAP),
+                        IssueCreditNote(_trigger("cmd-b1"), B, "other", amount=200,
+                                        settlement=Settlement.REFUND),
+                        IssueCreditNote(_trigger("cmd-b2"), B, "other", amount=100,
+                                        settlement=Settlement.REFUND,
+                                        linked_refunds=(LinkedRefund("re_b", 100),)),
+                        RecordPayment(_trigger("pay-c1", "invoice.payment_succeeded"), C, 100,
+                                      "usd", "pay_c1"),
+                        UpdateCreditNote(_trigger("upd-a1", "credit_note.update"),
+                                         derived_id("cn", _trigger("cmd-a1")), memo="fixed",
+                                         memo_set=True)):
             assert (await _apply(pool, command)).outcome is Outcome.APPLIED
         # a key given back by a dead letter, then re-claimed by its replay: the legal path
         early = IssueCreditNote(_trigger("early"), "in_9009", "other", amount=100)
@@ -157,7 +175,10 @@ async def ledger(roles: Roles) -> Roles:
         statuses = {row["number"]: row["status"] for row in await pool.fetch(
             "SELECT number, status FROM credit_notes")}
         assert statuses == {A1: "issued", A2: "void", "ACME-9009-CN-01": "issued",
-                            D1: "issued", D2: "issued"}
+                            D1: "issued", D2: "issued", B1: "issued", B2: "issued"}
+        refunds = {(row["status"], row["linked"]) for row in await pool.fetch(
+            f"SELECT status, linked FROM refunds WHERE invoice_id = '{B}'")}
+        assert refunds == {("pending", False), ("succeeded", True)}
         line = await pool.fetchrow("SELECT credit_method, time_credits FROM invoice_lines"
                                    f" WHERE invoice_id = '{D}'")
         assert line is not None
@@ -444,6 +465,56 @@ ATTACKS = [
            "records as credited disagrees with its credit notes"),
     Attack("void-leaving-its-lines-credited",
            (*_VOID_A1, _REVERSE_A1), f"does not record what credit note {A1} credits of it"),
+    # 0016, the money loop: payments are facts, refunds move pending -> final once with
+    # exactly their journal, a refund id is used once, the counters follow the rows
+    Attack("payment-applied-rewritten",
+           (f"UPDATE payments SET applied = 0 WHERE invoice_id = '{C}'",),
+           "payments rows are append-only", refused_to_app=PERMISSION),
+    Attack("payment-deleted", (f"DELETE FROM payments WHERE invoice_id = '{C}'",),
+           "payments rows are append-only", refused_to_app=PERMISSION),
+    Attack("amount-paid-raised-without-a-payment",
+           (f"UPDATE invoices SET amount_paid = amount_paid + 1 WHERE id = '{C}'",),
+           f"amount_paid of invoice {C} disagrees with its payments"),
+    Attack("pending-refund-marked-succeeded-without-its-journal",
+           ("UPDATE refunds SET status = 'succeeded', outcome_source = '/attacker',"
+            " outcome_id = 'forged', outcome_type = 'refund.succeeded', outcome_at = now()"
+            " WHERE status = 'pending'",), "succeeded without exactly its journal"),
+    Attack("linked-refund-marked-failed",
+           ("UPDATE refunds SET status = 'failed', resettled_to = 'none', outcome_source = '/a',"
+            " outcome_id = 'x', outcome_at = now() WHERE refund_id = 're_b'",),
+           "an outcome is final"),
+    Attack("refund-amount-rewritten", ("UPDATE refunds SET amount = 1 WHERE linked",),
+           "the figures of refund re_b never change", refused_to_app=PERMISSION),
+    Attack("refund-deleted", ("DELETE FROM refunds",), "DELETE of refunds is refused",
+           refused_to_app=PERMISSION),
+    Attack("refund-journal-added-to-a-settled-refund",
+           ("INSERT INTO refund_journal_lines (refund_id, position, account, debit, credit,"
+            " effective_at) VALUES ('re_b', 5, 'cash', 50, 0, now()),"
+            " ('re_b', 6, 'refunds_payable', 0, 50, now())",),
+           "written only by the outcome of refund re_b"),
+    Attack("refund-journal-rewritten",
+           ("UPDATE refund_journal_lines SET debit = debit + 1, credit = credit + 1",),
+           "refund_journal_lines rows are append-only", refused_to_app=PERMISSION),
+    Attack("refund-added-to-a-posted-credit-note",
+           ("INSERT INTO refunds (refund_id, invoice_id, payment_sequence, credit_note_id,"
+            f" amount, status) SELECT 'rf_new', '{B}', 0, {_note(B1)}, 1, 'pending'",
+            f"UPDATE invoices SET refunded = refunded + 1 WHERE id = '{B}'"),
+           "is posted: no refund can be added"),
+    Attack("refunded-set-back", (f"UPDATE invoices SET refunded = 0 WHERE id = '{B}'",),
+           "never decrease"),
+    Attack("refunded-raised-without-a-refund",
+           (f"UPDATE invoices SET refunded = refunded + 1 WHERE id = '{B}'",),
+           f"refunded amounts of invoice {B} disagree with its refunds"),
+    Attack("refunded-note-voided",
+           (f"UPDATE credit_notes SET status = 'void', voided_at = now(), voided_by_source = '/a',"
+            f" voided_by_id = 'x' WHERE number = '{B1}'",), "has refunds: it cannot be voided"),
+    Attack("effective-date-rewritten",
+           (f"UPDATE credit_notes SET effective_at = now() - interval '1 year'"
+            f" WHERE number = '{A1}'",),
+           "an issued credit note cannot change", refused_to_app=PERMISSION),
+    Attack("credit-note-edit-rewritten",
+           ("UPDATE credit_note_updates SET memo = 'forged'",),
+           "credit_note_updates rows are append-only", refused_to_app=PERMISSION),
 ]
 
 
@@ -490,7 +561,7 @@ async def test_what_the_service_writes_by_hand_still_commits_as_the_application_
     publishes and parks, `outbox retry` un-parks, retention moves its horizon and deletes a
     day-old sent replay, a void takes its lines back (verify agrees)."""
     steps = {
-        "publish": ("UPDATE outbox SET published_at = now() WHERE key = 'in_9009'"
+        "publish": (f"UPDATE outbox SET published_at = now() WHERE key IN ('in_9009', '{B}')"
                     " AND published_at IS NULL AND parked_at IS NULL",),
         "retry": ("UPDATE outbox SET parked_at = NULL, park_error = NULL"
                   " WHERE parked_at IS NOT NULL",),
@@ -538,6 +609,9 @@ _INSERT_INVOICE = (
     "INSERT INTO invoices (id, number, customer_id, currency, status, subtotal, discount, tax, "
     "total, customer_balance_applied, amount_paid) "
     "VALUES ($1, 'ACME-1', 'cus_42', 'usd', $2, 10000, 0, 0, 10000, 0, $3)")
+_INSERT_PAYMENT = (
+    "INSERT INTO payments (invoice_id, sequence, amount, applied, trigger_id, trigger_source) "
+    "VALUES ($1, $2, $3, $3, $4, CASE WHEN $4::text IS NULL THEN NULL ELSE '/tests' END)")
 
 
 async def test_an_invoice_status_moves_only_along_its_edges(roles: Roles) -> None:
@@ -568,9 +642,15 @@ def test_amount_paid_never_decreases(roles: Roles, before: int, after: int) -> N
         app = await asyncpg.connect(roles.app)
         try:
             invoice_id = f"in_{uuid.uuid4().hex[:12]}"
-            await app.execute(_INSERT_INVOICE, invoice_id, "open", before)
-            error = await _attempt(roles.app, (
-                f"UPDATE invoices SET amount_paid = {after} WHERE id = '{invoice_id}'",))
+            async with app.transaction():  # amount_paid is what its payments applied (0016)
+                await app.execute(_INSERT_INVOICE, invoice_id, "open", before)
+                if before:
+                    await app.execute(_INSERT_PAYMENT, invoice_id, 0, before, None)
+            paid_more = (f"INSERT INTO payments (invoice_id, sequence, amount, applied,"
+                         f" trigger_source, trigger_id) VALUES ('{invoice_id}', 1, {after - before},"
+                         f" {after - before}, '/tests', 'pay-{invoice_id}')",)
+            error = await _attempt(roles.app, (*(paid_more if after > before else ()),
+                f"UPDATE invoices SET amount_paid = {after} WHERE id = '{invoice_id}'"))
             assert (error is None) == (after >= before)
             assert error is None or "never decrease" in error
             paid = await app.fetchval("SELECT amount_paid FROM invoices WHERE id = $1", invoice_id)

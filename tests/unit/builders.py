@@ -1,7 +1,8 @@
 """Terse builders for invoices, triggers and credit-note commands in unit tests.
 
 Everything goes through the domain's own entry points (``finalize_invoice``,
-``issue_credit_note``, ``void_credit_note``, ``Invoice.record_payment``), so a
+``issue_credit_note``, ``void_credit_note``, ``Invoice.receive_payment``,
+``Invoice.settle_refund``), so a
 test built with these helpers exercises exactly what the service runs.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from service.domain.commands import (
@@ -30,6 +32,8 @@ from service.domain.commands import (
 from service.domain.credit_note import CreditNote
 from service.domain.invoice import Invoice, finalize_invoice
 from service.domain.issuing import issue_credit_note, void_credit_note
+from service.domain.payments import Receipt
+from service.domain.refunds import FailureSettlement, LinkedRefund, RefundState, Transition
 
 INVOICE_ID = "in_1"
 INVOICE_NUMBER = "ACME-0042"
@@ -101,10 +105,30 @@ def invoice(
 
 
 def paid_invoice(**kwargs: Any) -> Invoice:
-    """An invoice paid in full through ``record_payment`` (so it is ``paid``)."""
+    """An invoice paid in full through ``receive_payment`` (so it is ``paid``)."""
     built = invoice(**kwargs)
-    built.record_payment(built.amount_remaining, built.currency)
+    pay(built, built.amount_remaining)
     return built
+
+
+def pay(target: Invoice, amount: int, payment_id: str | None = None,
+        currency: str | None = None) -> Receipt:
+    """``invoice.payment_succeeded`` of ``amount`` on ``target`` (each with its own event)."""
+    return target.receive_payment(payment_id, amount, currency or target.currency,
+                                  trigger("invoice.payment_succeeded"))
+
+
+#: The service's clock in unit tests (refund outcomes without an event time are dated so).
+NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+
+def settle(target: Invoice, refund_id: str, outcome: RefundState,
+           settlement: FailureSettlement = FailureSettlement.CUSTOMER_BALANCE,
+           failure_reason: str | None = None) -> Transition:
+    """``refund.succeeded`` / ``refund.failed`` for ``refund_id`` on ``target``."""
+    kind = "refund.succeeded" if outcome is RefundState.SUCCEEDED else "refund.failed"
+    return target.settle_refund(refund_id, outcome, trigger(kind), failure_reason=failure_reason,
+                                settlement=settlement, now=NOW)
 
 
 def by_quantity(line_id: str, quantity: int) -> InvoiceLineByQuantity:
@@ -132,6 +156,8 @@ def command(
     reason: str = "other",
     currency: str | None = None,
     policy: str | None = None,
+    linked: Iterable[tuple[str, int]] = (),
+    effective_at: datetime | None = None,
 ) -> IssueCreditNote:
     return IssueCreditNote(
         trigger=trigger("credit_note.issue"),
@@ -143,6 +169,8 @@ def command(
         on_excess=on_excess,
         currency=currency,
         policy=policy,
+        linked_refunds=tuple(LinkedRefund(refund_id, amount) for refund_id, amount in linked),
+        effective_at=effective_at,
     )
 
 
@@ -155,8 +183,14 @@ def issue(
     reason: str = "other",
     currency: str | None = None,
     policy: str | None = None,
+    linked: Iterable[tuple[str, int]] = (),
+    taken: Iterable[str] = (),
 ) -> CreditNote:
-    """Issue a credit note on ``target`` (an explicit command unless ``on_excess`` says CAP)."""
+    """Issue a credit note on ``target`` (an explicit command unless ``on_excess`` says CAP).
+
+    ``linked``: ``(refund_id, amount)`` refunds to link; ``taken``: the refund ids the
+    lock reports as some refund's already.
+    """
     return issue_credit_note(
         target,
         command(
@@ -167,7 +201,10 @@ def issue(
             reason=reason,
             currency=currency,
             policy=policy,
+            linked=linked,
         ),
+        now=NOW,
+        taken_refund_ids=frozenset(taken),
     )
 
 

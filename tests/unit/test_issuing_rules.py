@@ -1,20 +1,36 @@
-"""The issuing, voiding, pricing and payment rules of RULES.md, one behaviour per test."""
+"""The issuing, voiding, pricing, payment, refund, editing and dating rules of docs/rules.md,
+one behaviour per test."""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from service.domain import errors
-from service.domain.commands import LineRequest, OnExcess, Settlement, SettlementSplit
-from service.domain.credit_note import CreditNoteStatus, CreditNoteType
-from service.domain.events import CreditNoteVoided, RefundRequested
-from service.domain.invoice import InvoiceStatus
+from service.domain.commands import LineRequest, OnExcess, Settlement, SettlementSplit, Trigger
+from service.domain.credit_note import CreditNote, CreditNoteStatus, CreditNoteType, refund_journal
+from service.domain.events import (
+    BalanceReason,
+    CreditNoteIssued,
+    CreditNoteRefundFailed,
+    CreditNoteRefundSucceeded,
+    CreditNoteUpdated,
+    CreditNoteVoided,
+    CustomerBalanceCredited,
+    InvoicePaid,
+    RefundRequested,
+)
+from service.domain.invoice import Invoice, InvoiceStatus
 from service.domain.issuing import issue_credit_note
+from service.domain.payments import Receipt
+from service.domain.refunds import FailureSettlement, RefundState, RefundStatus, Transition
 
 from .builders import (
+    NOW,
     amount_off,
     by_amount,
     by_quantity,
@@ -27,7 +43,10 @@ from .builders import (
     journal_rows,
     line,
     paid_invoice,
+    pay,
     percent_off,
+    settle,
+    trigger,
     void,
 )
 
@@ -807,48 +826,137 @@ def test_payment_of_the_amount_remaining_makes_the_invoice_paid() -> None:
     inv = invoice(lines=[line("L1", unit_amount=10_000)])
     issue(inv, amount=2_000)
 
-    inv.record_payment(3_000, "usd")
+    pay(inv, 3_000, "pay_1")
     assert inv.status is InvoiceStatus.OPEN
-    inv.record_payment(5_000, "usd")
+    pay(inv, 5_000, "pay_2")
 
     assert inv.amount_paid == 8_000
     assert inv.amount_remaining == 0
     assert inv.status is InvoiceStatus.PAID
+    assert [(p.sequence, p.payment_id, p.amount, p.applied) for p in inv.payments] == [
+        (1, "pay_1", 3_000, 3_000), (2, "pay_2", 5_000, 5_000)]
+    assert events_of(inv, InvoicePaid) == []  # the payment's sender knows it was paid
+    assert events_of(inv, CustomerBalanceCredited) == []
 
 
-def test_payment_above_the_amount_remaining_is_refused() -> None:
+def test_payment_above_the_amount_remaining_applies_what_is_owed_and_credits_the_rest() -> None:
     inv = invoice(lines=[line("L1", unit_amount=10_000)])
     issue(inv, amount=2_000)
+
+    receipt = pay(inv, 8_500, "pay_1")
+
+    assert receipt is Receipt.NEW
+    assert (inv.amount_paid, inv.amount_remaining, inv.status) == (8_000, 0, InvoiceStatus.PAID)
+    assert [(p.amount, p.applied) for p in inv.payments] == [(8_500, 8_000)]
+    (credited,) = events_of(inv, CustomerBalanceCredited)
+    assert (credited.amount, credited.reason, credited.payment_id) == (
+        500, BalanceReason.OVERPAYMENT, "pay_1")
+    assert (credited.customer_id, credited.invoice_id, credited.currency) == (
+        inv.customer_id, inv.id, "usd")
+    assert credited.credit_note_id is None and credited.refund_id is None
+    assert inv.refundable == 8_000  # the overpayment is not this invoice's cash
+
+
+def test_payment_on_a_paid_invoice_is_recorded_as_an_overpayment_not_refused() -> None:
+    inv = paid_invoice()
+
+    pay(inv, 2_500, "pay_late")
+
+    assert inv.status is InvoiceStatus.PAID
+    assert inv.amount_paid == 10_000
+    assert inv.payments[-1].applied == 0
+    (credited,) = events_of(inv, CustomerBalanceCredited)
+    assert (credited.amount, credited.reason) == (2_500, BalanceReason.OVERPAYMENT)
+
+
+def test_payment_on_a_void_invoice_goes_wholly_to_the_customer_balance() -> None:
+    inv = invoice(lines=[line("L1", unit_amount=10_000)])
+    inv.void()
+
+    pay(inv, 4_000)
+
+    assert (inv.status, inv.amount_paid, inv.amount_remaining) == (InvoiceStatus.VOID, 0, 10_000)
+    (credited,) = events_of(inv, CustomerBalanceCredited)
+    assert (credited.amount, credited.payment_id) == (4_000, None)
+
+
+def test_payment_settling_an_uncollectible_invoice_makes_it_paid() -> None:
+    inv = invoice(lines=[line("L1", unit_amount=10_000)])
+    inv.mark_uncollectible()
+
+    pay(inv, 4_000)
+    assert inv.status is InvoiceStatus.UNCOLLECTIBLE
+    pay(inv, 6_000)
+
+    assert (inv.status, inv.amount_paid) == (InvoiceStatus.PAID, 10_000)
+
+
+def test_the_same_payment_id_and_amount_again_is_a_duplicate_without_effect() -> None:
+    inv = invoice(lines=[line("L1", unit_amount=10_000)])
+    pay(inv, 3_000, "pay_1")
     before = copy.deepcopy(inv)
 
-    with pytest.raises(errors.PaymentRefused) as refused:
-        inv.record_payment(8_001, "usd")
+    receipt = pay(inv, 3_000, "pay_1")
 
-    assert refused.value.code == "payment_refused"
+    assert receipt is Receipt.DUPLICATE
+    assert inv == before
+    assert inv.events == before.events
+
+
+def test_the_same_payment_id_with_another_amount_is_a_conflict_and_changes_nothing() -> None:
+    inv = invoice(lines=[line("L1", unit_amount=10_000)])
+    pay(inv, 3_000, "pay_1")
+    before = copy.deepcopy(inv)
+
+    with pytest.raises(errors.PaymentConflict) as refused:
+        pay(inv, 3_001, "pay_1")
+
+    assert refused.value.code == "payment_conflict"
+    assert not refused.value.retryable
     assert inv == before
 
 
-def test_payment_in_another_currency_is_refused() -> None:
-    inv = invoice()
-
-    with pytest.raises(errors.PaymentRefused):
-        inv.record_payment(100, "eur")
-
-
-def test_payment_on_a_paid_invoice_is_refused() -> None:
-    inv = paid_invoice()
-
-    with pytest.raises(errors.PaymentRefused):
-        inv.record_payment(0, "usd")
-
-
-def test_negative_payment_is_refused() -> None:
-    # Otherwise amount_paid goes down and the amount remaining goes up.
+def test_payments_without_an_id_are_each_a_new_payment() -> None:
     inv = invoice(lines=[line("L1", unit_amount=10_000)])
+
+    pay(inv, 1_000)
+    pay(inv, 1_000)
+
+    assert [(p.sequence, p.payment_id) for p in inv.payments] == [(1, None), (2, None)]
+    assert inv.amount_paid == 2_000
+
+
+def test_the_amount_paid_at_finalization_is_the_oldest_payment_with_no_id() -> None:
+    inv = invoice(lines=[line("L1", unit_amount=10_000)], amount_paid=4_000)
+
+    pay(inv, 1_000, "pay_1")
+
+    assert [(p.sequence, p.payment_id, p.applied, p.trigger is None) for p in inv.payments] == [
+        (0, None, 4_000, True), (1, "pay_1", 1_000, False)]
+
+
+def test_payment_in_another_currency_is_dead_lettered_currency_mismatch() -> None:
+    inv = invoice()
     before = copy.deepcopy(inv)
 
-    with pytest.raises(errors.PaymentRefused):
-        inv.record_payment(-300, "usd")
+    with pytest.raises(errors.PaymentCurrencyMismatch) as refused:
+        pay(inv, 100, "pay_1", currency="eur")
+
+    assert isinstance(refused.value, errors.Undeliverable)
+    assert refused.value.code == "currency_mismatch"
+    assert inv == before
+
+
+@pytest.mark.parametrize("amount", [0, -300])
+def test_a_payment_that_is_not_positive_is_invalid_and_changes_nothing(amount: int) -> None:
+    # Otherwise amount_paid goes down and the amount remaining goes up.
+    inv = invoice(lines=[line("L1", unit_amount=10_000)])
+    pay(inv, 3_000, "pay_1")
+    before = copy.deepcopy(inv)
+
+    for payment_id in (None, "pay_1"):  # invalid, not a conflict with pay_1
+        with pytest.raises(errors.InvalidMessage):
+            pay(inv, amount, payment_id)
 
     assert inv == before
 
@@ -871,3 +979,406 @@ def test_uncollectible_invoice_can_still_be_voided_and_repeat_transitions_are_no
     inv.void()
 
     assert inv.status is InvoiceStatus.VOID
+
+
+# --- refunds against payments ---------------------------------------------------------------
+
+
+def _paid_by(*payments: tuple[str | None, int], total: int = 10_000) -> Invoice:
+    inv = invoice(lines=[line("L1", unit_amount=total)])
+    for payment_id, amount in payments:
+        pay(inv, amount, payment_id)
+    return inv
+
+
+def test_a_refund_goes_to_the_newest_payment_first_one_request_per_payment() -> None:
+    inv = _paid_by(("pay_1", 5_000), ("pay_2", 3_000), ("pay_3", 2_000))
+
+    note = issue(inv, amount=6_000, settlement=Settlement.REFUND)
+
+    requested = events_of(inv, RefundRequested)
+    assert [(r.payment_id, r.amount) for r in requested] == [
+        ("pay_3", 2_000), ("pay_2", 3_000), ("pay_1", 1_000)]
+    assert [r.id for r in requested] == [r.refund_id for r in note.refunds]
+    assert len({r.id for r in requested}) == 3
+    assert all(r.credit_note_id == note.id and r.trigger == note.trigger for r in requested)
+    assert note.refund_id is None  # the ids live in its refunds
+
+
+def test_the_same_credit_note_priced_again_has_the_same_refund_ids() -> None:
+    inv = _paid_by(("pay_1", 5_000), ("pay_2", 5_000))
+    request = command(amount=7_000, settlement=Settlement.REFUND)
+    first, again = copy.deepcopy(inv), copy.deepcopy(inv)
+
+    one = issue_credit_note(first, request, now=NOW)
+    two = issue_credit_note(again, request, now=NOW)
+
+    assert [r.refund_id for r in one.refunds] == [r.refund_id for r in two.refunds]
+
+
+def test_the_finalization_payment_is_refunded_last_with_no_payment_id() -> None:
+    inv = invoice(lines=[line("L1", unit_amount=10_000)], amount_paid=6_000)
+    pay(inv, 4_000, "pay_1")
+
+    issue(inv, amount=5_000, settlement=Settlement.REFUND)
+
+    assert [(r.payment_id, r.amount) for r in events_of(inv, RefundRequested)] == [
+        ("pay_1", 4_000), (None, 1_000)]
+
+
+def test_an_explicit_refund_above_the_cash_left_is_rejected_even_after_outcomes() -> None:
+    # 200.00 invoice, 100.00 of balance applied, 100.00 paid: 60.00 refunded, 40.00 left.
+    inv = invoice(lines=[line("L1", unit_amount=20_000)], status="paid",
+                  customer_balance_applied=10_000, amount_paid=10_000)
+    note = issue(inv, amount=6_000, settlement=Settlement.REFUND)
+    settle(inv, note.refunds[0].refund_id, RefundState.SUCCEEDED)
+    before = copy.deepcopy(inv)
+
+    with pytest.raises(errors.ExceedsRefundableAmount):
+        issue(inv, amount=5_000, settlement=SettlementSplit(refund_amount=4_001, credit_amount=999))
+
+    assert inv == before
+    assert issue(inv, amount=5_000, settlement=Settlement.REFUND).refund_amount == 4_000
+
+
+# --- linked refunds ---------------------------------------------------------------------------
+
+
+def test_linked_refunds_take_cash_first_and_the_rest_of_refund_amount_is_requested() -> None:
+    inv = _paid_by(("pay_1", 6_000), ("pay_2", 4_000))
+
+    note = issue(inv, amount=7_000, settlement=SettlementSplit(refund_amount=7_000),
+                 linked=[("re_9", 3_500)])
+
+    # a linked refund goes whole onto the newest payment that holds it; new ones fill in after
+    assert [(r.payment_id, r.amount, r.linked, r.state) for r in note.refunds] == [
+        ("pay_2", 3_500, True, RefundState.SUCCEEDED),
+        ("pay_2", 500, False, RefundState.PENDING),
+        ("pay_1", 3_000, False, RefundState.PENDING)]
+    assert note.refunds[0].refund_id == "re_9"
+    assert [(r.payment_id, r.amount) for r in events_of(inv, RefundRequested)] == [
+        ("pay_2", 500), ("pay_1", 3_000)]
+    assert note.refund_status is RefundStatus.PENDING
+    assert inv.refundable == 3_000
+
+
+def test_linked_refunds_without_a_refund_amount_make_it_and_the_rest_goes_to_the_balance() -> None:
+    inv = _paid_by(("pay_1", 10_000))
+
+    note = issue(inv, amount=5_000, linked=[("re_1", 1_500), ("re_2", 500)])
+
+    assert (note.refund_amount, note.credit_amount, note.out_of_band_amount) == (2_000, 3_000, 0)
+    assert note.refund_status is RefundStatus.SUCCEEDED
+    assert events_of(inv, RefundRequested) == []
+    (credited,) = events_of(inv, CustomerBalanceCredited)
+    assert credited.amount == 3_000
+
+
+def test_an_explicit_refund_amount_below_the_linked_refunds_is_a_settlement_mismatch() -> None:
+    inv = _paid_by(("pay_1", 10_000))
+    before = copy.deepcopy(inv)
+
+    with pytest.raises(errors.SettlementMismatch):
+        issue(inv, amount=5_000, settlement=SettlementSplit(refund_amount=1_000, credit_amount=4_000),
+              linked=[("re_1", 2_000)])
+
+    assert inv == before
+
+
+def test_linked_refunds_above_the_post_payment_part_are_a_settlement_mismatch() -> None:
+    inv = invoice(lines=[line("L1", unit_amount=10_000)])
+    pay(inv, 2_000, "pay_1")
+    before = copy.deepcopy(inv)
+
+    with pytest.raises(errors.SettlementMismatch):  # 9,000 credited: 8,000 pre-payment, 1,000 post
+        issue(inv, amount=9_000, linked=[("re_1", 2_000)])
+
+    assert inv == before
+
+
+def test_a_linked_refund_no_single_payment_holds_exceeds_the_refundable_amount() -> None:
+    inv = _paid_by(("pay_1", 5_000), ("pay_2", 5_000))
+    before = copy.deepcopy(inv)
+
+    with pytest.raises(errors.ExceedsRefundableAmount):  # a refund goes back to one payment
+        issue(inv, amount=6_000, linked=[("re_1", 6_000)])
+
+    assert inv == before
+
+
+def test_a_refund_id_of_this_invoice_or_one_the_lock_reports_cannot_be_linked() -> None:
+    inv = _paid_by(("pay_1", 10_000))
+    requested = issue(inv, amount=1_000, settlement=Settlement.REFUND).refunds[0].refund_id
+    before = copy.deepcopy(inv)
+
+    for taken_id, taken in ((requested, ()), ("re_elsewhere", ("re_elsewhere",))):
+        with pytest.raises(errors.RefundAlreadyLinked):
+            issue(inv, amount=1_000, linked=[(taken_id, 1_000)], taken=taken)
+
+    assert inv == before
+
+
+def test_the_same_refund_id_twice_in_one_credit_note_is_invalid() -> None:
+    inv = _paid_by(("pay_1", 10_000))
+
+    with pytest.raises(errors.InvalidMessage):
+        issue(inv, amount=2_000, linked=[("re_1", 1_000), ("re_1", 1_000)])
+
+
+def test_a_linked_refund_posts_its_succeeded_lines_at_issue() -> None:
+    inv = _paid_by(("pay_1", 10_000))
+
+    note = issue(inv, amount=2_000, linked=[("re_1", 2_000)])
+
+    (linked,) = note.refunds
+    assert journal_rows(refund_journal(linked)) == [("refunds_payable", 2_000, 0), ("cash", 0, 2_000)]
+    assert linked.settled_at == note.effective_at
+    assert linked.open_payable == 0
+
+
+# --- refund outcomes --------------------------------------------------------------------------
+
+
+def _pending_refund(settlement_amount: int = 4_000) -> tuple[Invoice, str]:
+    inv = _paid_by(("pay_1", 10_000))
+    note = issue(inv, amount=settlement_amount, settlement=Settlement.REFUND)
+    inv.pop_events()
+    return inv, note.refunds[0].refund_id
+
+
+def test_a_succeeded_refund_posts_refunds_payable_to_cash_dated_its_event() -> None:
+    inv, refund_id = _pending_refund()
+    at = datetime(2026, 11, 29, 9, 30, tzinfo=UTC)
+
+    step = inv.settle_refund(refund_id, RefundState.SUCCEEDED,
+                             Trigger("psp", "evt_ok", "refund.succeeded", time=at), now=NOW)
+
+    assert step is Transition.APPLY
+    (event,) = inv.pop_events()
+    assert isinstance(event, CreditNoteRefundSucceeded)
+    assert (event.effective_at, event.refund_status) == (at, RefundStatus.SUCCEEDED)
+    assert journal_rows(event.journal) == [("refunds_payable", 4_000, 0), ("cash", 0, 4_000)]
+    (refund,) = inv.refunds
+    assert (refund.state, refund.settled_at, refund.settled_by) == (
+        RefundState.SUCCEEDED, at, event.trigger)
+    assert inv.refundable == 6_000
+
+
+def test_a_failed_refund_gives_the_cash_back_and_goes_to_the_balance_by_default() -> None:
+    inv, refund_id = _pending_refund()
+
+    settle(inv, refund_id, RefundState.FAILED)
+
+    assert event_kinds(inv) == ["CreditNoteRefundFailed", "CustomerBalanceCredited"]
+    assert (inv.refundable, inv.refunds_failed, inv.refunded) == (10_000, 4_000, 4_000)
+    (refund,) = inv.refunds
+    assert (refund.resettled_to, refund.to_customer_balance, refund.open_payable) == (
+        FailureSettlement.CUSTOMER_BALANCE, 4_000, 0)
+    (failed,) = events_of(inv, CreditNoteRefundFailed)
+    assert failed.effective_at == NOW  # no event time: when it was processed
+    assert failed.refund_status is RefundStatus.FAILED
+
+
+def test_a_failed_refund_settled_as_none_stays_in_refunds_payable_without_a_balance_event() -> None:
+    inv, refund_id = _pending_refund()
+
+    settle(inv, refund_id, RefundState.FAILED, settlement=FailureSettlement.NONE)
+
+    (failed,) = inv.pop_events()
+    assert isinstance(failed, CreditNoteRefundFailed)
+    assert (failed.resettled_to, failed.journal) == (FailureSettlement.NONE, ())
+    assert inv.refunds[0].open_payable == 4_000
+    assert inv.refundable == 10_000  # the money never left
+
+
+def test_the_same_outcome_again_has_no_effect() -> None:
+    inv, refund_id = _pending_refund()
+    settle(inv, refund_id, RefundState.FAILED)
+    inv.pop_events()
+    before = copy.deepcopy(inv)
+
+    step = settle(inv, refund_id, RefundState.FAILED, settlement=FailureSettlement.NONE)
+
+    assert step is Transition.DUPLICATE
+    assert inv == before
+    assert inv.events == []
+
+
+@pytest.mark.parametrize(("first", "then"), [(RefundState.SUCCEEDED, RefundState.FAILED),
+                                             (RefundState.FAILED, RefundState.SUCCEEDED)])
+def test_the_opposite_outcome_after_a_final_one_is_a_conflict_and_changes_nothing(
+        first: RefundState, then: RefundState) -> None:
+    inv, refund_id = _pending_refund()
+    settle(inv, refund_id, first)
+    inv.pop_events()
+    before = copy.deepcopy(inv)
+
+    with pytest.raises(errors.RefundStateConflict) as refused:
+        settle(inv, refund_id, then)
+
+    assert (refused.value.code, refused.value.retryable) == ("refund_state_conflict", False)
+    assert inv == before
+    assert inv.events == []
+
+
+def test_a_failure_for_a_linked_refund_is_a_conflict() -> None:
+    inv = _paid_by(("pay_1", 10_000))
+    issue(inv, amount=2_000, linked=[("re_1", 2_000)])
+
+    with pytest.raises(errors.RefundStateConflict):
+        settle(inv, "re_1", RefundState.FAILED)
+    assert settle(inv, "re_1", RefundState.SUCCEEDED) is Transition.DUPLICATE
+
+
+def test_an_outcome_for_a_refund_the_invoice_does_not_have_waits() -> None:
+    inv, _ = _pending_refund()
+    before = copy.deepcopy(inv)
+
+    with pytest.raises(errors.RefundNotFound) as refused:
+        settle(inv, "rf_unknown", RefundState.SUCCEEDED)
+
+    assert (refused.value.code, refused.value.retryable) == ("refund_not_found", True)
+    assert inv == before
+
+
+def test_refund_status_of_a_credit_note_over_its_refunds() -> None:
+    inv = _paid_by(("pay_1", 3_000), ("pay_2", 3_000), ("pay_3", 4_000))
+    note = issue(inv, amount=10_000, settlement=Settlement.REFUND)
+    first, second, third = (r.refund_id for r in note.refunds)
+    statuses = []
+
+    for refund_id, outcome in ((first, RefundState.SUCCEEDED), (second, RefundState.SUCCEEDED),
+                               (third, RefundState.FAILED)):
+        inv.pop_events()
+        settle(inv, refund_id, outcome)
+        (outcome_event,) = [event for event in inv.events if isinstance(
+            event, CreditNoteRefundSucceeded | CreditNoteRefundFailed)]
+        statuses.append(outcome_event.refund_status)
+
+    assert statuses == [RefundStatus.PENDING, RefundStatus.PENDING, RefundStatus.PARTIALLY_FAILED]
+    assert issue(paid_invoice(), amount=1, settlement=Settlement.OUT_OF_BAND
+                 ).refund_status is RefundStatus.NONE
+
+
+# --- customer balance --------------------------------------------------------------------------
+
+
+def test_the_credit_amount_of_a_credit_note_is_published_once_to_the_customer_balance() -> None:
+    inv = paid_invoice()
+
+    note = issue(inv, amount=2_500, settlement=SettlementSplit(refund_amount=500, credit_amount=2_000))
+
+    (credited,) = events_of(inv, CustomerBalanceCredited)
+    assert (credited.amount, credited.reason, credited.credit_note_id, credited.customer_id) == (
+        2_000, BalanceReason.CREDIT_NOTE, note.id, inv.customer_id)
+    assert credited.effective_at == note.effective_at
+    assert credited.trigger == note.trigger
+
+
+def test_a_pre_payment_credit_sends_nothing_to_the_balance() -> None:
+    inv = invoice()
+
+    issue(inv, amount=2_000)
+
+    assert events_of(inv, CustomerBalanceCredited) == []
+
+
+# --- effective_at -----------------------------------------------------------------------------
+
+
+def _dated(inv: Invoice, effective_at: datetime | None = None,
+           event_time: datetime | None = None) -> CreditNote:
+    request = replace(command(amount=1_000, effective_at=effective_at),
+                      trigger=Trigger("tests", f"evt-{effective_at}-{event_time}",
+                                      "credit_note.issue", time=event_time))
+    return issue_credit_note(inv, request, now=NOW)
+
+
+def test_effective_at_defaults_to_the_event_time_else_when_it_is_processed() -> None:
+    event_time = NOW - timedelta(hours=3)
+
+    assert _dated(invoice(), event_time=event_time).effective_at == event_time
+    assert _dated(invoice()).effective_at == NOW
+    explicit = datetime(2026, 1, 31, tzinfo=UTC)  # backdating is allowed
+    assert _dated(invoice(), explicit, event_time).effective_at == explicit
+
+
+def test_effective_at_more_than_5_minutes_ahead_is_rejected() -> None:
+    inv = invoice()
+    before = copy.deepcopy(inv)
+
+    assert _dated(copy.deepcopy(inv), NOW + timedelta(minutes=5)).effective_at == NOW + timedelta(
+        minutes=5)
+    for ahead in (NOW + timedelta(minutes=5, seconds=1), None):
+        with pytest.raises(errors.InvalidEffectiveAt) as refused:
+            _dated(inv, ahead, event_time=NOW + timedelta(hours=1))
+        assert refused.value.code == "invalid_effective_at"
+    assert inv == before
+
+
+def test_effective_at_is_on_the_issued_event_the_journal_date_and_the_void() -> None:
+    inv = invoice()
+    explicit = NOW - timedelta(days=2)
+    note = _dated(inv, explicit)
+    voided_at = NOW - timedelta(hours=1)
+
+    inv.void_credit_note(note, Trigger("tests", "v", "credit_note.void", time=voided_at), now=NOW)
+
+    (issued,) = events_of(inv, CreditNoteIssued)
+    assert issued.credit_note.effective_at == explicit
+    (voided,) = events_of(inv, CreditNoteVoided)
+    assert voided.effective_at == voided_at
+
+
+# --- credit_note.update -----------------------------------------------------------------------
+
+
+def test_update_sets_the_memo_and_merges_metadata_a_null_removing_a_key() -> None:
+    inv = invoice()
+    note = issue_credit_note(inv, replace(command(amount=1_000), memo="old",
+                                          metadata={"a": "1", "b": "2"}), now=NOW)
+    inv.pop_events()
+
+    updated = inv.update_credit_note(note, trigger("credit_note.update"), memo="new",
+                                     memo_set=True, metadata_patch={"b": None, "c": "3"})
+
+    assert (updated.memo, updated.metadata) == ("new", {"a": "1", "c": "3"})
+    assert (updated.total, updated.number, updated.lines) == (note.total, note.number, note.lines)
+    (event,) = inv.pop_events()
+    assert isinstance(event, CreditNoteUpdated)
+    assert event.credit_note == updated
+
+
+def test_update_without_memo_keeps_it_and_a_null_memo_clears_it() -> None:
+    inv = invoice()
+    note = issue_credit_note(inv, replace(command(amount=1_000), memo="keep"), now=NOW)
+
+    kept = inv.update_credit_note(note, trigger("credit_note.update"), metadata_patch={"k": "v"})
+    cleared = inv.update_credit_note(kept, trigger("credit_note.update"), memo=None,
+                                     memo_set=True)
+
+    assert (kept.memo, cleared.memo, cleared.metadata) == ("keep", None, {"k": "v"})
+
+
+def test_a_void_credit_note_can_be_updated() -> None:
+    inv = invoice()
+    note = void(inv, issue(inv, amount=1_000))
+
+    updated = inv.update_credit_note(note, trigger("credit_note.update"), memo="why", memo_set=True)
+
+    assert (updated.status, updated.memo) == (CreditNoteStatus.VOID, "why")
+
+
+def test_an_update_whose_merged_metadata_breaks_the_limits_is_invalid() -> None:
+    inv = invoice()
+    note = issue_credit_note(inv, replace(command(amount=1_000),
+                                          metadata={f"k{i}": "v" for i in range(50)}), now=NOW)
+    inv.pop_events()
+
+    for patch in ({"one_more": "v"}, {"k1": "x" * 501}, {"k" * 41: "v"}):
+        with pytest.raises(errors.InvalidMessage):
+            inv.update_credit_note(note, trigger("credit_note.update"), metadata_patch=patch)
+    assert inv.events == []
+    replaced = inv.update_credit_note(note, trigger("credit_note.update"),
+                                      metadata_patch={"k0": None, "new": "v"})
+    assert len(replaced.metadata) == 50

@@ -1,6 +1,6 @@
 """Payments as facts: the part up to the amount remaining is applied, the rest is an overpayment.
 
-Worked example 18 of RULES.md at the level of the pure rules, and properties: a payment
+Worked example 18 of docs/rules.md at the level of the pure rules, and properties: a payment
 is never refused for its invoice's state, its applied part and its overpayment add up to
 it, and the applied part never takes an invoice below nothing left to pay.
 """

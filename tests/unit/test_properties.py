@@ -1,21 +1,29 @@
-"""Properties: spreads add up, and no sequence of credits, payments and voids breaks a cap.
+"""Properties: spreads add up, and no sequence of credits, payments, refund outcomes and
+voids breaks a cap or an invariant of the money loop.
 
 Random invoices (1-5 lines, any quantities, prices, tax rates and discounts, partly or
 wholly paid) meet random sequences of credit requests (line-less gross amounts, quantity
-and amount credits, custom lines, REJECT or CAP, every kind of settlement), payments and
-voids. A request may be refused, but a refused request changes nothing, and after every
-step each cap of RULES.md still holds.
+and amount credits, custom lines, REJECT or CAP, every kind of settlement, linked
+refunds), payments (with or without an id, repeated, above what is owed), refund outcomes
+(either, repeated or opposite, settled to the balance or not) and voids. A request may be
+refused, but a refused request changes nothing, and after every step each cap of
+docs/rules.md and each invariant of the money loop still holds: per payment, pending and
+succeeded refunds within its applied cash; a refund id once; per credit note, its refunds
+add up to its refund amount; the open refunds_payable balance equals the pending refunds
+plus the failed ones settled as none; every journal balances; every customer-balance event
+matches an amount sent to the balance, once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from fractions import Fraction
 
-from hypothesis import assume, example, given, settings
+from hypothesis import assume, event, example, given, settings
 from hypothesis import strategies as st
 
 from service.domain import errors, money
@@ -25,12 +33,26 @@ from service.domain.commands import (
     Settlement,
     SettlementSplit,
 )
-from service.domain.credit_note import CreditNote, CreditNoteStatus
-from service.domain.events import RefundRequested
-from service.domain.invoice import Invoice, InvoiceStatus
+from service.domain.credit_note import (
+    Account,
+    CreditNote,
+    CreditNoteStatus,
+    JournalLine,
+    refund_journal,
+)
+from service.domain.events import (
+    BalanceReason,
+    CreditNoteRefundFailed,
+    CreditNoteRefundSucceeded,
+    CustomerBalanceCredited,
+    RefundRequested,
+)
+from service.domain.invoice import Invoice
 from service.domain.issuing import issue_credit_note
+from service.domain.refunds import FailureSettlement, RefundState, cash_of
 
 from .builders import (
+    NOW,
     amount_off,
     by_amount,
     by_quantity,
@@ -39,7 +61,9 @@ from .builders import (
     events_of,
     invoice,
     line,
+    pay,
     percent_off,
+    settle,
     void,
 )
 
@@ -165,11 +189,22 @@ class Credit:
     lines: tuple[tuple[int, str, int], ...]  # (line index, "quantity" | "amount" | "custom", n)
     on_excess: OnExcess
     settlement: Settlement | Split
+    #: (refund id from a small pool, so some are taken already; amount)
+    linked: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
 class Pay:
-    pct: int
+    pct: int  # of the amount remaining; above 100: an overpayment
+    payment_id: str | None = None  # from a small pool: the same id again is a duplicate or conflict
+    extra: int = 0  # added to the amount (0 on a paid invoice still pays: all overpayment)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    which: int  # of the invoice's refunds (linked ones too)
+    outcome: RefundState
+    settlement: FailureSettlement
 
 
 @dataclass(frozen=True)
@@ -188,7 +223,10 @@ SETTLEMENTS = st.one_of(
 )
 
 
-def operations(inv: Invoice) -> st.SearchStrategy[Credit | Pay | Void]:
+Operation = Credit | Pay | Outcome | Void
+
+
+def operations(inv: Invoice) -> st.SearchStrategy[Operation]:
     line_count = len(inv.lines)
     ceiling = max(inv.total, 1) * 3 // 2
     line_request = st.tuples(
@@ -202,12 +240,23 @@ def operations(inv: Invoice) -> st.SearchStrategy[Credit | Pay | Void]:
         lines=st.lists(line_request, min_size=1, max_size=line_count, unique_by=lambda r: r[0]).map(tuple),
         on_excess=st.sampled_from(list(OnExcess)),
         settlement=SETTLEMENTS,
+        linked=st.one_of(st.just(()), st.just(()), st.lists(
+            st.tuples(st.sampled_from(["re_1", "re_2", "re_3"]), st.integers(1, ceiling)),
+            max_size=2).map(tuple)),
     )
     return st.one_of(
         credit,
         credit,
         credit,
-        st.builds(Pay, pct=st.integers(0, 100)),
+        st.builds(Pay, pct=st.integers(0, 150),
+                  payment_id=st.one_of(st.none(), st.sampled_from(["pay_1", "pay_2", "pay_3"])),
+                  extra=st.sampled_from([0, 0, 0, 1, 500])),
+        st.builds(Outcome, which=st.integers(0, 7), outcome=st.sampled_from(
+            [RefundState.SUCCEEDED, RefundState.FAILED]),
+            settlement=st.sampled_from(list(FailureSettlement))),
+        st.builds(Outcome, which=st.integers(0, 7), outcome=st.sampled_from(
+            [RefundState.SUCCEEDED, RefundState.FAILED]),
+            settlement=st.sampled_from(list(FailureSettlement))),
         st.builds(Void, which=st.integers(0, 7)),
     )
 
@@ -232,8 +281,8 @@ def _settlement(inv: Invoice, credit: Credit, requests: list[LineRequest]) -> Se
     trial = copy.deepcopy(inv)
     try:
         note = issue_credit_note(
-            trial, command(amount=credit.amount, lines=requests, on_excess=credit.on_excess)
-        )
+            trial, command(amount=credit.amount, lines=requests, on_excess=credit.on_excess),
+            now=NOW)
     except (errors.Rejection, errors.InvalidMessage):
         return SettlementSplit()
     post = note.post_payment_amount
@@ -243,15 +292,21 @@ def _settlement(inv: Invoice, credit: Credit, requests: list[LineRequest]) -> Se
     return SettlementSplit(refund, balance, max(out_of_band, 0))
 
 
-def _apply(inv: Invoice, notes: list[CreditNote], operation: Credit | Pay | Void) -> None:
+def _apply(inv: Invoice, notes: list[CreditNote], operation: Operation) -> None:
     if isinstance(operation, Pay):
-        amount = inv.amount_remaining * operation.pct // 100
+        amount = inv.amount_remaining * operation.pct // 100 + operation.extra
         if amount <= 0:
             return
-        try:
-            inv.record_payment(amount, inv.currency)
-        except errors.PaymentRefused:
-            assert inv.status is not InvoiceStatus.OPEN
+        with contextlib.suppress(errors.PaymentConflict):  # same id, another amount: no change
+            pay(inv, amount, operation.payment_id)
+        return
+    if isinstance(operation, Outcome):
+        if inv.refunds:
+            refund = inv.refunds[operation.which % len(inv.refunds)]
+            try:
+                settle(inv, refund.refund_id, operation.outcome, operation.settlement)
+            except errors.RefundStateConflict:  # the opposite of a final outcome: nothing changed
+                assert refund.state not in (RefundState.PENDING, operation.outcome)
         return
     if isinstance(operation, Void):
         if notes:
@@ -268,7 +323,9 @@ def _apply(inv: Invoice, notes: list[CreditNote], operation: Credit | Pay | Void
                 lines=requests,
                 settlement=settlement,
                 on_excess=operation.on_excess,
+                linked=operation.linked,
             ),
+            now=NOW,
         )
     )
 
@@ -281,9 +338,9 @@ def _assert_caps_hold(inv: Invoice, notes: list[CreditNote]) -> None:
     assert inv.pre_payment_credited + inv.post_payment_credited == credited
     assert inv.pre_payment_credited == sum(note.pre_payment_amount for note in live)
     assert inv.amount_remaining >= 0
-    assert 0 <= inv.refunded <= inv.amount_paid
+    assert 0 <= inv.refunds_failed <= inv.refunded
+    assert inv.refunded - inv.refunds_failed <= inv.amount_paid
     assert inv.refunded == sum(note.refund_amount for note in live)
-    assert sum(event.amount for event in events_of(inv, RefundRequested)) == inv.refunded
     for invoice_line in inv.lines:
         assert 0 <= invoice_line.credited_net <= invoice_line.net
         assert 0 <= invoice_line.credited_tax <= invoice_line.tax
@@ -309,11 +366,71 @@ def _assert_caps_hold(inv: Invoice, notes: list[CreditNote]) -> None:
     assert [note.number for note in notes] == [
         f"{inv.number}-CN-{sequence:02d}" for sequence in range(1, len(notes) + 1)
     ]
+    _assert_money_loop_holds(inv, notes)
+
+
+def _balanced(journal: tuple[JournalLine, ...]) -> bool:
+    return sum(entry.debit for entry in journal) == sum(entry.credit for entry in journal)
+
+
+def _assert_money_loop_holds(inv: Invoice, notes: list[CreditNote]) -> None:
+    # payments: amount_paid is their applied parts; the rest went to the balance
+    assert inv.amount_paid == sum(payment.applied for payment in inv.payments)
+    assert [payment.sequence for payment in inv.payments] == sorted(
+        {payment.sequence for payment in inv.payments})
+    ids = [payment.payment_id for payment in inv.payments if payment.payment_id is not None]
+    assert len(ids) == len(set(ids))
+    # per payment, pending and succeeded refunds within its applied cash (cash_of checks it too)
+    for cash in cash_of(inv.payments, inv.refunds):
+        assert 0 <= cash.refunded <= cash.applied
+    # a refund id once; the counters
+    assert len({refund.refund_id for refund in inv.refunds}) == len(inv.refunds)
+    assert inv.refunded == sum(refund.amount for refund in inv.refunds)
+    assert inv.refunds_failed == sum(refund.amount for refund in inv.refunds
+                                     if refund.state is RefundState.FAILED)
+    # per credit note, its refunds add up to its refund amount
+    for note in notes:
+        assert sum(refund.amount for refund in inv.refunds_of(note.id)) == note.refund_amount
+        assert {r.refund_id for r in note.refunds} == {r.refund_id for r in inv.refunds_of(note.id)}
+    # one refund.requested per new refund, none for a linked one
+    requested = events_of(inv, RefundRequested)
+    assert sorted((event.id, event.amount) for event in requested) == sorted(
+        (refund.refund_id, refund.amount) for refund in inv.refunds if not refund.linked)
+    # every journal balances; the open refunds_payable = pending + failed settled as none
+    outcome_journals = [event.journal for event in inv.events if isinstance(
+        event, CreditNoteRefundSucceeded | CreditNoteRefundFailed)]
+    journals = [note.journal for note in notes] + [
+        note.void_journal for note in notes if note.status is CreditNoteStatus.VOID] + [
+        refund_journal(refund) for refund in inv.refunds] + outcome_journals
+    assert all(_balanced(journal) for journal in journals)
+    payable = [entry for journal in journals[:-len(outcome_journals) or None] for entry in journal
+               if entry.account is Account.REFUNDS_PAYABLE]
+    assert sum(entry.credit - entry.debit for entry in payable) == sum(
+        refund.open_payable for refund in inv.refunds)
+    assert sorted(map(repr, outcome_journals)) == sorted(
+        repr(refund_journal(refund)) for refund in inv.refunds if refund.settled_by is not None)
+    # every customer-balance event matches an amount sent to the balance, once
+    sent = sorted([(BalanceReason.CREDIT_NOTE, note.id, note.credit_amount) for note in notes
+                   if note.credit_amount] +
+                  [(BalanceReason.REFUND_FAILED, refund.refund_id, refund.to_customer_balance)
+                   for refund in inv.refunds if refund.to_customer_balance] +
+                  [(BalanceReason.OVERPAYMENT, str(payment.sequence), payment.overpayment)
+                   for payment in inv.payments if payment.overpayment])
+    by_trigger = {payment.trigger: str(payment.sequence) for payment in inv.payments}
+    published = sorted(
+        (event.reason, {BalanceReason.CREDIT_NOTE: event.credit_note_id,
+                        BalanceReason.REFUND_FAILED: event.refund_id,
+                        BalanceReason.OVERPAYMENT: by_trigger.get(event.trigger)}[event.reason],
+         event.amount)
+        for event in events_of(inv, CustomerBalanceCredited))
+    assert published == sent
+    assert len({event.trigger for event in events_of(inv, CustomerBalanceCredited)}) == len(sent)
 
 
 @SETTINGS
 @given(data=st.data())
-def test_no_sequence_of_credits_payments_and_voids_exceeds_a_cap(data: st.DataObject) -> None:
+def test_no_sequence_of_credits_payments_outcomes_and_voids_breaks_a_cap_or_invariant(
+        data: st.DataObject) -> None:
     inv = data.draw(invoices(), label="invoice")
     steps = data.draw(st.lists(operations(inv), max_size=8), label="steps")
     notes: list[CreditNote] = []
@@ -326,6 +443,14 @@ def test_no_sequence_of_credits_payments_and_voids_exceeds_a_cap(data: st.DataOb
             assert inv == before  # a refused request changes nothing
             assert inv.events == before.events
         _assert_caps_hold(inv, notes)
+    event("refund outcomes: " + ("some" if any(r.settled_by for r in inv.refunds) else "none"))
+    event("linked refunds: " + ("some" if any(r.linked for r in inv.refunds) else "none"))
+    event("failed to the balance: " + (
+        "some" if any(r.to_customer_balance for r in inv.refunds) else "none"))
+    event("overpayments: " + ("some" if any(p.overpayment for p in inv.payments) else "none"))
+    # the credit notes as they stand now: their refunds' states are the invoice's
+    notes[:] = [dataclasses.replace(note, refunds=inv.refunds_of(note.id)) for note in notes]
+    _assert_money_loop_holds(inv, notes)
 
 
 @SETTINGS
@@ -360,3 +485,75 @@ def test_a_capped_trigger_never_credits_more_than_is_left(inv: Invoice, gross: i
 
     assert note.total == min(gross, left)
     assert sum(credited.net for credited in note.lines) == note.subtotal
+
+
+@st.composite
+def unpaid_invoices(draw: st.DrawFn) -> Invoice:
+    """1-3 priced lines, some tax, maybe some balance applied, nothing paid yet."""
+    specs = draw(st.lists(st.tuples(st.integers(1, 5), st.integers(100, 50_000), TAX_RATES),
+                          min_size=1, max_size=3))
+    drafts = [line(f"L{index}", quantity=quantity, unit_amount=unit_amount, tax_rate_bps=rate)
+              for index, (quantity, unit_amount, rate) in enumerate(specs, start=1)]
+    unpaid = invoice(lines=drafts)
+    balance = draw(st.one_of(st.just(0), st.integers(0, unpaid.total // 5)))
+    return invoice(lines=drafts, customer_balance_applied=balance)
+
+
+def money_loop_operations(inv: Invoice) -> st.SearchStrategy[Operation]:
+    """Payments, line-less credits that mostly refund (some linking refunds) and many outcomes."""
+    ceiling = max(inv.total, 1)
+    outcome = st.builds(Outcome, which=st.integers(0, 15),
+                        outcome=st.sampled_from([RefundState.SUCCEEDED, RefundState.FAILED]),
+                        settlement=st.sampled_from(list(FailureSettlement)))
+    credit = st.builds(
+        Credit,
+        amount=st.integers(1, max(ceiling // 2, 1)),
+        lines=st.just(()),
+        on_excess=st.sampled_from(list(OnExcess)),
+        settlement=st.one_of(st.just(Settlement.REFUND), st.just(Settlement.REFUND),
+                             st.builds(Split, refund_pct=st.integers(0, 100),
+                                       credit_pct=st.integers(0, 100), skew=st.just(0)),
+                             st.just(Settlement.CUSTOMER_BALANCE)),
+        linked=st.one_of(st.just(()), st.lists(
+            st.tuples(st.sampled_from(["re_1", "re_2", "re_3", "re_4"]),
+                      st.integers(1, max(ceiling // 4, 1))), max_size=2).map(tuple)),
+    )
+    return st.one_of(
+        credit, credit,
+        st.builds(Pay, pct=st.integers(0, 150),
+                  payment_id=st.one_of(st.none(), st.sampled_from(["pay_1", "pay_2", "pay_3"])),
+                  extra=st.sampled_from([0, 1, 700])),
+        outcome, outcome, outcome,
+    )
+
+
+@SETTINGS
+@given(data=st.data())
+def test_payments_refunding_credits_and_outcomes_keep_every_money_loop_invariant(
+        data: st.DataObject) -> None:
+    inv = data.draw(unpaid_invoices(), label="invoice")
+    # paid by a few payments first, so there is cash to refund
+    paying = data.draw(st.lists(st.sampled_from(["pay_a", "pay_b", "pay_c"]), min_size=1, max_size=3,
+                                unique=True), label="paid by")
+    for index, payment_id in enumerate(paying, 1):
+        amount = inv.amount_remaining if index == len(paying) else inv.amount_remaining // 2
+        if amount > 0:
+            pay(inv, amount, payment_id)
+    steps = data.draw(st.lists(money_loop_operations(inv), min_size=3, max_size=16), label="steps")
+    notes: list[CreditNote] = []
+
+    for step in steps:
+        before = copy.deepcopy(inv)
+        try:
+            _apply(inv, notes, step)
+        except (errors.Rejection, errors.InvalidMessage):
+            assert inv == before  # a refused request changes nothing
+            assert inv.events == before.events
+        _assert_caps_hold(inv, notes)
+    event("refund outcomes: " + ("some" if any(r.settled_by for r in inv.refunds) else "none"))
+    event("linked refunds: " + ("some" if any(r.linked for r in inv.refunds) else "none"))
+    event("failed, settled as none: " + ("some" if any(
+        r.resettled_to is FailureSettlement.NONE for r in inv.refunds) else "none"))
+    event("payments: " + str(min(len(inv.payments), 3)))
+    notes[:] = [dataclasses.replace(note, refunds=inv.refunds_of(note.id)) for note in notes]
+    _assert_money_loop_holds(inv, notes)

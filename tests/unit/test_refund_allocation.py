@@ -1,6 +1,6 @@
 """Refunds against payments: newest first, capped per payment, linked refunds first, stable ids.
 
-Worked examples 15 to 17 of RULES.md at the level of the pure rules, and properties: an
+Worked examples 15 to 17 of docs/rules.md at the level of the pure rules, and properties: an
 allocation never takes more of a payment than it has left and adds up exactly, newest
 first; any sequence of credits and refund outcomes keeps every payment's pending and
 succeeded refunds within its applied cash and every credit note's refunds equal to its
@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from service.domain import errors
 from service.domain.payments import Payment
 from service.domain.refunds import (
+    FailureSettlement,
     LinkedRefund,
     PaymentCash,
     Refund,
@@ -207,6 +208,27 @@ def test_a_final_refund_refuses_another_outcome() -> None:
 def test_a_linked_refund_is_always_succeeded() -> None:
     with pytest.raises(ValueError, match="linked"):
         Refund("re_1", "cn_a", 1, "pay_1", 100, linked=True, state=PENDING)
+
+
+def test_a_failed_refund_and_only_a_failed_one_is_settled_again_with_its_reason() -> None:
+    pending = Refund("rf_1", "cn_a", 1, "pay_1", 100)
+
+    failed = pending.settled(FAILED, failure_reason="card_expired")
+    succeeded = pending.settled(SUCCEEDED, failure_reason="ignored")
+
+    assert (failed.resettled_to, failed.failure_reason) == (
+        FailureSettlement.CUSTOMER_BALANCE, "card_expired")
+    assert (failed.to_customer_balance, failed.open_payable) == (100, 0)
+    assert (succeeded.resettled_to, succeeded.failure_reason, succeeded.open_payable) == (
+        None, None, 0)
+    kept = pending.settled(FAILED, resettled_to=FailureSettlement.NONE)
+    assert (kept.to_customer_balance, kept.open_payable, pending.open_payable) == (0, 100, 100)
+    with pytest.raises(ValueError, match="settled again"):
+        Refund("rf_2", "cn_a", 1, "pay_1", 100, state=FAILED)
+    with pytest.raises(ValueError, match="settled again"):
+        Refund("rf_3", "cn_a", 1, "pay_1", 100, resettled_to=FailureSettlement.NONE)
+    with pytest.raises(ValueError, match="failure reason"):
+        Refund("rf_4", "cn_a", 1, "pay_1", 100, failure_reason="why")
 
 
 # Properties

@@ -1,4 +1,4 @@
-"""The worked examples of RULES.md (1-14), each to the minor unit.
+"""The worked examples of docs/rules.md (1-18), each to the minor unit, through the aggregate.
 
 Rejections are exceptions in the domain (the handler turns them into
 ``credit_note.rejected``), so a refused example asserts the exception class,
@@ -22,9 +22,18 @@ from service.domain.commands import (
     UnusedTime,
 )
 from service.domain.credit_note import CreditNote, CreditNoteStatus, CreditNoteType
-from service.domain.events import CreditNoteIssued, InvoicePaid, RefundRequested
+from service.domain.events import (
+    BalanceReason,
+    CreditNoteIssued,
+    CreditNoteRefundFailed,
+    CreditNoteRefundSucceeded,
+    CustomerBalanceCredited,
+    InvoicePaid,
+    RefundRequested,
+)
 from service.domain.invoice import Invoice, InvoiceStatus
 from service.domain.issuing import issue_credit_note
+from service.domain.refunds import FailureSettlement, RefundState, RefundStatus
 
 from .builders import (
     amount_off,
@@ -34,9 +43,12 @@ from .builders import (
     events_of,
     invoice,
     issue,
+    journal_rows,
     line,
     paid_invoice,
+    pay,
     percent_off,
+    settle,
     trigger,
     void,
 )
@@ -118,13 +130,16 @@ def test_example_4_explicit_split_requests_one_refund_of_200() -> None:
     assert inv.refunded == 200
     assert inv.status is InvoiceStatus.PAID
     assert inv.amount_remaining == 0
-    assert event_kinds(inv) == ["CreditNoteIssued", "RefundRequested"]
+    assert event_kinds(inv) == ["CreditNoteIssued", "RefundRequested", "CustomerBalanceCredited"]
     (refund,) = events_of(inv, RefundRequested)
     assert refund.amount == 200
     assert refund.currency == "usd"
-    assert refund.id == note.refund_id
+    assert [refund.id] == [r.refund_id for r in note.refunds]
     assert refund.credit_note_id == note.id
     assert refund.customer_id == inv.customer_id
+    (credited,) = events_of(inv, CustomerBalanceCredited)
+    assert (credited.amount, credited.reason, credited.credit_note_id) == (
+        100, BalanceReason.CREDIT_NOTE, note.id)
 
 
 def test_example_5_customer_balance_is_not_cash_so_only_the_50_charged_is_refunded() -> None:
@@ -246,7 +261,9 @@ def test_example_10_sla_breach_of_10_percent_on_5000_paid_invoice_credits_500_to
     assert note.policy == "sla_breach"
     assert inv.status is InvoiceStatus.PAID
     assert inv.refunded == 0
-    assert event_kinds(inv) == ["CreditNoteIssued"]
+    assert event_kinds(inv) == ["CreditNoteIssued", "CustomerBalanceCredited"]
+    (credited,) = events_of(inv, CustomerBalanceCredited)
+    assert (credited.amount, credited.reason) == (50_000, BalanceReason.CREDIT_NOTE)
 
 
 def test_example_11_cancellation_half_way_through_october_credits_19_20() -> None:
@@ -340,3 +357,100 @@ def test_example_14_downgrade_then_a_later_cancellation_has_nothing_left_an_earl
     assert cancelled.total == 1_613  # 4839 * 5/15
     assert inv.line("L1").credited_net == 5_161 + 1_613
     assert inv.line("L1").covered_from == datetime(2026, 10, 11, tzinfo=UTC)
+
+
+# --- the money loop: payments, refunds against them, outcomes, linked refunds (15-18) -------
+
+
+def test_example_15_a_credit_of_70_refunds_40_on_pay_2_then_30_on_pay_1_pending() -> None:
+    inv = invoice(lines=[line("L1", quantity=1, unit_amount=10_000)])
+    pay(inv, 6_000, "pay_1")
+    pay(inv, 4_000, "pay_2")
+    assert inv.status is InvoiceStatus.PAID
+
+    note = issue(inv, amount=7_000, settlement=Settlement.REFUND)
+
+    assert (note.total, note.refund_amount, note.credit_amount) == (7_000, 7_000, 0)
+    assert [(r.payment_id, r.amount) for r in events_of(inv, RefundRequested)] == [
+        ("pay_2", 4_000), ("pay_1", 3_000)]
+    assert [r.id for r in events_of(inv, RefundRequested)] == [r.refund_id for r in note.refunds]
+    assert note.refund_status is RefundStatus.PENDING
+    (issued,) = events_of(inv, CreditNoteIssued)
+    assert issued.credit_note.refund_status is RefundStatus.PENDING
+    assert inv.refundable == 3_000
+    assert event_kinds(inv) == ["CreditNoteIssued", "RefundRequested", "RefundRequested"]
+
+
+def test_example_16_pay_2_fails_to_the_balance_pay_1_succeeds_then_30_more_go_to_pay_2() -> None:
+    inv = invoice(lines=[line("L1", quantity=1, unit_amount=10_000)])
+    pay(inv, 6_000, "pay_1")
+    pay(inv, 4_000, "pay_2")
+    note = issue(inv, amount=7_000, settlement=Settlement.REFUND)
+    on_pay_2, on_pay_1 = note.refunds
+    inv.pop_events()
+
+    settle(inv, on_pay_2.refund_id, RefundState.FAILED, failure_reason="card_expired")
+
+    assert event_kinds(inv) == ["CreditNoteRefundFailed", "CustomerBalanceCredited"]
+    failed, credited = inv.pop_events()
+    assert isinstance(failed, CreditNoteRefundFailed)
+    assert (failed.refund_id, failed.payment_id, failed.amount, failed.resettled_to) == (
+        on_pay_2.refund_id, "pay_2", 4_000, FailureSettlement.CUSTOMER_BALANCE)
+    assert failed.failure_reason == "card_expired"
+    assert failed.refund_status is RefundStatus.PENDING  # pay_1's is still pending
+    assert journal_rows(failed.journal) == [("refunds_payable", 4_000, 0),
+                                            ("customer_credit_balance", 0, 4_000)]
+    assert isinstance(credited, CustomerBalanceCredited)
+    assert (credited.amount, credited.reason, credited.refund_id, credited.credit_note_id) == (
+        4_000, BalanceReason.REFUND_FAILED, on_pay_2.refund_id, note.id)
+
+    settle(inv, on_pay_1.refund_id, RefundState.SUCCEEDED)
+
+    (succeeded,) = inv.pop_events()
+    assert isinstance(succeeded, CreditNoteRefundSucceeded)
+    assert succeeded.refund_status is RefundStatus.PARTIALLY_FAILED
+    assert journal_rows(succeeded.journal) == [("refunds_payable", 3_000, 0), ("cash", 0, 3_000)]
+    assert (inv.refunded, inv.refunds_failed, inv.refundable) == (7_000, 4_000, 7_000)
+
+    later = issue(inv, amount=3_000, settlement=Settlement.REFUND)
+
+    assert [(r.payment_id, r.amount) for r in events_of(inv, RefundRequested)] == [("pay_2", 3_000)]
+    assert later.refund_amount == 3_000
+    assert later.refunds[0].refund_id != on_pay_2.refund_id
+
+
+def test_example_17_a_linked_refund_is_succeeded_and_not_requested_and_links_once() -> None:
+    inv = paid_invoice(lines=[line("L1", quantity=1, unit_amount=5_000)])
+
+    note = issue(inv, amount=2_000, linked=[("re_1", 2_000)])
+
+    assert events_of(inv, RefundRequested) == []
+    assert (note.refund_amount, note.credit_amount) == (2_000, 0)
+    assert note.refund_status is RefundStatus.SUCCEEDED
+    assert [(r.refund_id, r.amount, r.linked) for r in note.refunds] == [("re_1", 2_000, True)]
+    assert inv.refundable == 3_000
+    before = copy.deepcopy(inv)
+
+    with pytest.raises(errors.RefundAlreadyLinked) as refused:
+        issue(inv, amount=1_000, linked=[("re_1", 1_000)])
+
+    assert refused.value.code == "refund_already_linked"
+    assert inv == before
+    other = paid_invoice(lines=[line("L1", quantity=1, unit_amount=5_000)])
+    with pytest.raises(errors.RefundAlreadyLinked):  # linked on another invoice (the lock says)
+        issue(other, amount=1_000, linked=[("re_1", 1_000)], taken=["re_1"])
+
+
+def test_example_18_a_payment_after_a_credit_pays_70_and_sends_30_to_the_balance() -> None:
+    inv = invoice(lines=[line("L1", quantity=1, unit_amount=10_000)])
+    issue(inv, amount=3_000)
+    assert inv.amount_remaining == 7_000
+    inv.pop_events()
+
+    pay(inv, 10_000, "pay_1")
+
+    assert (inv.amount_paid, inv.status) == (7_000, InvoiceStatus.PAID)
+    (credited,) = inv.pop_events()
+    assert isinstance(credited, CustomerBalanceCredited)
+    assert (credited.amount, credited.reason, credited.payment_id) == (
+        3_000, BalanceReason.OVERPAYMENT, "pay_1")

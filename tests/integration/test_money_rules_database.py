@@ -10,12 +10,17 @@ Then the service's own unit of work (``apply_batch`` + ``PostgresUnitOfWork``,
 the consumer's path) writes what the domain decided: times in UTC whatever
 their offset, the figures of an invoice finalized in the same batch, and a
 void's credit note read only under its invoice's lock.
+
+Last, migration 0016 on a database that predates it: the cash already
+received becomes payment 0, each earlier refund a pending refund on it, and
+an outcome arriving after the upgrade settles it like any other.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -23,12 +28,14 @@ import pytest
 from asyncpg.exceptions import CheckViolationError
 
 from service.adapters.invariants import check_invariants
+from service.adapters.migrations import migrate
 from service.adapters.unit_of_work import PostgresUnitOfWork
 from service.domain.commands import (
     DraftLine,
     FinalizeInvoice,
     IssueCreditNote,
     OnExcess,
+    RecordRefundOutcome,
     ServicePeriod,
     Settlement,
     Trigger,
@@ -36,8 +43,9 @@ from service.domain.commands import (
     VoidCreditNote,
 )
 from service.domain.credit_note import derived_id
+from service.domain.refunds import RefundState
 from service.handlers import Delivery, Message, Outcome, Result, apply_batch
-from service.settings import Topics
+from service.settings import MIGRATIONS_DIR, Topics
 from tests.integration.test_database_constraints import (
     INVOICE,
     TOTAL,
@@ -45,6 +53,7 @@ from tests.integration.test_database_constraints import (
     add_invoice,
     credited,
 )
+from tests.servers import Servers, create_database, drop_database
 
 pytestmark = pytest.mark.integration
 SLA = {"trigger_type": "sla.breached", "policy": "sla.breached:max_credit_bps=5000"}
@@ -253,3 +262,87 @@ async def test_a_void_reads_its_credit_note_only_under_its_invoices_lock(
     row = await pool.fetchrow("SELECT pre_payment_credited, credit_note_count FROM invoices")
     assert tuple(row) == (0, 1)
     assert await money_invariants(database_url) == []
+
+
+# ------------------------------------------------------- migration 0016 on a live database
+
+
+@pytest.fixture
+async def legacy_url(servers: Servers, tmp_path: Path) -> AsyncIterator[str]:
+    """A database migrated up to 0015 only (before the money loop), as one in production was."""
+    for path in MIGRATIONS_DIR.glob("00*.sql"):
+        if int(path.name[:4]) <= 15:
+            (tmp_path / path.name).write_text(path.read_text())
+    url = await create_database(servers.database_url)
+    await migrate(url, tmp_path)
+    yield url
+    await drop_database(servers.database_url, url.rsplit("/", 1)[1])
+
+
+async def test_0016_backfills_cash_as_payment_0_and_legacy_refunds_whose_outcome_then_applies(
+        legacy_url: str) -> None:
+    connection = await asyncpg.connect(legacy_url)
+    try:
+        # before 0016: a paid invoice (120.00) with a post-payment note refunded as one
+        # legacy refund id, and an open invoice with a pre-payment note
+        await add_invoice(connection)
+        await add_invoice(connection, "in_2002")
+        await add_credit_note(connection, invoice_id="in_2002", total=1_200)
+        async with connection.transaction():
+            await connection.execute("UPDATE invoices SET amount_paid = $2, status = 'paid'"
+                                     " WHERE id = $1", INVOICE, TOTAL)
+            await add_credit_note(connection, total=1_200, pre_payment_amount=0,
+                                  refund_amount=1_200, refund_id="rf_legacy",
+                                  book_on_invoice=False, journal=[
+                                      (0, "contra_revenue", 1_000, 0),
+                                      (1, "sales_tax_payable", 200, 0),
+                                      (2, "refunds_payable", 0, 1_200)])
+            await connection.execute(
+                "UPDATE invoices SET post_payment_credited = 1200, refunded = 1200,"
+                " credit_note_count = 1 WHERE id = $1", INVOICE)
+            await connection.execute(
+                "UPDATE invoice_lines SET credited_net = 1000, credited_tax = 200,"
+                " credit_method = 'amount' WHERE invoice_id = $1", INVOICE)
+
+        assert await migrate(legacy_url, MIGRATIONS_DIR) == ["0016_money_loop.sql"]
+
+        payments = await connection.fetch(
+            "SELECT invoice_id, sequence, payment_id, amount, applied FROM payments")
+        assert [tuple(row) for row in payments] == [(INVOICE, 0, None, TOTAL, TOTAL)]
+        refunds = await connection.fetch(
+            "SELECT refund_id, invoice_id, payment_sequence, amount, status, linked FROM refunds")
+        assert [tuple(row) for row in refunds] == [
+            ("rf_legacy", INVOICE, 0, 1_200, "pending", False)]
+        assert await connection.fetchval(
+            "SELECT count(*) FROM credit_notes WHERE effective_at IS DISTINCT FROM issued_at") == 0
+        assert await connection.fetchval(
+            "SELECT count(*) FROM journal_lines AS j JOIN credit_notes AS n"
+            " ON n.id = j.credit_note_id WHERE j.effective_at IS DISTINCT FROM n.issued_at") == 0
+    finally:
+        await connection.close()
+
+    # the legacy refund's outcome, arriving after the upgrade, applies like any other
+    outcome = RecordRefundOutcome(Trigger("/payments/refunds", "out-1", "refund.succeeded"),
+                                  INVOICE, "rf_legacy", RefundState.SUCCEEDED)
+    [result] = await _apply_all(legacy_url, [outcome])
+    assert result.outcome is Outcome.APPLIED
+    connection = await asyncpg.connect(legacy_url)
+    try:
+        assert await connection.fetchval(
+            "SELECT status FROM refunds WHERE refund_id = 'rf_legacy'") == "succeeded"
+        lines = await connection.fetch("SELECT account, debit, credit FROM refund_journal_lines"
+                                       " WHERE refund_id = 'rf_legacy' ORDER BY position")
+        assert [tuple(line) for line in lines] == [("refunds_payable", 1_200, 0),
+                                                   ("cash", 0, 1_200)]
+    finally:
+        await connection.close()
+
+
+async def _apply_all(url: str, commands: list[Any]) -> list[Result]:
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+    try:
+        return [result for command in commands
+                for result in await apply_batch([Message(command, Delivery("tests"))],
+                                                lambda: PostgresUnitOfWork(pool, Topics()))]
+    finally:
+        await pool.close()

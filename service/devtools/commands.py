@@ -71,6 +71,8 @@ def _dev_banner(local: Settings, data_dir: Path) -> str:
         f"  {cli} publish invoices schemas/examples/invoice.payment_succeeded.json",
         f"  {cli} publish credit-note-commands schemas/examples/credit_note.issue.json",
         f"  {cli} invoice show in_1001",
+        f"  {cli} publish refund-results schemas/examples/refund.failed.json",
+        f"  {cli} invoice show in_1001",
         f"  {cli} dlq list credit-note-commands.dlq",
     ])
 

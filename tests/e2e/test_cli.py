@@ -57,7 +57,7 @@ def test_demo_prints_every_example_with_the_expected_figures(
                           capture_output=True, text=True, timeout=300)
 
     assert done.returncode == 0, done.stdout + done.stderr
-    for example in range(1, 15):
+    for example in range(1, 19):
         assert f"Example {example}:" in done.stdout
     assert "Downgrade:" in done.stdout
     assert "every example matched docs/rules.md" in done.stdout
@@ -65,7 +65,7 @@ def test_demo_prints_every_example_with_the_expected_figures(
     assert "exceeds_creditable_amount" in done.stdout
     assert "✗" not in done.stdout
     assert "19.20" in done.stdout  # example 11
-    assert done.stdout.count("✓") == 25
+    assert done.stdout.count("✓") == 33
 
 
 def _children_using(data_dir: Path) -> list[psutil.Process]:

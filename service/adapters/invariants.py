@@ -23,9 +23,25 @@ a memo, metadata or other personal data.
     (``total - pre_payment_amount``) to ``post_payment_credited``.
 3.  ``amount_remaining_negative``: ``total - customer_balance_applied -
     amount_paid - pre_payment_credited`` is never negative.
-4.  ``refunds_exceed_cash``: ``refunded`` never exceeds ``amount_paid`` (the
-    cash collected) and equals the refunds of all the invoice's credit notes,
-    void ones included (a void note never had a refund).
+4.  ``refunds_exceed_cash``: ``refunded - refunds_failed`` (the cash given
+    back or promised) never exceeds ``amount_paid`` (the cash collected);
+    ``refunded`` equals the refunds of all the invoice's credit notes, void ones
+    included (a void note never had a refund), and ``refunds_failed`` the
+    amount of its failed refunds.
+    Payments and refunds (migration 0016):
+    ``payments_disagree``: ``amount_paid`` is the sum of the applied parts of
+    the invoice's payments, each applied part lies within ``[0, amount]``, and
+    the payment recorded at finalization (sequence 0) has no id and is applied
+    whole; ``refunds_exceed_payment``: per payment, its pending and succeeded
+    refunds add up to at most its applied part (and every refund points at a
+    payment of its invoice); ``refund_id_reused``: a refund id appears once
+    (the primary key says so too), and a credit note's legacy ``refund_id``
+    names a refund of that note; ``refunds_disagree``: per credit note, its
+    refunds add up to its ``refund_amount`` and belong to its invoice;
+    ``refunds_payable_open``: per invoice, what the journals leave open in
+    ``refunds_payable`` (credits of the credit-note journals minus debits of
+    the refund journals) is exactly its pending refunds plus its failed ones
+    settled as ``none``.
 5.  ``line_over_credited``: per invoice line, the credited net, tax and
     quantity lie within ``[0, net]``, ``[0, tax]`` and ``[0, quantity]``;
     ``line_credits_disagree``: they equal the sums of the non-void credit-note
@@ -35,6 +51,11 @@ a memo, metadata or other personal data.
     entry balances (debits = credits), the issue entry debits the note's total,
     a void note has a ``void`` entry that is the exact reverse of its issue
     entry (same accounts, debit and credit swapped), and an issued note has none.
+    ``refund_journal_unbalanced``: per refund, its journal lines are exactly
+    what its state posts: succeeded (linked ones too), ``refunds_payable``
+    debit / ``cash`` credit of its amount; failed and settled to the customer
+    balance, ``refunds_payable`` debit / ``customer_credit_balance`` credit;
+    pending, or failed and settled as ``none``, no lines.
 7.  ``note_parts_disagree``: a credit note's subtotal and tax are the sums of
     its lines, ``total = subtotal + tax``, the pre-payment part lies within
     ``[0, total]`` and ``refund + credit + out_of_band = total - pre_payment``.
@@ -43,12 +64,25 @@ a memo, metadata or other personal data.
     ``credit_note.issued`` row whose ``data.id`` is the note's id
     (``issued_event_missing``, ``issued_event_duplicated``,
     ``issued_event_unpublished``); every void note likewise one
-    ``credit_note.voided`` row (``voided_event_*``); every note with a refund
-    exactly one ``refund.requested`` row whose ``data.credit_note_id`` is the
-    note's id (``refund_event_*``), asking for the note's refund amount under
-    its refund id (``refund_event_mismatched``); and no such row points at a
-    credit note that does not exist, is not void (for ``credit_note.voided``)
-    or has no refund (for ``refund.requested``): ``event_orphaned``.
+    ``credit_note.voided`` row (``voided_event_*``); every refund that is not
+    linked exactly one ``refund.requested`` row whose ``data.id`` is the refund
+    id (``refund_event_*``), asking for its amount, on its payment, for its
+    credit note (``refund_event_mismatched``); linked refunds have none. No
+    such row points at a credit note that does not exist, is not void (for
+    ``credit_note.voided``) or at a refund that is not a requested one (for
+    ``refund.requested``): ``event_orphaned``.
+    Every settled refund that is not linked has exactly one
+    ``credit_note.refund_succeeded`` or ``credit_note.refund_failed`` row
+    (``data.refund_id``) of its outcome, amount and settlement
+    (``refund_outcome_event_missing``, ``_duplicated``, ``_mismatched``; one
+    for a refund that is pending, linked or unknown is ``event_orphaned``).
+    Every amount sent to a customer's credit balance (a credit note's
+    ``credit_amount``, a failed refund settled to the balance, a payment's
+    overpayment) has exactly one ``customer_balance.credited`` row with its
+    reason, amount, customer, currency and invoice, and every such row
+    announces one of them (``balance_event_missing``, ``_duplicated``,
+    ``_mismatched``, ``_orphaned``). Overpayments of payments without an id
+    are matched per invoice in the order of the payments.
     A row still waiting for the relay counts as unpublished: verify a quiet
     service, or expect the events of the last moment to show here. An event
     written before the outbox's retention horizon (``retention_horizons``:
@@ -103,8 +137,19 @@ INVARIANTS: tuple[Invariant, ...] = (
               "non-void credit notes"),
     Invariant("amount_remaining_negative", "no invoice has a negative amount remaining"),
     Invariant("refunds_exceed_cash",
-              "an invoice's refunded amount is at most the cash paid and equals its credit "
-              "notes' refunds"),
+              "an invoice's refunds not failed are at most the cash paid; its refunded and "
+              "failed amounts equal those of its credit notes' refunds"),
+    Invariant("payments_disagree",
+              "an invoice's amount paid is the sum of its payments' applied parts; the "
+              "payment at finalization has no id"),
+    Invariant("refunds_exceed_payment",
+              "a payment's pending and succeeded refunds add up to at most its applied part"),
+    Invariant("refund_id_reused", "a refund id appears once"),
+    Invariant("refunds_disagree",
+              "a credit note's refunds add up to its refund amount and belong to its invoice"),
+    Invariant("refunds_payable_open",
+              "an invoice's open refunds payable equal its pending refunds plus its failed "
+              "ones settled as none"),
     Invariant("line_over_credited",
               "an invoice line's credited net, tax and quantity lie within the line"),
     Invariant("line_credits_disagree",
@@ -113,6 +158,8 @@ INVARIANTS: tuple[Invariant, ...] = (
     Invariant("journal_unbalanced",
               "each credit note has a balanced issue journal debiting its total, and a void "
               "note its exact reverse"),
+    Invariant("refund_journal_unbalanced",
+              "each refund's journal lines balance and are what its outcome posts"),
     Invariant("note_parts_disagree",
               "a credit note's subtotal, tax and settlement parts agree with its lines and "
               "its total"),
@@ -125,14 +172,33 @@ INVARIANTS: tuple[Invariant, ...] = (
               "every void credit note has at most one credit_note.voided event"),
     Invariant("voided_event_unpublished", "every credit_note.voided event was published"),
     Invariant("refund_event_missing",
-              "every credit note with a refund has a refund.requested event"),
+              "every refund that is not linked has a refund.requested event"),
     Invariant("refund_event_duplicated",
-              "every credit note with a refund has at most one refund.requested event"),
+              "every refund that is not linked has at most one refund.requested event"),
     Invariant("refund_event_unpublished", "every refund.requested event was published"),
     Invariant("refund_event_mismatched",
-              "a refund.requested event asks for its credit note's refund amount and refund id"),
+              "a refund.requested event asks for its refund's amount, payment and credit note"),
+    Invariant("refund_outcome_event_missing",
+              "every settled refund that is not linked has a credit_note.refund_succeeded or "
+              "_failed event"),
+    Invariant("refund_outcome_event_duplicated",
+              "every settled refund has at most one refund outcome event"),
+    Invariant("refund_outcome_event_mismatched",
+              "a refund outcome event states its refund's outcome, amount and settlement"),
+    Invariant("balance_event_missing",
+              "every amount sent to a customer's balance has a customer_balance.credited event"),
+    Invariant("balance_event_duplicated",
+              "every amount sent to a customer's balance has at most one "
+              "customer_balance.credited event"),
+    Invariant("balance_event_mismatched",
+              "a customer_balance.credited event states the amount, customer, currency and "
+              "invoice of what went to the balance"),
+    Invariant("balance_event_orphaned",
+              "every customer_balance.credited event announces an amount that went to the "
+              "balance"),
     Invariant("event_orphaned",
-              "every credit-note event belongs to a credit note in the state it announces"),
+              "every credit-note or refund event belongs to a credit note or refund in the "
+              "state it announces"),
     Invariant("numbers_not_gapless",
               "an invoice's credit notes are numbered 1..n, gapless, as <invoice number>-CN-NN"),
     Invariant("duplicate_processed_message",
@@ -191,13 +257,130 @@ WHERE total - customer_balance_applied - amount_paid - pre_payment_credited < 0
 
 _REFUNDS_EXCEED_CASH = """
 SELECT 'refunds_exceed_cash' AS invariant, format('invoice %s', i.id) AS subject,
-       format('refunded %s of cash paid %s; the refunds of its credit notes add up to %s',
-              i.refunded, i.amount_paid, coalesce(r.refunds, 0)) AS detail
+       format('refunded %s, failed %s, of cash paid %s; its credit notes refund %s, its '
+              'failed refunds add up to %s', i.refunded, i.refunds_failed, i.amount_paid,
+              coalesce(n.refunds, 0), coalesce(r.failed, 0)) AS detail
 FROM invoices AS i
 LEFT JOIN (SELECT invoice_id, sum(refund_amount) AS refunds
-           FROM credit_notes GROUP BY invoice_id) AS r
+           FROM credit_notes GROUP BY invoice_id) AS n
+  ON n.invoice_id = i.id
+LEFT JOIN (SELECT invoice_id, sum(amount) FILTER (WHERE status = 'failed') AS failed
+           FROM refunds GROUP BY invoice_id) AS r
   ON r.invoice_id = i.id
-WHERE i.refunded > i.amount_paid OR i.refunded <> coalesce(r.refunds, 0)
+WHERE i.refunded - i.refunds_failed > i.amount_paid OR i.refunded <> coalesce(n.refunds, 0)
+   OR i.refunds_failed <> coalesce(r.failed, 0)
+"""
+
+_PAYMENTS_DISAGREE = """
+WITH per_invoice AS (
+    SELECT invoice_id, count(*) AS payments, sum(applied) AS applied,
+           count(*) FILTER (WHERE sequence = 0 AND (payment_id IS NOT NULL
+                                                    OR applied <> amount)) AS odd_first,
+           count(*) FILTER (WHERE applied NOT BETWEEN 0 AND amount OR amount <= 0)
+               AS odd_applied
+    FROM payments GROUP BY invoice_id
+)
+SELECT 'payments_disagree' AS invariant,
+       format('invoice %s', coalesce(i.id, p.invoice_id)) AS subject,
+       concat_ws('; ',
+           CASE WHEN i.id IS NULL
+                THEN format('%s payment(s) of an invoice that does not exist', p.payments) END,
+           CASE WHEN i.id IS NOT NULL AND coalesce(p.applied, 0) <> i.amount_paid
+                THEN format('amount paid %s; its %s payment(s) applied %s', i.amount_paid,
+                            coalesce(p.payments, 0), coalesce(p.applied, 0)) END,
+           CASE WHEN p.odd_first > 0
+                THEN 'the payment at finalization has an id or is not applied whole' END,
+           CASE WHEN p.odd_applied > 0
+                THEN format('%s payment(s) applied outside [0, amount]', p.odd_applied) END
+       ) AS detail
+FROM invoices AS i
+FULL JOIN per_invoice AS p ON p.invoice_id = i.id
+WHERE i.id IS NULL OR coalesce(p.applied, 0) <> i.amount_paid OR p.odd_first > 0
+   OR p.odd_applied > 0
+"""
+
+_REFUNDS_EXCEED_PAYMENT = """
+WITH held AS (
+    SELECT invoice_id, payment_sequence, count(*) AS refunds,
+           coalesce(sum(amount) FILTER (WHERE status <> 'failed'), 0) AS held
+    FROM refunds GROUP BY invoice_id, payment_sequence
+)
+SELECT 'refunds_exceed_payment' AS invariant,
+       format('payment %s#%s', h.invoice_id, h.payment_sequence) AS subject,
+       CASE WHEN p.invoice_id IS NULL
+            THEN format('%s refund(s) point at a payment the invoice does not have', h.refunds)
+            ELSE format('pending and succeeded refunds %s of payment %s, which applied %s',
+                        h.held, coalesce(p.payment_id, '(no id)'), p.applied) END AS detail
+FROM held AS h
+LEFT JOIN payments AS p ON p.invoice_id = h.invoice_id AND p.sequence = h.payment_sequence
+WHERE p.invoice_id IS NULL OR h.held > p.applied
+"""
+
+_REFUND_ID_REUSED = """
+SELECT 'refund_id_reused' AS invariant, format('refund %s', refund_id) AS subject,
+       format('%s refund rows share this id (credit notes %s)', count(*),
+              string_agg(credit_note_id, ', ' ORDER BY credit_note_id)) AS detail
+FROM refunds
+GROUP BY refund_id
+HAVING count(*) > 1
+UNION ALL
+SELECT 'refund_id_reused', format('refund %s', n.refund_id),
+       format('credit note %s names refund %s, a refund of credit note %s', n.id, n.refund_id,
+              r.credit_note_id)
+FROM credit_notes AS n
+JOIN refunds AS r ON r.refund_id = n.refund_id
+WHERE r.credit_note_id <> n.id
+"""
+
+_REFUNDS_DISAGREE = """
+WITH per_note AS (
+    SELECT r.credit_note_id, count(*) AS refunds, sum(r.amount) AS amount,
+           count(*) FILTER (WHERE r.invoice_id IS DISTINCT FROM n.invoice_id) AS elsewhere
+    FROM refunds AS r
+    LEFT JOIN credit_notes AS n ON n.id = r.credit_note_id
+    GROUP BY r.credit_note_id
+)
+SELECT 'refunds_disagree' AS invariant,
+       format('credit note %s', coalesce(n.number, p.credit_note_id)) AS subject,
+       CASE WHEN n.id IS NULL
+            THEN format('%s refund(s) of %s belong to a credit note that does not exist',
+                        p.refunds, p.amount)
+            ELSE format('credit note %s refunds %s; its %s refund(s) add up to %s, %s of them '
+                        'on another invoice', n.id, n.refund_amount, coalesce(p.refunds, 0),
+                        coalesce(p.amount, 0), coalesce(p.elsewhere, 0)) END AS detail
+FROM credit_notes AS n
+FULL JOIN per_note AS p ON p.credit_note_id = n.id
+WHERE n.id IS NULL OR coalesce(p.amount, 0) <> n.refund_amount OR p.elsewhere > 0
+"""
+
+_REFUNDS_PAYABLE_OPEN = """
+WITH booked AS (
+    SELECT n.invoice_id, j.credit - j.debit AS open
+    FROM journal_lines AS j
+    JOIN credit_notes AS n ON n.id = j.credit_note_id
+    WHERE j.account = 'refunds_payable'
+    UNION ALL
+    SELECT r.invoice_id, l.credit - l.debit
+    FROM refund_journal_lines AS l
+    JOIN refunds AS r ON r.refund_id = l.refund_id
+    WHERE l.account = 'refunds_payable'
+), journals AS (
+    SELECT invoice_id, sum(open) AS open FROM booked GROUP BY invoice_id
+), owed AS (
+    SELECT invoice_id,
+           coalesce(sum(amount) FILTER (WHERE status = 'pending'), 0) AS pending,
+           coalesce(sum(amount) FILTER (WHERE status = 'failed' AND resettled_to = 'none'), 0)
+               AS unsettled
+    FROM refunds GROUP BY invoice_id
+)
+SELECT 'refunds_payable_open' AS invariant,
+       format('invoice %s', coalesce(j.invoice_id, o.invoice_id)) AS subject,
+       format('the journals leave %s open in refunds_payable; pending refunds %s + failed '
+              'refunds settled as none %s', coalesce(j.open, 0), coalesce(o.pending, 0),
+              coalesce(o.unsettled, 0)) AS detail
+FROM journals AS j
+FULL JOIN owed AS o ON o.invoice_id = j.invoice_id
+WHERE coalesce(j.open, 0) <> coalesce(o.pending, 0) + coalesce(o.unsettled, 0)
 """
 
 _LINES = """
@@ -288,6 +471,41 @@ FROM (SELECT n.id, n.number, concat_ws('; ',
 WHERE problems <> ''
 """
 
+_REFUND_JOURNAL_UNBALANCED = """
+WITH lines AS (
+    SELECT refund_id, count(*) AS lines, sum(debit) AS debit, sum(credit) AS credit,
+           coalesce(sum(debit) FILTER (WHERE account = 'refunds_payable'), 0) AS payable,
+           coalesce(sum(credit) FILTER (WHERE account = 'cash'), 0) AS cash,
+           coalesce(sum(credit) FILTER (WHERE account = 'customer_credit_balance'), 0)
+               AS balance
+    FROM refund_journal_lines GROUP BY refund_id
+), expected AS (
+    SELECT refund_id, amount, status, resettled_to,
+           CASE WHEN status = 'succeeded' THEN 'cash'
+                WHEN status = 'failed' AND resettled_to = 'customer_balance'
+                THEN 'customer_credit_balance' END AS credited
+    FROM refunds
+)
+SELECT 'refund_journal_unbalanced' AS invariant,
+       format('refund %s', coalesce(x.refund_id, l.refund_id)) AS subject,
+       CASE WHEN x.refund_id IS NULL
+            THEN format('%s journal line(s) of a refund that does not exist', l.lines)
+            ELSE format('%s refund of %s%s: its %s journal line(s) debit %s (refunds_payable '
+                        '%s) and credit %s (cash %s, customer_credit_balance %s)', x.status,
+                        x.amount, coalesce(' settled to ' || x.resettled_to, ''),
+                        coalesce(l.lines, 0), coalesce(l.debit, 0), coalesce(l.payable, 0),
+                        coalesce(l.credit, 0), coalesce(l.cash, 0), coalesce(l.balance, 0))
+       END AS detail
+FROM expected AS x
+FULL JOIN lines AS l ON l.refund_id = x.refund_id
+WHERE x.refund_id IS NULL
+   OR (x.credited IS NULL AND l.refund_id IS NOT NULL)
+   OR (x.credited IS NOT NULL
+       AND (l.refund_id IS NULL OR l.debit <> x.amount OR l.credit <> x.amount
+            OR l.payable <> x.amount
+            OR (CASE x.credited WHEN 'cash' THEN l.cash ELSE l.balance END) <> x.amount))
+"""
+
 _NOTE_PARTS_DISAGREE = """
 SELECT 'note_parts_disagree' AS invariant, format('credit note %s', n.number) AS subject,
        format('credit note %s: subtotal %s, tax %s, total %s; its lines add up to net %s, '
@@ -307,82 +525,252 @@ WHERE coalesce(l.net, 0) <> n.subtotal OR coalesce(l.tax, 0) <> n.tax
 
 _EVENTS = """
 WITH expected AS (
-    SELECT n.id, n.number, n.refund_amount, n.refund_id, k.type, k.written_at
+    SELECT 'credit_note.issued' AS type, n.id AS key, format('credit note %s', n.number) AS subject,
+           n.issued_at AS written_at, NULL::text AS amount, NULL::text AS payment_id,
+           NULL::text AS credit_note_id
     FROM credit_notes AS n
-    CROSS JOIN LATERAL (VALUES ('credit_note.issued', true, n.issued_at),
-                               ('credit_note.voided', n.status = 'void', n.voided_at),
-                               ('refund.requested', n.refund_amount > 0, n.issued_at))
-        AS k (type, wanted, written_at)
-    WHERE k.wanted
+    UNION ALL
+    SELECT 'credit_note.voided', n.id, format('credit note %s', n.number), n.voided_at, NULL,
+           NULL, NULL
+    FROM credit_notes AS n WHERE n.status = 'void'
+    UNION ALL
+    SELECT 'refund.requested', r.refund_id, format('refund %s', r.refund_id), r.created_at,
+           r.amount::text, p.payment_id, r.credit_note_id
+    FROM refunds AS r
+    LEFT JOIN payments AS p ON p.invoice_id = r.invoice_id AND p.sequence = r.payment_sequence
+    WHERE NOT r.linked
 ), horizon AS (
     -- retention deleted published rows older than this: their events may be gone
     SELECT coalesce(max(pruned_before), '-infinity') AS pruned_before
     FROM retention_horizons WHERE table_name = 'outbox'
 ), outbox_rows AS (
-    SELECT type, event_id, published_at,
-           CASE WHEN type = 'refund.requested'
-                THEN json_extract_path_text(payload, 'data', 'credit_note_id')
-                ELSE json_extract_path_text(payload, 'data', 'id') END AS note_id,
+    SELECT type, event_id, published_at, json_extract_path_text(payload, 'data', 'id') AS key,
            CASE WHEN type = 'refund.requested'
                 THEN json_extract_path_text(payload, 'data', 'amount') END AS amount,
            CASE WHEN type = 'refund.requested'
-                THEN json_extract_path_text(payload, 'data', 'id') END AS refund_id
+                THEN json_extract_path_text(payload, 'data', 'payment_id') END AS payment_id,
+           CASE WHEN type = 'refund.requested'
+                THEN json_extract_path_text(payload, 'data', 'credit_note_id') END
+               AS credit_note_id
     FROM outbox
     WHERE type IN ('credit_note.issued', 'credit_note.voided', 'refund.requested')
 ), events AS (
     -- min and max rather than DISTINCT lists: they aggregate by hash, and differ when copies do
-    SELECT type, note_id, count(*) AS copies,
+    SELECT type, key, count(*) AS copies,
            count(*) FILTER (WHERE published_at IS NULL) AS unpublished,
            min(event_id) AS first_event_id,
            min(amount) AS amount, max(amount) AS other_amount,
-           min(refund_id) AS refund_id, max(refund_id) AS other_refund_id
-    FROM outbox_rows GROUP BY type, note_id
+           min(payment_id) AS payment_id, max(payment_id) AS other_payment_id,
+           count(payment_id) AS with_payment_id,
+           min(credit_note_id) AS credit_note_id, max(credit_note_id) AS other_credit_note_id
+    FROM outbox_rows GROUP BY type, key
 ), matched AS (
     SELECT coalesce(x.type, e.type) AS type,
            CASE coalesce(x.type, e.type) WHEN 'credit_note.issued' THEN 'issued'
                 WHEN 'credit_note.voided' THEN 'voided' ELSE 'refund' END AS kind,
-           x.number, coalesce(x.id, e.note_id) AS note_id, x.refund_amount, x.refund_id,
-           e.copies, e.unpublished, e.first_event_id, e.amount, e.other_amount,
-           e.refund_id AS event_refund_id, e.other_refund_id,
-           x.id IS NOT NULL AND e.note_id IS NULL
+           x.subject, coalesce(x.key, e.key) AS key, x.amount AS expected_amount,
+           x.payment_id AS expected_payment_id, x.credit_note_id AS expected_credit_note_id,
+           e.copies, e.unpublished, e.first_event_id, e.amount, e.payment_id, e.credit_note_id,
+           x.key IS NOT NULL AND e.key IS NULL
                AND x.written_at >= (SELECT pruned_before FROM horizon) AS missing,
-           x.id IS NOT NULL AND coalesce(e.copies > 1, false) AS duplicated,
-           x.id IS NOT NULL AND coalesce(e.unpublished > 0, false) AS not_published,
-           coalesce(x.type = 'refund.requested' AND e.note_id IS NOT NULL
-                    AND (e.amount IS DISTINCT FROM x.refund_amount::text
-                         OR e.other_amount <> e.amount
-                         OR e.refund_id IS DISTINCT FROM x.refund_id
-                         OR e.other_refund_id <> e.refund_id), false) AS mismatched,
-           x.id IS NULL AS orphaned
+           x.key IS NOT NULL AND coalesce(e.copies > 1, false) AS duplicated,
+           x.key IS NOT NULL AND coalesce(e.unpublished > 0, false) AS not_published,
+           coalesce(x.type = 'refund.requested' AND e.key IS NOT NULL
+                    AND (e.amount IS DISTINCT FROM x.amount OR e.other_amount <> e.amount
+                         OR e.payment_id IS DISTINCT FROM x.payment_id
+                         OR e.other_payment_id <> e.payment_id
+                         OR e.with_payment_id NOT IN (0, e.copies)
+                         OR e.credit_note_id IS DISTINCT FROM x.credit_note_id
+                         OR e.other_credit_note_id <> e.credit_note_id), false) AS mismatched,
+           x.key IS NULL AS orphaned
     FROM expected AS x
-    FULL JOIN events AS e ON e.type = x.type AND e.note_id = x.id
+    FULL JOIN events AS e ON e.type = x.type AND e.key = x.key
 )
 SELECT v.invariant, v.subject, v.detail
 FROM matched AS m
 CROSS JOIN LATERAL (VALUES
-    (m.missing, m.kind || '_event_missing', format('credit note %s', m.number),
-     format('credit note %s has no %s row in the outbox', m.note_id, m.type)),
-    (m.duplicated, m.kind || '_event_duplicated', format('credit note %s', m.number),
-     format('credit note %s has %s %s rows in the outbox', m.note_id, m.copies, m.type)),
-    (m.not_published, m.kind || '_event_unpublished', format('credit note %s', m.number),
-     format('%s of %s %s row(s) of credit note %s have no published_at',
-            m.unpublished, m.copies, m.type, m.note_id)),
-    (m.mismatched, 'refund_event_mismatched', format('credit note %s', m.number),
-     format('refund.requested asks for %s under refund id %s; credit note %s refunds %s under '
-            'refund id %s',
-            CASE WHEN m.other_amount = m.amount THEN m.amount
-                 ELSE m.amount || ' to ' || m.other_amount END,
-            CASE WHEN m.other_refund_id = m.event_refund_id THEN m.event_refund_id
-                 ELSE m.event_refund_id || ' to ' || m.other_refund_id END,
-            m.note_id, m.refund_amount, m.refund_id)),
+    (m.missing, m.kind || '_event_missing', m.subject,
+     format('%s %s has no %s row in the outbox',
+            CASE m.kind WHEN 'refund' THEN 'refund' ELSE 'credit note' END, m.key, m.type)),
+    (m.duplicated, m.kind || '_event_duplicated', m.subject,
+     format('%s has %s %s rows in the outbox', m.key, m.copies, m.type)),
+    (m.not_published, m.kind || '_event_unpublished', m.subject,
+     format('%s of %s %s row(s) of %s have no published_at',
+            m.unpublished, m.copies, m.type, m.key)),
+    (m.mismatched, 'refund_event_mismatched', m.subject,
+     format('refund.requested asks for %s on payment %s for credit note %s%s; the refund is %s '
+            'on payment %s for credit note %s', m.amount, coalesce(m.payment_id, '(no id)'),
+            m.credit_note_id, CASE WHEN m.copies > 1 THEN ' (its copies differ)' ELSE '' END,
+            m.expected_amount, coalesce(m.expected_payment_id, '(no id)'),
+            m.expected_credit_note_id)),
     (m.orphaned, 'event_orphaned', format('outbox event %s', m.first_event_id),
-     format('%s %s row(s) name credit note id %s, but %s', m.copies, m.type, m.note_id,
+     format('%s %s row(s) name %s, but %s', m.copies, m.type, m.key,
             CASE m.type WHEN 'credit_note.issued' THEN 'there is no such credit note'
                         WHEN 'credit_note.voided' THEN 'no void credit note has this id'
-                        ELSE 'no credit note with a refund has this id' END))
+                        ELSE 'no requested (not linked) refund has this id' END))
 ) AS v (failed, invariant, subject, detail)
 -- details are formatted for failures only
 WHERE (m.missing OR m.duplicated OR m.not_published OR m.mismatched OR m.orphaned) AND v.failed
+"""
+
+_REFUND_OUTCOME_EVENTS = """
+WITH expected AS (
+    SELECT refund_id, 'credit_note.refund_' || status AS type, amount::text AS amount,
+           resettled_to, coalesce(outcome_at, created_at) AS written_at
+    FROM refunds
+    WHERE NOT linked AND status <> 'pending'
+), horizon AS (
+    SELECT coalesce(max(pruned_before), '-infinity') AS pruned_before
+    FROM retention_horizons WHERE table_name = 'outbox'
+), outbox_rows AS (
+    SELECT event_id, type, json_extract_path_text(payload, 'data', 'refund_id') AS refund_id,
+           json_extract_path_text(payload, 'data', 'amount') AS amount,
+           json_extract_path_text(payload, 'data', 'resettled_to') AS resettled_to
+    FROM outbox
+    WHERE type IN ('credit_note.refund_succeeded', 'credit_note.refund_failed')
+), events AS (
+    SELECT refund_id, count(*) AS copies, min(event_id) AS first_event_id,
+           min(type) AS type, max(type) AS other_type,
+           min(amount) AS amount, max(amount) AS other_amount,
+           min(resettled_to) AS resettled_to, max(resettled_to) AS other_resettled_to,
+           count(resettled_to) AS with_resettled_to
+    FROM outbox_rows GROUP BY refund_id
+), matched AS (
+    SELECT coalesce(x.refund_id, e.refund_id) AS refund_id, x.type AS expected_type,
+           x.amount AS expected_amount, x.resettled_to AS expected_resettled_to,
+           e.copies, e.first_event_id, e.type, e.amount, e.resettled_to,
+           x.refund_id IS NOT NULL AND e.refund_id IS NULL
+               AND x.written_at >= (SELECT pruned_before FROM horizon) AS missing,
+           x.refund_id IS NOT NULL AND coalesce(e.copies > 1, false) AS duplicated,
+           coalesce(x.refund_id IS NOT NULL AND e.refund_id IS NOT NULL
+                    AND (e.type <> x.type OR e.other_type <> e.type
+                         OR e.amount IS DISTINCT FROM x.amount OR e.other_amount <> e.amount
+                         OR e.resettled_to IS DISTINCT FROM x.resettled_to
+                         OR e.other_resettled_to <> e.resettled_to
+                         OR e.with_resettled_to NOT IN (0, e.copies)), false) AS mismatched,
+           x.refund_id IS NULL AS orphaned
+    FROM expected AS x
+    FULL JOIN events AS e ON e.refund_id = x.refund_id
+)
+SELECT v.invariant, v.subject, v.detail
+FROM matched AS m
+CROSS JOIN LATERAL (VALUES
+    (m.missing, 'refund_outcome_event_missing', format('refund %s', m.refund_id),
+     format('refund %s is %s but has no %s row in the outbox', m.refund_id,
+            substr(m.expected_type, 20), m.expected_type)),
+    (m.duplicated, 'refund_outcome_event_duplicated', format('refund %s', m.refund_id),
+     format('refund %s has %s outcome rows in the outbox', m.refund_id, m.copies)),
+    (m.mismatched, 'refund_outcome_event_mismatched', format('refund %s', m.refund_id),
+     format('%s of %s%s%s; the refund is %s of %s%s', m.type, m.amount,
+            coalesce(' settled to ' || m.resettled_to, ''),
+            CASE WHEN m.copies > 1 THEN ' (its copies differ)' ELSE '' END,
+            m.expected_type, m.expected_amount,
+            coalesce(' settled to ' || m.expected_resettled_to, ''))),
+    (m.orphaned, 'event_orphaned', format('outbox event %s', m.first_event_id),
+     format('%s %s row(s) name refund %s, but no settled refund that is not linked has '
+            'this id', m.copies, m.type, m.refund_id))
+) AS v (failed, invariant, subject, detail)
+WHERE (m.missing OR m.duplicated OR m.mismatched OR m.orphaned) AND v.failed
+"""
+
+_BALANCE_EVENTS = """
+WITH expected AS (
+    SELECT 'credit_note:' || n.id AS key, format('credit note %s', n.number) AS subject,
+           'credit_note' AS reason, n.credit_amount::text AS amount, n.customer_id, n.currency,
+           n.invoice_id, n.issued_at AS written_at
+    FROM credit_notes AS n WHERE n.credit_amount > 0
+    UNION ALL
+    SELECT 'refund_failed:' || r.refund_id, format('refund %s', r.refund_id), 'refund_failed',
+           r.amount::text, i.customer_id, i.currency, r.invoice_id,
+           coalesce(r.outcome_at, r.created_at)
+    FROM refunds AS r
+    JOIN invoices AS i ON i.id = r.invoice_id
+    WHERE r.status = 'failed' AND r.resettled_to = 'customer_balance'
+    UNION ALL
+    -- a payment without an id is matched by its rank among those of its invoice
+    SELECT 'overpayment:' || p.invoice_id
+               || CASE WHEN p.payment_id IS NOT NULL THEN '+' || p.payment_id
+                       ELSE '#' || row_number() OVER (PARTITION BY p.invoice_id,
+                                                          p.payment_id IS NULL
+                                                      ORDER BY p.sequence) END,
+           format('payment %s#%s', p.invoice_id, p.sequence), 'overpayment',
+           (p.amount - p.applied)::text, i.customer_id, i.currency, p.invoice_id, p.received_at
+    FROM payments AS p
+    JOIN invoices AS i ON i.id = p.invoice_id
+    WHERE p.amount > p.applied
+), horizon AS (
+    SELECT coalesce(max(pruned_before), '-infinity') AS pruned_before
+    FROM retention_horizons WHERE table_name = 'outbox'
+), outbox_rows AS (
+    SELECT seq, event_id,
+           json_extract_path_text(payload, 'data', 'reason') AS reason,
+           json_extract_path_text(payload, 'data', 'amount') AS amount,
+           json_extract_path_text(payload, 'data', 'customer_id') AS customer_id,
+           json_extract_path_text(payload, 'data', 'currency') AS currency,
+           json_extract_path_text(payload, 'data', 'invoice_id') AS invoice_id,
+           json_extract_path_text(payload, 'data', 'credit_note_id') AS credit_note_id,
+           json_extract_path_text(payload, 'data', 'refund_id') AS refund_id,
+           json_extract_path_text(payload, 'data', 'payment_id') AS payment_id
+    FROM outbox WHERE type = 'customer_balance.credited'
+), keyed AS (
+    SELECT o.*, coalesce(CASE o.reason
+               WHEN 'credit_note' THEN 'credit_note:' || o.credit_note_id
+               WHEN 'refund_failed' THEN 'refund_failed:' || o.refund_id
+               WHEN 'overpayment' THEN 'overpayment:' || o.invoice_id
+                   || CASE WHEN o.payment_id IS NOT NULL THEN '+' || o.payment_id
+                           ELSE '#' || row_number() OVER (PARTITION BY o.reason, o.invoice_id,
+                                                              o.payment_id IS NULL
+                                                          ORDER BY o.seq) END
+           END, 'event:' || o.event_id) AS key
+    FROM outbox_rows AS o
+), events AS (
+    SELECT key, count(*) AS copies, min(event_id) AS first_event_id, min(reason) AS reason,
+           min(amount) AS amount, max(amount) AS other_amount,
+           min(customer_id) AS customer_id, max(customer_id) AS other_customer_id,
+           min(currency) AS currency, max(currency) AS other_currency,
+           min(invoice_id) AS invoice_id, max(invoice_id) AS other_invoice_id
+    FROM keyed GROUP BY key
+), matched AS (
+    SELECT coalesce(x.key, e.key) AS key, x.subject, x.reason AS expected_reason,
+           x.amount AS expected_amount, x.customer_id AS expected_customer_id,
+           x.currency AS expected_currency, x.invoice_id AS expected_invoice_id,
+           e.copies, e.first_event_id, e.reason, e.amount, e.customer_id, e.currency,
+           e.invoice_id,
+           x.key IS NOT NULL AND e.key IS NULL
+               AND x.written_at >= (SELECT pruned_before FROM horizon) AS missing,
+           x.key IS NOT NULL AND coalesce(e.copies > 1, false) AS duplicated,
+           coalesce(x.key IS NOT NULL AND e.key IS NOT NULL
+                    AND (e.amount IS DISTINCT FROM x.amount OR e.other_amount <> e.amount
+                         OR e.customer_id IS DISTINCT FROM x.customer_id
+                         OR e.other_customer_id <> e.customer_id
+                         OR e.currency IS DISTINCT FROM x.currency
+                         OR e.other_currency <> e.currency
+                         OR e.invoice_id IS DISTINCT FROM x.invoice_id
+                         OR e.other_invoice_id <> e.invoice_id), false) AS mismatched,
+           x.key IS NULL AS orphaned
+    FROM expected AS x
+    FULL JOIN events AS e ON e.key = x.key
+)
+SELECT v.invariant, v.subject, v.detail
+FROM matched AS m
+CROSS JOIN LATERAL (VALUES
+    (m.missing, 'balance_event_missing', m.subject,
+     format('%s of %s (%s) to customer %s has no customer_balance.credited row in the outbox',
+            m.expected_amount, m.expected_reason, m.key, m.expected_customer_id)),
+    (m.duplicated, 'balance_event_duplicated', m.subject,
+     format('%s (%s) has %s customer_balance.credited rows in the outbox', m.expected_reason,
+            m.key, m.copies)),
+    (m.mismatched, 'balance_event_mismatched', m.subject,
+     format('customer_balance.credited says %s %s to customer %s for invoice %s%s; %s went '
+            '%s %s to customer %s for invoice %s', m.amount, m.currency, m.customer_id,
+            m.invoice_id, CASE WHEN m.copies > 1 THEN ' (its copies differ)' ELSE '' END,
+            m.key, m.expected_amount, m.expected_currency, m.expected_customer_id,
+            m.expected_invoice_id)),
+    (m.orphaned, 'balance_event_orphaned', format('outbox event %s', m.first_event_id),
+     format('%s customer_balance.credited row(s) with reason %s (%s): nothing of that went to '
+            'the balance', m.copies, coalesce(m.reason, '(none)'), m.key))
+) AS v (failed, invariant, subject, detail)
+WHERE (m.missing OR m.duplicated OR m.mismatched OR m.orphaned) AND v.failed
 """
 
 _NUMBERS_NOT_GAPLESS = """
@@ -500,10 +888,18 @@ _QUERIES: tuple[str, ...] = (
     _CREDITED_AMOUNT_DISAGREES,
     _AMOUNT_REMAINING_NEGATIVE,
     _REFUNDS_EXCEED_CASH,
+    _PAYMENTS_DISAGREE,
+    _REFUNDS_EXCEED_PAYMENT,
+    _REFUND_ID_REUSED,
+    _REFUNDS_DISAGREE,
+    _REFUNDS_PAYABLE_OPEN,
     _LINES,
     _JOURNAL_UNBALANCED,
+    _REFUND_JOURNAL_UNBALANCED,
     _NOTE_PARTS_DISAGREE,
     _EVENTS,
+    _REFUND_OUTCOME_EVENTS,
+    _BALANCE_EVENTS,
     _NUMBERS_NOT_GAPLESS,
     _DUPLICATE_PROCESSED_MESSAGE,
     _DUPLICATE_TRIGGER,

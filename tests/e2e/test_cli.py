@@ -139,10 +139,18 @@ async def test_verify_reports_every_invariant_and_names_a_violation(
             "INSERT INTO invoices (id, number, customer_id, currency, status, subtotal, discount,"
             " tax, total, customer_balance_applied, amount_paid, credit_note_count)"
             " VALUES ('in_9', 'ACME-9', 'cus', 'usd', 'open', 100, 0, 0, 100, 0, 0, 2)")
+        async with connection.transaction():  # a payment the invoice does not count
+            await connection.execute("SET LOCAL session_replication_role = replica")
+            await connection.execute(
+                "INSERT INTO payments (invoice_id, sequence, payment_id, amount, applied,"
+                " trigger_source, trigger_id) VALUES ('in_9', 1, 'pay_9', 40, 40, '/x', 'p-9')")
     finally:
         await connection.close()
     broken = await asyncio.to_thread(subprocess.run, [CREDITNOTES, "verify"], env=env,
                                      capture_output=True, text=True, timeout=60)
     assert broken.returncode == 1
-    assert "numbers_not_gapless" in broken.stdout
-    assert "invoice in_9" in broken.stdout
+    lines = broken.stdout.splitlines()
+    assert any("✗ numbers_not_gapless: invoice in_9:" in line for line in lines)
+    assert any("✗ payments_disagree: invoice in_9: amount paid 0; its 1 payment(s) applied 40"
+               in line for line in lines), broken.stdout
+    assert "2 violation(s)" in broken.stdout

@@ -28,12 +28,21 @@ from service.domain.commands import (
     InvoiceLineByAmount,
     InvoiceLineByQuantity,
     IssueCreditNote,
+    RecordPayment,
+    RecordRefundOutcome,
     Settlement,
     SettlementSplit,
     Trigger,
     VoidCreditNote,
 )
 from service.domain.credit_note import derived_id
+from service.domain.refunds import (
+    FailureSettlement,
+    LinkedRefund,
+    PaymentCash,
+    RefundState,
+    refund_id_for,
+)
 from service.handlers import Delivery, Message, Outcome, apply_batch
 from service.settings import Settings, Topics
 from tests.support import Kafka, RunningService, cloudevent, fetch, invoice_data
@@ -95,11 +104,31 @@ async def test_a_real_run_through_the_service_satisfies_every_invariant(
     await kafka.expect(topics.credit_note_events, "credit_note.voided")
     refunds = await kafka.expect(topics.refund_requests, "refund.requested", count=2)
     assert sorted(r.event["data"]["amount"] for r in refunds) == [200, 5_000]
+    # the money loop: a payment with an id on an open invoice, one on a paid invoice (all of it
+    # an overpayment), and the outcomes of both refunds: one fails (to the customer balance)
+    await kafka.publish(topics.invoices, cloudevent("invoice.payment_succeeded", {
+        "invoice_id": "in_1001", "amount": 1_000, "currency": "usd", "payment_id": "pay_1"}))
+    await kafka.publish(topics.invoices, cloudevent("invoice.payment_succeeded", {
+        "invoice_id": "in_2002", "amount": 300, "currency": "usd", "payment_id": "pay_2"}))
+    outcomes = iter(("refund.failed", "refund.succeeded"))
+    for refund in sorted(refunds, key=lambda r: r.event["data"]["amount"]):
+        data = refund.event["data"]
+        await kafka.publish(topics.refund_results, cloudevent(next(outcomes), {
+            "refund_id": data["id"], "invoice_id": data["invoice_id"]}, source="/payments/refunds"))
+    await kafka.expect(topics.credit_note_events, "credit_note.refund_failed")
+    await kafka.expect(topics.credit_note_events, "credit_note.refund_succeeded")
+    credited = await kafka.expect(topics.customer_balance_events, "customer_balance.credited",
+                                  count=4)  # in_2002's credit, in_3003's, the failure, pay_2
+    assert sorted(r.event["data"]["reason"] for r in credited) == [
+        "credit_note", "credit_note", "overpayment", "refund_failed"]
     await _wait_until_outbox_published(settings)
 
     assert await check_invariants(settings.database_url) == []
     statuses = await fetch(settings, "SELECT status, count(*) FROM credit_notes GROUP BY status")
     assert {row["status"]: row["count"] for row in statuses} == {"issued": 4, "void": 1}
+    paid = await fetch(settings, "SELECT id, amount_paid FROM invoices ORDER BY id")
+    assert [(row["id"], row["amount_paid"]) for row in paid] == [
+        ("in_1001", 1_000), ("in_2002", 500), ("in_3003", 5_000)]
 
 
 async def _wait_until_outbox_published(settings: Settings, timeout_s: float = 15.0) -> None:
@@ -111,19 +140,49 @@ async def _wait_until_outbox_published(settings: Settings, timeout_s: float = 15
 
 # --------------------------------------------------- a ledger written by the service's handlers
 
-A, B, C = "in_1001", "in_2002", "in_3003"
+A, B, C, D, E = "in_1001", "in_2002", "in_3003", "in_4004", "in_5005"
 A1, A2, A3, B1, C1 = ("ACME-1001-CN-01", "ACME-1001-CN-02", "ACME-1001-CN-03", "ACME-2002-CN-01",
                       "ACME-3003-CN-01")
+D1, D2, D3, E1 = "ACME-4004-CN-01", "ACME-4004-CN-02", "ACME-4004-CN-03", "ACME-5005-CN-01"
 REJECTED = _trigger("cmd-a4")
 
 
+def _note_id(command_id: str) -> str:
+    return derived_id("cn", _trigger(command_id))
+
+
+def _refund_id(command_id: str, sequence: int, payment_id: str | None) -> str:
+    return refund_id_for(_note_id(command_id), PaymentCash(sequence, payment_id, 0))
+
+
+#: D (RULES.md examples 15 and 16): pay_1 (#1) 60.00 and pay_2 (#2) 40.00; D1 refunds 40.00 on
+#: pay_2 (fails, to the balance) and 30.00 on pay_1 (succeeds); D2's 20.00 on pay_2 fails and
+#: stays payable (settlement none); D3's 10.00 on pay_2 is pending.
+D1_PAY_2, D1_PAY_1 = _refund_id("cmd-d1", 2, "pay_2"), _refund_id("cmd-d1", 1, "pay_1")
+D2_PAY_2, D3_PAY_2 = _refund_id("cmd-d2", 2, "pay_2"), _refund_id("cmd-d3", 2, "pay_2")
+B1_REFUND, C1_REFUND = _refund_id("cmd-b1", 0, None), _refund_id("cmd-c1", 0, None)
+
+
 def _ledger_commands() -> list[Command]:
-    """Three invoices; on A a quantity credit, a line-less credit (voided), an amount credit and
-    a rejection; on paid B a refund split; on C (mostly paid by balance) a refund of the cash."""
+    """Five invoices; on A a quantity credit, a line-less credit (voided), an amount credit and
+    a rejection; on paid B a refund split; on C (mostly paid by balance) a refund of the cash;
+    on D two payments, refunds over them and their outcomes; on paid E a linked refund and two
+    overpayments (one without payment id)."""
     def invoice(invoice_id: str, status: str, lines: tuple[DraftLine, ...],
                 **extra: Any) -> FinalizeInvoice:
         return FinalizeInvoice(_trigger(f"fin-{invoice_id}", "invoice.finalized"), invoice_id,
                                f"ACME-{invoice_id[-4:]}", "cus_42", "usd", status, lines, **extra)
+
+    def payment(id_: str, invoice_id: str, amount: int, payment_id: str | None) -> RecordPayment:
+        return RecordPayment(_trigger(id_, "invoice.payment_succeeded"), invoice_id, amount,
+                             "usd", payment_id)
+
+    def outcome(id_: str, refund_id: str, state: RefundState,
+                settlement: FailureSettlement = FailureSettlement.CUSTOMER_BALANCE,
+                ) -> RecordRefundOutcome:
+        return RecordRefundOutcome(_trigger(id_, f"refund.{state}"), D, refund_id, state,
+                                   "card expired" if state is RefundState.FAILED else None,
+                                   settlement)
 
     return [
         invoice(A, "open", (DraftLine("il_1", "Widget", 3, 3_333, 2_000),
@@ -137,13 +196,29 @@ def _ledger_commands() -> list[Command]:
         IssueCreditNote(_trigger("cmd-a2"), A, "order_change", amount=2_000),
         IssueCreditNote(_trigger("cmd-a3"), A, "other", lines=(InvoiceLineByAmount("il_2", 1_000),)),
         IssueCreditNote(REJECTED, A, "other", amount=10_000_000),
-        VoidCreditNote(_trigger("cmd-a5", "credit_note.void"),
-                       derived_id("cn", _trigger("cmd-a2"))),
+        VoidCreditNote(_trigger("cmd-a5", "credit_note.void"), _note_id("cmd-a2")),
         IssueCreditNote(_trigger("cmd-b1"), B, "product_unsatisfactory", amount=500,
                         settlement=SettlementSplit(refund_amount=200, credit_amount=100,
                                                    out_of_band_amount=200)),
         IssueCreditNote(_trigger("cmd-c1"), C, "order_change", amount=8_000,
                         settlement=Settlement.REFUND),
+        invoice(D, "open", (DraftLine("il_1", "Plan", 1, 10_000),)),
+        payment("pay-d1", D, 6_000, "pay_1"),
+        payment("pay-d2", D, 4_000, "pay_2"),
+        IssueCreditNote(_trigger("cmd-d1"), D, "order_change", amount=7_000,
+                        settlement=Settlement.REFUND),
+        outcome("out-d1", D1_PAY_2, RefundState.FAILED),
+        outcome("out-d2", D1_PAY_1, RefundState.SUCCEEDED),
+        IssueCreditNote(_trigger("cmd-d2"), D, "order_change", amount=2_000,
+                        settlement=Settlement.REFUND),
+        outcome("out-d3", D2_PAY_2, RefundState.FAILED, FailureSettlement.NONE),
+        IssueCreditNote(_trigger("cmd-d3"), D, "order_change", amount=1_000,
+                        settlement=Settlement.REFUND),
+        invoice(E, "paid", (DraftLine("il_1", "Plan", 1, 5_000),), amount_paid=5_000),
+        IssueCreditNote(_trigger("cmd-e1"), E, "order_change", amount=2_000,
+                        linked_refunds=(LinkedRefund("re_1", 2_000),)),
+        payment("pay-e1", E, 1_000, "pay_3"),
+        payment("pay-e2", E, 500, None),
     ]
 
 
@@ -178,7 +253,7 @@ async def ledger(database_url: str) -> Ledger:
             [result] = await apply_batch([Message(command, Delivery("tests"))],
                                          lambda: PostgresUnitOfWork(pool, Topics()))
             outcomes.append(result.outcome)
-        assert outcomes == [Outcome.APPLIED] * 6 + [Outcome.REJECTED] + [Outcome.APPLIED] * 3
+        assert outcomes == [Outcome.APPLIED] * 6 + [Outcome.REJECTED] + [Outcome.APPLIED] * 16
         await pool.execute("UPDATE outbox SET published_at = now()")  # as the relay would
     finally:
         await pool.close()
@@ -192,15 +267,33 @@ async def test_a_ledger_written_by_the_handlers_is_clean(ledger: Ledger) -> None
             "SELECT number, status, pre_payment_amount, refund_amount, credit_amount "
             "FROM credit_notes ORDER BY number")
         types = await connection.fetch("SELECT type, count(*) FROM outbox GROUP BY type")
+        refunds = await connection.fetch(
+            "SELECT refund_id, payment_sequence, amount, status, linked, resettled_to "
+            "FROM refunds ORDER BY refund_id")
+        payments = await connection.fetch(
+            "SELECT invoice_id, sequence, payment_id, amount, applied FROM payments "
+            "ORDER BY invoice_id, sequence")
     finally:
         await connection.close()
     assert [(n["number"], n["status"]) for n in notes] == [
-        (A1, "issued"), (A2, "void"), (A3, "issued"), (B1, "issued"), (C1, "issued")]
-    assert [(n["refund_amount"], n["credit_amount"]) for n in notes][3:] == [(200, 100),
-                                                                              (5_000, 3_000)]
+        (A1, "issued"), (A2, "void"), (A3, "issued"), (B1, "issued"), (C1, "issued"),
+        (D1, "issued"), (D2, "issued"), (D3, "issued"), (E1, "issued")]
+    assert [(n["refund_amount"], n["credit_amount"]) for n in notes][3:] == [
+        (200, 100), (5_000, 3_000), (7_000, 0), (2_000, 0), (1_000, 0), (2_000, 0)]
+    assert sorted(tuple(r) for r in refunds) == sorted([
+        (B1_REFUND, 0, 200, "pending", False, None), (C1_REFUND, 0, 5_000, "pending", False, None),
+        (D1_PAY_2, 2, 4_000, "failed", False, "customer_balance"),
+        (D1_PAY_1, 1, 3_000, "succeeded", False, None),
+        (D2_PAY_2, 2, 2_000, "failed", False, "none"), (D3_PAY_2, 2, 1_000, "pending", False, None),
+        ("re_1", 0, 2_000, "succeeded", True, None)])
+    assert [tuple(p) for p in payments] == [
+        (B, 0, None, 500, 500), (C, 0, None, 5_000, 5_000), (D, 1, "pay_1", 6_000, 6_000),
+        (D, 2, "pay_2", 4_000, 4_000), (E, 0, None, 5_000, 5_000), (E, 1, "pay_3", 1_000, 0),
+        (E, 2, None, 500, 0)]
     assert {t["type"]: t["count"] for t in types} == {
-        "credit_note.issued": 5, "credit_note.voided": 1, "credit_note.rejected": 1,
-        "refund.requested": 2}
+        "credit_note.issued": 9, "credit_note.voided": 1, "credit_note.rejected": 1,
+        "refund.requested": 6, "credit_note.refund_succeeded": 1, "credit_note.refund_failed": 2,
+        "customer_balance.credited": 5}
     assert await check_invariants(ledger.database_url) == []
 
 
@@ -210,8 +303,29 @@ def _note(number: str) -> str:
 
 def _event(type_: str, number: str) -> str:
     """A WHERE condition selecting the outbox rows of ``type_`` for credit note ``number``."""
-    field = "credit_note_id" if type_ == "refund.requested" else "id"
-    return f"type = '{type_}' AND payload -> 'data' ->> '{field}' = {_note(number)}"
+    return f"type = '{type_}' AND payload -> 'data' ->> 'id' = {_note(number)}"
+
+
+def _refund_event(refund_id: str) -> str:
+    """A WHERE condition selecting the refund.requested rows of ``refund_id``."""
+    return f"type = 'refund.requested' AND payload -> 'data' ->> 'id' = '{refund_id}'"
+
+
+def _outcome_event(refund_id: str) -> str:
+    """A WHERE condition selecting the refund outcome rows of ``refund_id``."""
+    return ("type IN ('credit_note.refund_succeeded', 'credit_note.refund_failed') "
+            f"AND payload -> 'data' ->> 'refund_id' = '{refund_id}'")
+
+
+def _balance_event(field: str, value: str) -> str:
+    """A WHERE condition selecting the customer_balance.credited rows whose ``data.field``
+    is ``value`` (an SQL expression)."""
+    return f"type = 'customer_balance.credited' AND payload -> 'data' ->> '{field}' = {value}"
+
+
+def _set_data(field: str, value: str) -> str:
+    """``payload`` with ``data.field`` set to ``value`` (a JSON literal)."""
+    return f"jsonb_set(payload::jsonb, '{{data,{field}}}', '{value}')::json"
 
 
 def _copy_outbox_row(where: str, event_id: str = "event_id || '-copy'",
@@ -245,13 +359,16 @@ class Corruption:
     invariant: str
     subject: str
     replica: bool = False
+    #: the other violations the same corruption is, necessarily (invariant, subject)
+    also: tuple[tuple[str, str], ...] = ()
 
 
 CORRUPTIONS = [
     # 1. a restated invoice: total and payment lowered under a full credit
     Corruption("invoice-total-lowered-under-its-credits",
                "ALTER TABLE invoices DROP CONSTRAINT credits_within_total; "
-               f"UPDATE invoices SET subtotal = 400, total = 400, amount_paid = 400 WHERE id = '{B}'",
+               f"UPDATE invoices SET subtotal = 400, total = 400, amount_paid = 400 WHERE id = '{B}';"
+               f"UPDATE payments SET amount = 400, applied = 400 WHERE invoice_id = '{B}'",
                "credits_exceed_total", f"invoice {B}", replica=True),
     # 2.
     Corruption("pre-payment-credited-bumped",
@@ -269,11 +386,54 @@ CORRUPTIONS = [
     # 4.
     Corruption("refunded-bumped",
                f"UPDATE invoices SET refunded = refunded + 1 WHERE id = '{B}'",
-               "refunds_exceed_cash", f"invoice {B}"),
-    Corruption("cash-paid-below-refunded",
-               _drop_checks_on("invoices", "refunded")
-               + f"UPDATE invoices SET amount_paid = 100, status = 'uncollectible' WHERE id = '{B}'",
                "refunds_exceed_cash", f"invoice {B}", replica=True),
+    Corruption("refunds-failed-lowered",
+               f"UPDATE invoices SET refunds_failed = refunds_failed - 1 WHERE id = '{D}'",
+               "refunds_exceed_cash", f"invoice {D}", replica=True),
+    Corruption("cash-paid-below-refunded",
+               _drop_checks_on("invoices", "refunded") + _drop_checks_on("invoices", "amount_paid")
+               + f"UPDATE invoices SET amount_paid = 100, status = 'uncollectible' WHERE id = '{B}'",
+               "refunds_exceed_cash", f"invoice {B}", replica=True,
+               also=(("payments_disagree", f"invoice {B}"),)),
+    # payments and refunds
+    Corruption("payment-applied-lowered",
+               "UPDATE payments SET amount = amount - 1, applied = applied - 1 "
+               f"WHERE invoice_id = '{D}' AND sequence = 1",
+               "payments_disagree", f"invoice {D}", replica=True),
+    Corruption("payment-at-finalization-given-an-id",
+               "ALTER TABLE payments DROP CONSTRAINT finalization_payment; "
+               f"UPDATE payments SET payment_id = 'pay_x' WHERE invoice_id = '{E}' AND sequence = 0",
+               "payments_disagree", f"invoice {E}", replica=True),
+    Corruption("payment-holding-less-than-its-refunds",  # cash moved from pay_1 to pay_2
+               "UPDATE payments SET amount = amount + CASE sequence WHEN 1 THEN -4000 ELSE 4000 END,"
+               " applied = applied + CASE sequence WHEN 1 THEN -4000 ELSE 4000 END"
+               f" WHERE invoice_id = '{D}'",
+               "refunds_exceed_payment", f"payment {D}#1", replica=True),
+    Corruption("legacy-refund-id-naming-another-notes-refund",
+               f"UPDATE credit_notes SET refund_id = '{D1_PAY_1}' WHERE number = '{B1}'",
+               "refund_id_reused", f"refund {D1_PAY_1}", replica=True),
+    Corruption("refund-moved-to-another-credit-note",
+               f"UPDATE refunds SET credit_note_id = {_note(D2)} WHERE refund_id = '{D3_PAY_2}'",
+               "refunds_disagree", f"credit note {D2}", replica=True,
+               also=(("refunds_disagree", f"credit note {D3}"),
+                     ("refund_event_mismatched", f"refund {D3_PAY_2}"))),
+    Corruption("refund-amount-bumped",
+               f"UPDATE refunds SET amount = amount + 1 WHERE refund_id = '{B1_REFUND}'",
+               "refunds_disagree", f"credit note {B1}", replica=True,
+               also=(("refunds_payable_open", f"invoice {B}"),
+                     ("refund_event_mismatched", f"refund {B1_REFUND}"))),
+    Corruption("refunds-payable-credit-moved-to-the-balance",
+               "UPDATE journal_lines SET credit = credit + CASE account WHEN 'refunds_payable' "
+               "THEN -1 ELSE 1 END WHERE account IN ('refunds_payable', 'customer_credit_balance') "
+               f"AND credit_note_id = {_note(B1)} AND entry = 'issue'",
+               "refunds_payable_open", f"invoice {B}", replica=True),
+    Corruption("failed-refund-settled-as-none-marked-to-the-balance",
+               "UPDATE refunds SET resettled_to = 'customer_balance' "
+               f"WHERE refund_id = '{D2_PAY_2}'",
+               "refunds_payable_open", f"invoice {D}", replica=True,
+               also=(("refund_journal_unbalanced", f"refund {D2_PAY_2}"),
+                     ("refund_outcome_event_mismatched", f"refund {D2_PAY_2}"),
+                     ("balance_event_missing", f"refund {D2_PAY_2}"))),
     # 5.
     Corruption("line-tax-below-its-credited-tax",
                "ALTER TABLE invoice_lines DROP CONSTRAINT line_tax_within_line; "
@@ -304,6 +464,19 @@ CORRUPTIONS = [
                f"WHERE credit_note_id = {_note(A2)} AND entry = 'void' "
                "AND account = 'accounts_receivable'",
                "journal_unbalanced", f"credit note {A2}", replica=True),
+    Corruption("refund-journal-crediting-the-wrong-account",
+               "UPDATE refund_journal_lines SET account = 'customer_credit_balance' "
+               f"WHERE refund_id = '{D1_PAY_1}' AND account = 'cash'",
+               "refund_journal_unbalanced", f"refund {D1_PAY_1}", replica=True),
+    Corruption("linked-refund-journal-unbalanced",
+               "UPDATE refund_journal_lines SET credit = credit + 1 "
+               "WHERE refund_id = 're_1' AND account = 'cash'",
+               "refund_journal_unbalanced", "refund re_1", replica=True),
+    Corruption("refund-journal-on-a-pending-refund",
+               "INSERT INTO refund_journal_lines (refund_id, position, account, debit, credit,"
+               f" effective_at) VALUES ('{D3_PAY_2}', 0, 'cash', 5, 0, now()),"
+               f" ('{D3_PAY_2}', 1, 'cash', 0, 5, now())",
+               "refund_journal_unbalanced", f"refund {D3_PAY_2}", replica=True),
     Corruption("void-journal-on-an-issued-note",
                "INSERT INTO journal_lines (credit_note_id, entry, position, account, debit, credit) "
                "SELECT credit_note_id, 'void', position, account, credit, debit "
@@ -317,7 +490,9 @@ CORRUPTIONS = [
     Corruption("settlement-parts-off-by-one",
                "ALTER TABLE credit_notes DROP CONSTRAINT settlement_adds_up; "
                f"UPDATE credit_notes SET credit_amount = credit_amount + 1 WHERE number = '{B1}'",
-               "note_parts_disagree", f"credit note {B1}", replica=True),
+               "note_parts_disagree", f"credit note {B1}", replica=True,
+               # its customer_balance.credited no longer states its credit_amount
+               also=(("balance_event_mismatched", f"credit note {B1}"),)),
     # 8.
     Corruption("issued-event-deleted",
                f"DELETE FROM outbox WHERE {_event('credit_note.issued', A1)}",
@@ -338,18 +513,25 @@ CORRUPTIONS = [
                _copy_outbox_row(_event("credit_note.voided", A2)),
                "voided_event_duplicated", f"credit note {A2}"),
     Corruption("refund-event-deleted",
-               f"DELETE FROM outbox WHERE {_event('refund.requested', C1)}",
-               "refund_event_missing", f"credit note {C1}"),
+               f"DELETE FROM outbox WHERE {_refund_event(C1_REFUND)}",
+               "refund_event_missing", f"refund {C1_REFUND}"),
+    Corruption("refund-event-of-one-payment-deleted",
+               f"DELETE FROM outbox WHERE {_refund_event(D1_PAY_1)}",
+               "refund_event_missing", f"refund {D1_PAY_1}"),
     Corruption("refund-event-unpublished",
-               f"UPDATE outbox SET published_at = NULL WHERE {_event('refund.requested', C1)}",
-               "refund_event_unpublished", f"credit note {C1}", replica=True),
+               f"UPDATE outbox SET published_at = NULL WHERE {_refund_event(C1_REFUND)}",
+               "refund_event_unpublished", f"refund {C1_REFUND}", replica=True),
     Corruption("refund-event-written-twice",
-               _copy_outbox_row(_event("refund.requested", C1)),
-               "refund_event_duplicated", f"credit note {C1}"),
+               _copy_outbox_row(_refund_event(D3_PAY_2)),
+               "refund_event_duplicated", f"refund {D3_PAY_2}"),
     Corruption("refund-event-amount-changed",
-               "UPDATE outbox SET payload = jsonb_set(payload::jsonb, '{data,amount}', '199')::json "
-               f"WHERE {_event('refund.requested', B1)}",
-               "refund_event_mismatched", f"credit note {B1}", replica=True),
+               f"UPDATE outbox SET payload = {_set_data('amount', '199')} "
+               f"WHERE {_refund_event(B1_REFUND)}",
+               "refund_event_mismatched", f"refund {B1_REFUND}", replica=True),
+    Corruption("refund-event-on-another-payment",
+               "UPDATE outbox SET payload = " + _set_data("payment_id", '"pay_1"')
+               + f" WHERE {_refund_event(D3_PAY_2)}",
+               "refund_event_mismatched", f"refund {D3_PAY_2}", replica=True),
     Corruption("issued-event-for-a-credit-note-that-does-not-exist",
                _copy_outbox_row(_event("credit_note.issued", A1), event_id="'evt_ghost'",
                                 payload="""jsonb_set(payload::jsonb, '{data,id}', '"cn_ghost"')::json"""),
@@ -358,11 +540,49 @@ CORRUPTIONS = [
                _copy_outbox_row(_event("credit_note.issued", A1), event_id="'evt_ghost'",
                                 type_="'credit_note.voided'"),
                "event_orphaned", "outbox event evt_ghost"),
-    Corruption("refund-event-for-a-credit-note-without-refund",
-               _copy_outbox_row(_event("refund.requested", B1), event_id="'evt_ghost'",
-                                payload="jsonb_set(payload::jsonb, '{data,credit_note_id}', "
-                                        f"to_jsonb({_note(A1)}))::json"),
+    Corruption("refund-event-for-a-refund-that-does-not-exist",
+               _copy_outbox_row(_refund_event(B1_REFUND), event_id="'evt_ghost'",
+                                payload=_set_data("id", '"rf_ghost"')),
                "event_orphaned", "outbox event evt_ghost"),
+    Corruption("refund-event-for-a-linked-refund",
+               _copy_outbox_row(_refund_event(B1_REFUND), event_id="'evt_ghost'",
+                                payload=_set_data("id", '"re_1"')),
+               "event_orphaned", "outbox event evt_ghost"),
+    # refund outcomes
+    Corruption("refund-outcome-event-deleted",
+               f"DELETE FROM outbox WHERE {_outcome_event(D1_PAY_1)}",
+               "refund_outcome_event_missing", f"refund {D1_PAY_1}"),
+    Corruption("refund-outcome-event-written-twice",
+               _copy_outbox_row(_outcome_event(D1_PAY_2)),
+               "refund_outcome_event_duplicated", f"refund {D1_PAY_2}"),
+    Corruption("refund-outcome-event-says-succeeded-for-a-failed-refund",
+               f"UPDATE outbox SET type = 'credit_note.refund_succeeded' "
+               f"WHERE {_outcome_event(D2_PAY_2)}",
+               "refund_outcome_event_mismatched", f"refund {D2_PAY_2}", replica=True),
+    Corruption("refund-outcome-event-for-a-pending-refund",
+               _copy_outbox_row(_outcome_event(D1_PAY_1), event_id="'evt_ghost'",
+                                payload=_set_data("refund_id", f'"{D3_PAY_2}"')),
+               "event_orphaned", "outbox event evt_ghost"),
+    # the customer balance
+    Corruption("balance-event-of-a-credit-note-deleted",
+               f"DELETE FROM outbox WHERE {_balance_event('credit_note_id', _note(C1))}",
+               "balance_event_missing", f"credit note {C1}"),
+    Corruption("balance-event-of-a-payment-without-id-deleted",
+               "DELETE FROM outbox WHERE type = 'customer_balance.credited' "
+               "AND payload -> 'data' ->> 'reason' = 'overpayment' "
+               "AND payload -> 'data' ->> 'payment_id' IS NULL",
+               "balance_event_missing", f"payment {E}#2"),
+    Corruption("balance-event-of-an-overpayment-written-twice",
+               _copy_outbox_row(_balance_event("payment_id", "'pay_3'")),
+               "balance_event_duplicated", f"payment {E}#1"),
+    Corruption("balance-event-of-a-failed-refund-amount-changed",
+               f"UPDATE outbox SET payload = {_set_data('amount', '3999')} "
+               f"WHERE {_balance_event('refund_id', repr(D1_PAY_2))}",
+               "balance_event_mismatched", f"refund {D1_PAY_2}", replica=True),
+    Corruption("balance-event-for-a-payment-that-does-not-exist",
+               _copy_outbox_row(_balance_event("payment_id", "'pay_3'"), event_id="'evt_ghost'",
+                                payload=_set_data("payment_id", '"pay_ghost"')),
+               "balance_event_orphaned", "outbox event evt_ghost"),
     # 9.
     Corruption("sequence-gap",
                f"UPDATE credit_notes SET sequence = 4 WHERE number = '{A3}'",
@@ -390,9 +610,14 @@ CORRUPTIONS = [
                f"outbox event {derived_id('evt', REJECTED, 'credit_note.rejected')}"),
     # 12. an open invoice with nothing left to pay
     Corruption("open-invoice-paid-in-full",
+               "INSERT INTO payments (invoice_id, sequence, payment_id, amount, applied, "
+               "trigger_source, trigger_id) SELECT id, 1, 'pay_x', "
+               "total - customer_balance_applied - pre_payment_credited, "
+               "total - customer_balance_applied - pre_payment_credited, 'x', 'x' "
+               f"FROM invoices WHERE id = '{A}'; "
                "UPDATE invoices SET amount_paid = total - customer_balance_applied"
                f" - pre_payment_credited WHERE id = '{A}'",
-               "status_disagrees_with_amounts", f"invoice {A}"),
+               "status_disagrees_with_amounts", f"invoice {A}", replica=True),
     # 13. a line covered by a time-based credit no credit note has
     Corruption("line-coverage-without-a-time-credit",
                "ALTER TABLE invoice_lines DROP CONSTRAINT time_credits_within_period; "
@@ -416,7 +641,10 @@ async def test_a_corruption_is_reported_as_exactly_its_invariant_on_its_subject(
         ledger: Ledger, corruption: Corruption) -> None:
     await ledger.corrupt(corruption.sql, replica=corruption.replica)
 
-    assert await ledger.violations() == [(corruption.invariant, corruption.subject)]
+    order = {invariant.code: position for position, invariant in enumerate(INVARIANTS)}
+    expected = sorted([(corruption.invariant, corruption.subject), *corruption.also],
+                      key=lambda found: (order[found[0]], found[1]))
+    assert await ledger.violations() == expected
 
 
 async def test_a_violation_states_the_figures_without_memo_or_metadata(ledger: Ledger) -> None:

@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     prune.add_argument("--dry-run", action="store_true",
                        help="count what would be deleted; delete nothing")
     preview = commands.add_parser(
-        "preview", help="what a credit_note.issue would produce now; persists nothing")
+        "preview", help="what a credit_note.issue would produce now (its refunds per payment "
+                        "too); persists nothing")
     preview.add_argument("invoice_id")
     preview.add_argument("--amount", type=int, help="line-less gross amount, in minor units")
     preview.add_argument("--refund", type=int, dest="refund_amount")
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     preview.add_argument("--data", help="the credit_note.issue data as JSON (lines, ...)")
     invoice = commands.add_parser("invoice", help="look at an invoice")
     invoice_commands = invoice.add_subparsers(dest="invoice_command", required=True)
-    show = invoice_commands.add_parser("show", help="an invoice, its credit notes and events")
+    show = invoice_commands.add_parser(
+        "show", help="an invoice, its payments, refunds, credit notes and events")
     show.add_argument("invoice_id")
     for sub in _ops_parsers(commands):
         sub.epilog = sub.epilog or ops_context.EXIT_CODES_HELP

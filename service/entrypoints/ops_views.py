@@ -16,10 +16,11 @@ from rich.table import Table
 
 from service.adapters import queries
 from service.adapters.event_codec import encode
-from service.domain import errors, issuing
+from service.domain import errors, issuing, refunds
 from service.domain.commands import IssueCreditNote, Trigger
 from service.domain.credit_note import CreditNote
 from service.domain.invoice import Invoice
+from service.domain.payments import FINALIZATION_SEQUENCE
 from service.entrypoints import translators, wire
 from service.entrypoints.display import money
 from service.settings import Topics
@@ -40,14 +41,17 @@ async def preview(database_url: str, invoice_id: str, data: dict[str, Any],
     connection = await asyncpg.connect(database_url)
     try:
         invoice = await queries.load_invoice(connection, invoice_id)
+        taken = await queries.taken_refund_ids(
+            connection, [refund.refund_id for refund in command.linked_refunds])
     finally:
         await connection.close()
     if invoice is None:
         console.print(f"[red]no invoice {escape(repr(invoice_id))}")
         return 2
     remaining_before = invoice.amount_remaining
+    cash_before = refunds.cash_of(invoice.payments, invoice.refunds)
     try:
-        note = issuing.issue_credit_note(invoice, command)
+        note = issuing.issue_credit_note(invoice, command, taken_refund_ids=taken)
     except errors.Rejection as rejection:
         console.print(f"[red]would be rejected: {rejection.code}[/]: {escape(rejection.message)}")
         return 1
@@ -55,6 +59,7 @@ async def preview(database_url: str, invoice_id: str, data: dict[str, Any],
     console.print(Group(
         credit_note_table(note, title=f"Preview (nothing saved): credit note {note.number}"),
         journal_table(note),
+        *([allocation_table(note, cash_before)] if note.refunds else []),
         f"invoice {escape(invoice.id)}: amount remaining {money(remaining_before, currency)} -> "
         f"{money(invoice.amount_remaining, currency)}, status {invoice.status}; events: "
         + ", ".join(encode(event, Topics()).type for event in invoice.events)))
@@ -84,6 +89,36 @@ def credit_note_table(note: CreditNote, title: str) -> Table:
     return table
 
 
+def allocation_table(note: CreditNote, cash: tuple[refunds.PaymentCash, ...]) -> Table:
+    """Where the refund part goes: one refund per payment, linked ones first, then newest first,
+    with what of each payment is left to refund before and after."""
+    table = Table(title=f"refund allocation ({money(note.refund_amount, note.currency)})",
+                  title_justify="left")
+    for column in ("payment", "applied", "refundable before", "refund", "refundable after",
+                   "refund id", "linked", "status"):
+        table.add_column(column, justify="right" if column in {
+            "applied", "refundable before", "refund", "refundable after"} else "left")
+    left = {payment.sequence: payment.refundable for payment in cash}
+    applied = {payment.sequence: payment.applied for payment in cash}
+    currency = note.currency
+    for refund in note.refunds:
+        before = left.get(refund.payment_sequence, 0)
+        left[refund.payment_sequence] = before - refund.amount
+        table.add_row(payment_label(refund.payment_sequence, refund.payment_id),
+                      money(applied.get(refund.payment_sequence), currency),
+                      money(before, currency), money(refund.amount, currency),
+                      money(before - refund.amount, currency), escape(refund.refund_id),
+                      "yes" if refund.linked else "no", refund.state.value)
+    return table
+
+
+def payment_label(sequence: int, payment_id: str | None) -> str:
+    """``pay_1``; the payment recorded with the invoice: ``at finalization``; else ``#<n>``."""
+    if payment_id is not None:
+        return escape(payment_id)
+    return "at finalization" if sequence == FINALIZATION_SEQUENCE else f"#{sequence} (no id)"
+
+
 def journal_table(note: CreditNote) -> Table:
     table = Table(title="journal", title_justify="left")
     table.add_column("account")
@@ -100,14 +135,16 @@ async def show_invoice(database_url: str, invoice_id: str, console: Console) -> 
     try:
         invoice = await queries.load_invoice(connection, invoice_id)
         notes = await queries.credit_notes_of(connection, invoice_id)
-        events = await queries.events_of(connection, invoice_id)
+        events = await queries.events_of(connection, invoice_id,
+                                         invoice.customer_id if invoice else None)
     finally:
         await connection.close()
     if invoice is None:
         console.print(f"[red]no invoice {escape(repr(invoice_id))}")
         return 1
-    console.print(invoice_table(invoice), lines_table(invoice),
-                  notes_table(notes, invoice.currency), events_table(events, invoice.currency))
+    console.print(invoice_table(invoice), lines_table(invoice), payments_table(invoice),
+                  notes_table(notes, invoice.currency), refunds_table(invoice, notes),
+                  events_table(events, invoice.currency))
     return 0
 
 
@@ -127,6 +164,7 @@ def invoice_table(invoice: Invoice) -> Table:
             ("pre-payment credits", money(invoice.pre_payment_credited, currency)),
             ("post-payment credits", money(invoice.post_payment_credited, currency)),
             ("refunded", money(invoice.refunded, currency)),
+            ("refunds failed", money(invoice.refunds_failed, currency)),
             ("amount remaining", money(invoice.amount_remaining, currency)),
             ("left to credit", money(invoice.creditable, currency))):
         table.add_row(name, value)
@@ -149,15 +187,57 @@ def lines_table(invoice: Invoice) -> Table:
     return table
 
 
+def payments_table(invoice: Invoice) -> Table:
+    """Each payment: what came in, what of it was applied, what went to the balance as an
+    overpayment, and what of it is refunded (pending or succeeded) or left to refund."""
+    table = Table(title="payments", title_justify="left")
+    for column in ("payment", "amount", "applied", "overpayment", "refunded", "refundable"):
+        table.add_column(column, justify="left" if column == "payment" else "right")
+    currency = invoice.currency
+    refunded: dict[int, int] = {}  # summed here: a damaged database is shown, not refused
+    for refund in invoice.refunds:
+        if refund.holds_cash:
+            refunded[refund.payment_sequence] = (refunded.get(refund.payment_sequence, 0)
+                                                 + refund.amount)
+    for payment in invoice.payments:
+        taken = refunded.get(payment.sequence, 0)
+        table.add_row(payment_label(payment.sequence, payment.payment_id),
+                      money(payment.amount, currency), money(payment.applied, currency),
+                      money(payment.overpayment, currency), money(taken, currency),
+                      money(payment.applied - taken, currency))
+    return table
+
+
+def refunds_table(invoice: Invoice, notes: list[CreditNote]) -> Table:
+    """Each refund: its id, credit note, payment, amount, status, and whether it was linked."""
+    table = Table(title="refunds", title_justify="left")
+    for column in ("refund id", "credit note", "payment", "amount", "status", "linked",
+                   "failure"):
+        table.add_column(column, justify="right" if column == "amount" else "left")
+    numbers = {note.id: note.number for note in notes}
+    for refund in invoice.refunds:
+        failure = ""
+        if refund.resettled_to is not None:
+            failure = f"settled to {refund.resettled_to.value}" + (
+                f": {refund.failure_reason}" if refund.failure_reason else "")
+        table.add_row(escape(refund.refund_id),
+                      escape(numbers.get(refund.credit_note_id, refund.credit_note_id)),
+                      payment_label(refund.payment_sequence, refund.payment_id),
+                      money(refund.amount, invoice.currency), refund.state.value,
+                      "yes" if refund.linked else "no", escape(failure))
+    return table
+
+
 def notes_table(notes: list[CreditNote], currency: str) -> Table:
     table = Table(title="credit notes", title_justify="left")
     for column in ("number", "status", "type", "reason", "total", "pre-payment", "refund",
-                   "balance", "out of band", "trigger"):
+                   "refund status", "balance", "out of band", "trigger"):
         table.add_column(column)
     for note in notes:
         table.add_row(escape(note.number), note.status.value, note.type.value, note.reason.value,
                       money(note.total, currency), money(note.pre_payment_amount, currency),
-                      money(note.refund_amount, currency), money(note.credit_amount, currency),
+                      money(note.refund_amount, currency), note.refund_status.value,
+                      money(note.credit_amount, currency),
                       money(note.out_of_band_amount, currency),
                       escape(f"{note.trigger.type} {note.trigger.source} {note.trigger.id}"))
     return table
@@ -170,7 +250,18 @@ def events_table(events: list[queries.PublishedEvent], currency: str) -> Table:
     for event in events:
         detail = event.data.get("number") or event.data.get("reason") or ""
         if event.type == "refund.requested":
-            detail = f"amount {money(event.data.get('amount'), currency)}"
+            detail = (f"refund {event.data.get('id')} amount "
+                      f"{money(event.data.get('amount'), currency)} on payment "
+                      f"{event.data.get('payment_id') or 'without id'}")
+        elif event.type in {"credit_note.refund_succeeded", "credit_note.refund_failed"}:
+            detail = (f"refund {event.data.get('refund_id')} "
+                      f"{money(event.data.get('amount'), currency)}, credit note refund status "
+                      f"{event.data.get('refund_status')}")
+            if event.data.get("resettled_to"):
+                detail += f", settled to {event.data['resettled_to']}"
+        elif event.type == "customer_balance.credited":
+            detail = (f"{money(event.data.get('amount'), currency)} to "
+                      f"{event.data.get('customer_id')}, reason {event.data.get('reason')}")
         table.add_row(event.type, event.event_id, escape(event.topic),
                       f"{event.created_at:%Y-%m-%d %H:%M:%S}",
                       f"{event.published_at:%H:%M:%S}" if event.published_at else "[red]pending",

@@ -9,8 +9,9 @@ The pieces a scenario is built from:
   until ``GET /readyz`` answers 200, ``kill -9``, SIGTERM and wait, restart.
   Each incarnation logs (JSON) to its own file under the test's ``tmp_path``.
 - :class:`Workload`: a deterministic mix of upstream messages (invoices, small
-  credits, line credits, voids, commands that must be rejected, SLA breaches),
-  each knowing the ledger outcome and the event it must cause.
+  credits, line credits, voids, commands that must be rejected, SLA breaches,
+  payments with ids and their duplicates, refunds and their outcomes), each
+  knowing the ledger outcome and the events it must cause.
 - :class:`Publisher`: publishes them as upstream producers do, in a burst or
   paced over a stretch of time (so that a fault always lands mid-stream).
 - :func:`collect`: every record on the output and dead-letter topics, read
@@ -42,6 +43,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from service.devtools.devstack import free_port
 from service.domain.commands import Trigger
 from service.domain.credit_note import derived_id
+from service.domain.refunds import PaymentCash, refund_id_for
 from service.settings import Topics
 
 CREDITNOTES = str(Path(sys.executable).with_name("creditnotes"))
@@ -299,6 +301,13 @@ class Upstream:
     #: The credit note it creates (issue, line credit, SLA) or voids (void).
     credit_note: str | None = None
     partition: int | None = None
+    #: The refund it requests (a refund credit note: one ``refund.requested``) or settles (an
+    #: outcome: its ``credit_note.refund_*`` event, when ``emits`` names one).
+    refund_id: str | None = None
+    #: The ``customer_balance.credited`` events it must cause (0 or 1).
+    balance: int = 0
+    #: The payment id it records (a payment or its duplicate).
+    payment_id: str | None = None
 
     @property
     def id(self) -> str:
@@ -331,12 +340,16 @@ UNIT_CREDIT = 1_200
 
 
 def invoice_event(invoice_id: str, id_: str, *, lines: list[dict[str, Any]] | None = None,
-                  total: int | None = INVOICE_TOTAL) -> dict[str, Any]:
+                  total: int | None = INVOICE_TOTAL, paid: bool = False) -> dict[str, Any]:
+    """``invoice.finalized``: open, or (``paid``) paid in full at finalization (a payment
+    without id, the only refundable cash of the invoice)."""
     invoice: dict[str, Any] = {
         "id": invoice_id, "number": f"FLT-{invoice_id}", "customer_id": f"cus_{invoice_id}",
         "currency": "usd", "status": "open", "lines": lines or INVOICE_LINES}
     if total is not None:
         invoice["total"] = total
+    if paid:
+        invoice.update(status="paid", amount_paid=total or INVOICE_TOTAL)
     return cloudevent("invoice.finalized", {"invoice": invoice}, id_, subject=invoice_id)
 
 
@@ -345,27 +358,44 @@ def credit_note_id(source: str, event_id: str) -> str:
     return derived_id("cn", Trigger(source, event_id, "credit_note.issue"))
 
 
+def refund_id(note_id: str) -> str:
+    """The id of a credit note's refund on the payment recorded at finalization (stable)."""
+    return refund_id_for(note_id, PaymentCash(0, None, 0))
+
+
 @dataclass
 class _InvoicePlan:
     id: str
+    #: paid in full at finalization: credits are post-payment (refunds, the balance)
+    paid: bool = False
     voidable: list[str] = field(default_factory=list)  # credit notes of plain amount credits
     voided: list[str] = field(default_factory=list)
     unit_credits: int = 0
     credited: int = 0
     count: int = 0
+    paid_later: int = 0  # payments received on an open invoice (all applied)
+    payments: list[tuple[str, int]] = field(default_factory=list)  # (payment id, amount)
+    refunds: list[str] = field(default_factory=list)  # requested, no outcome sent yet
+    settled: dict[str, str] = field(default_factory=dict)  # refund id -> its outcome type
 
 
 class Workload:
     """A deterministic mix of upstream messages and the exact outcome of each.
 
-    ``invoice.finalized`` for every invoice first, then, shuffled across
-    invoices: small credits, line credits (by quantity), voids of earlier
-    credits, over-credits (``exceeds_creditable_amount``), wrong currencies
-    (``currency_mismatch``), SLA breaches on ``sla-breaches`` and, with
-    ``refused_voids``, second voids (``already_void``). Credits stay far below
-    each invoice's total, so every outcome is the same whatever order the
-    topics are consumed in (the commands of one invoice share a key, hence a
-    partition and an order).
+    ``invoice.finalized`` for every invoice first (a third of them paid in full
+    at finalization), then, shuffled across invoices: small credits, line
+    credits (by quantity), voids of earlier credits (open invoices), over-credits
+    (``exceeds_creditable_amount``), wrong currencies (``currency_mismatch``),
+    SLA breaches on ``sla-breaches``, payments with an id (applied on open
+    invoices, overpayments to the customer balance on paid ones) and the same
+    payment again (a duplicate), refund credit notes on paid invoices (one
+    ``refund.requested`` on the finalization payment) and the outcomes of their
+    refunds on ``refund-results`` (succeeded, or failed and settled to the
+    balance), some sent twice, and with ``refused_voids`` second voids
+    (``already_void``). Credits and payments stay far below each invoice's
+    total, so every outcome is the same whatever order the topics are consumed
+    in (the messages of one invoice on one topic share a key, hence a partition
+    and an order; an outcome read before its credit note waits for it).
     """
 
     def __init__(self, topics: Topics, *, messages: int, invoices: int, seed: int,
@@ -375,18 +405,20 @@ class Workload:
         self.seed = seed
         rng = random.Random(seed)
         self._amounts: dict[str, int] = {}  # credit note -> its total, while voidable
-        self.plans = [_InvoicePlan(f"{tag}_in_{n:04d}") for n in range(invoices)]
+        self.plans = [_InvoicePlan(f"{tag}_in_{n:04d}", paid=n % 3 == 2)
+                      for n in range(invoices)]
         self.messages: list[Upstream] = [
-            Upstream(topics.invoices, plan.id, invoice_event(plan.id, f"{tag}-fin-{n:04d}"),
-                     "applied")
+            Upstream(topics.invoices, plan.id,
+                     invoice_event(plan.id, f"{tag}-fin-{n:04d}", paid=plan.paid), "applied")
             for n, plan in enumerate(self.plans)]
         counter = 0
         while len(self.messages) < messages:
             counter += 1
             plan = rng.choice(self.plans)
             self.messages.append(self._next(rng, plan, f"{tag}-{counter:05d}"))
-        # the credits must stay far from each invoice's total (see the class docstring)
+        # the credits and payments must stay far from each invoice's total (see the docstring)
         assert max(plan.credited for plan in self.plans) < INVOICE_TOTAL // 2
+        assert max(plan.paid_later for plan in self.plans) < INVOICE_TOTAL // 4
 
     def _next(self, rng: random.Random, plan: _InvoicePlan, id_: str) -> Upstream:
         topics = self.topics
@@ -401,42 +433,105 @@ class Workload:
             note = rng.choice(plan.voided)
             return self._command("credit_note.void", {"credit_note_id": note}, plan, id_,
                                  "rejected:already_void", "credit_note.rejected")
-        if roll < 0.25:
+        if roll < 0.21:
             return self._command("credit_note.issue",
                                  {"invoice_id": plan.id, "amount": INVOICE_TOTAL + 1}, plan, id_,
                                  "rejected:exceeds_creditable_amount", "credit_note.rejected")
-        if roll < 0.30:
+        if roll < 0.25:
             return self._command("credit_note.issue",
                                  {"invoice_id": plan.id, "amount": 100, "currency": "eur"},
                                  plan, id_, "rejected:currency_mismatch", "credit_note.rejected")
-        if roll < 0.40 and plan.unit_credits < 3:
+        if roll < 0.33 and plan.unit_credits < 3:
             plan.unit_credits += 1
             return self._issued(plan, id_, UNIT_CREDIT, {
                 "invoice_id": plan.id, "reason": "product_unsatisfactory",
                 "lines": [{"type": "invoice_line_item", "invoice_line_id": "il_1",
                            "quantity": 1}]})
-        if roll < 0.50:
+        if roll < 0.41:
             amount = rng.randrange(50, 200)
             plan.credited += amount
             plan.count += 1
             event = cloudevent("sla.breached", {"invoice_id": plan.id, "sla_id": f"sla-{id_}",
                                                 "credit_amount": amount}, id_, subject=plan.id)
+            # settled to the customer balance (the default) when the invoice is paid
             return Upstream(topics.sla_breaches, plan.id, event, "applied", "credit_note.issued",
-                            credit_note_id(SOURCE, id_))
+                            credit_note_id(SOURCE, id_), balance=int(plan.paid))
+        if roll < 0.51:
+            return self._payment(rng, plan, id_)
+        if roll < 0.61 and plan.paid:
+            amount = rng.randrange(100, 300)
+            upstream = self._issued(plan, id_, amount, {
+                "invoice_id": plan.id, "amount": amount, "refund_amount": amount,
+                "reason": "order_change"})
+            assert upstream.credit_note is not None
+            refund = refund_id(upstream.credit_note)
+            plan.refunds.append(refund)
+            return Upstream(upstream.topic, upstream.key, upstream.event, upstream.outcome,
+                            upstream.emits, upstream.credit_note, refund_id=refund)
+        if roll < 0.70 and (plan.refunds or plan.settled):
+            return self._outcome(rng, plan, id_)
         amount = rng.randrange(100, 300)
         upstream = self._issued(plan, id_, amount, {"invoice_id": plan.id, "amount": amount,
                                                     "reason": "order_change"})
         assert upstream.credit_note is not None
+        if plan.paid:  # post-payment (to the customer balance): not voidable
+            return upstream
         plan.voidable.append(upstream.credit_note)
         self._amounts[upstream.credit_note] = amount
         return upstream
 
+    def _payment(self, rng: random.Random, plan: _InvoicePlan, id_: str) -> Upstream:
+        """A new payment (applied on an open invoice, an overpayment on a paid one), or one of
+        the invoice's payments again under another event id: a duplicate, no effect."""
+        if plan.payments and rng.random() < 0.3:
+            payment_id, amount = rng.choice(plan.payments)
+            outcome, balance = "duplicate:payment", 0
+        else:
+            payment_id, amount = f"pay-{id_}", rng.randrange(100, 300)
+            if not plan.paid and plan.paid_later + amount >= INVOICE_TOTAL // 4:
+                amount = 1  # open invoices stay far from paid off
+            plan.payments.append((payment_id, amount))
+            plan.paid_later += 0 if plan.paid else amount
+            outcome, balance = "applied", int(plan.paid)
+        event = cloudevent("invoice.payment_succeeded", {
+            "invoice_id": plan.id, "amount": amount, "currency": "usd",
+            "payment_id": payment_id}, id_, subject=plan.id)
+        return Upstream(self.topics.invoices, plan.id, event, outcome, None,
+                        balance=balance, payment_id=payment_id)
+
+    def _outcome(self, rng: random.Random, plan: _InvoicePlan, id_: str) -> Upstream:
+        """The outcome of a requested refund (a failure goes to the customer balance), or an
+        outcome already sent, again under another event id: a duplicate, no effect."""
+        if plan.settled and (not plan.refunds or rng.random() < 0.25):
+            refund = rng.choice(sorted(plan.settled))
+            type_ = plan.settled[refund]
+            upstream_outcome, emits, balance = f"duplicate:{type_.replace('.', '_')}", None, 0
+        else:
+            refund = plan.refunds.pop(rng.randrange(len(plan.refunds)))
+            type_ = "refund.failed" if rng.random() < 0.4 else "refund.succeeded"
+            plan.settled[refund] = type_
+            upstream_outcome = "applied"
+            emits = f"credit_note.{type_.replace('.', '_')}"
+            balance = int(type_ == "refund.failed")
+        data: dict[str, Any] = {"refund_id": refund, "invoice_id": plan.id}
+        if type_ == "refund.failed":
+            data["failure_reason"] = "card expired"
+        return Upstream(self.topics.refund_results, plan.id,
+                        cloudevent(type_, data, id_, subject=plan.id), upstream_outcome, emits,
+                        refund_id=refund, balance=balance)
+
     def _issued(self, plan: _InvoicePlan, id_: str, total: int,
                 data: dict[str, Any]) -> Upstream:
+        """A credit note; on a paid invoice it is post-payment: to the customer balance (the
+        default settlement), unless it asks for a refund."""
         plan.credited += total
         plan.count += 1
-        return self._command("credit_note.issue", data, plan, id_, "applied",
-                             "credit_note.issued", credit_note_id(SOURCE, id_))
+        upstream = self._command("credit_note.issue", data, plan, id_, "applied",
+                                 "credit_note.issued", credit_note_id(SOURCE, id_))
+        if not plan.paid or "refund_amount" in data:
+            return upstream
+        return Upstream(upstream.topic, upstream.key, upstream.event, upstream.outcome,
+                        upstream.emits, upstream.credit_note, balance=1)
 
     def _command(self, type_: str, data: dict[str, Any], plan: _InvoicePlan, id_: str,
                  outcome: str, emits: str, note: str | None = None) -> Upstream:
@@ -450,7 +545,7 @@ class Workload:
 
     @property
     def commands(self) -> list[Upstream]:
-        """Everything after the invoices: commands and SLA breaches."""
+        """Everything after the invoices: commands, SLA breaches, payments and outcomes."""
         return self.messages[len(self.plans):]
 
     def expected_invoices(self) -> dict[str, tuple[int, int]]:
@@ -588,9 +683,11 @@ async def eventually(condition: Callable[[], Awaitable[bool]], timeout_s: float,
 
 
 async def processed(deployment: Deployment, source: str = SOURCE) -> int:
-    """How many upstream events of ``source`` the ledger holds."""
+    """How many upstream events of ``source`` the ledger holds as done (not those whose key
+    was released while they wait, e.g. an outcome for a refund not committed yet)."""
     [row] = await deployment.fetch(
-        "SELECT count(*) AS n FROM processed_messages WHERE source = $1", source)
+        "SELECT count(*) AS n FROM processed_messages WHERE source = $1"
+        " AND outcome NOT LIKE 'released:%'", source)
     return int(row["n"])
 
 
@@ -712,11 +809,20 @@ async def check(deployment: Deployment, records: Sequence[Record],
             problems.append(f"event id {event_id} was published with {len(contents)} different "
                             "contents (one id, two effects)")
 
+    # a refund outcome's event names its refund, not its trigger: the outcome applied is it
+    settles = {message.refund_id: (message.source, message.id) for message in upstream
+               if message.topic == topics.refund_results and message.emits}
     caused: dict[tuple[str, str], list[Record]] = defaultdict(list)
     for record in records:
         if record.topic == topics.credit_note_events:
-            trigger = record.event["data"]["trigger"]
-            caused[(trigger["source"], trigger["id"])].append(record)
+            data = record.event["data"]
+            if "trigger" in data:
+                caused[(data["trigger"]["source"], data["trigger"]["id"])].append(record)
+            elif data.get("refund_id") in settles:
+                caused[settles[data["refund_id"]]].append(record)
+            else:
+                problems.append(f"{record.event['type']} {record.id} has no trigger and settles "
+                                "no refund the workload settled")
     for message in upstream:
         copies = caused.get((message.source, message.id), [])
         effects = sorted({(copy.event["type"], copy.id) for copy in copies})
@@ -727,6 +833,8 @@ async def check(deployment: Deployment, records: Sequence[Record],
             if copy.key != message.key.encode():
                 problems.append(f"{copy.event['type']} {copy.id} (of {message.id}) is keyed "
                                 f"{copy.key!r}, not by its invoice {message.key!r}")
+
+    problems += _check_refunds_and_balance(topics, records, upstream)
 
     outbox_order: dict[tuple[str, str], list[str]] = defaultdict(list)
     for row in outbox:
@@ -750,6 +858,54 @@ async def check(deployment: Deployment, records: Sequence[Record],
         reasons = Counter((record.topic, dict(record.headers).get("dlq.error.reason", b"?")
                            .decode()) for record in dead)
         problems.append(f"{len(dead)} dead letter(s): {dict(reasons)}")
+    return problems
+
+
+def _check_refunds_and_balance(topics: Topics, records: Sequence[Record],
+                               upstream: Sequence[Upstream]) -> list[str]:
+    """One ``refund.requested`` per refund credit note, under its stable refund id; one
+    ``customer_balance.credited`` per amount sent to the balance, keyed by the customer."""
+    problems: list[str] = []
+    requested: dict[str, set[str]] = defaultdict(set)  # refund id -> CloudEvent ids
+    for record in records:
+        if record.topic == topics.refund_requests:
+            data = record.event["data"]
+            requested[data["id"]].add(record.id)
+    asked = {message.refund_id: message for message in upstream
+             if message.refund_id is not None and message.emits == "credit_note.issued"}
+    for refund, message in asked.items():
+        if len(requested.get(refund, ())) != 1:
+            problems.append(f"{message.id}: refund {refund} was requested under "
+                            f"{len(requested.get(refund, ()))} event id(s), expected one")
+    for refund in requested.keys() - asked.keys():
+        problems.append(f"refund.requested {refund}: no refund credit note asked for it")
+
+    by_note = {message.credit_note: message for message in upstream
+               if message.emits == "credit_note.issued" and message.credit_note}
+    by_refund = {message.refund_id: message for message in upstream
+                 if message.topic == topics.refund_results and message.emits}
+    by_payment = {message.payment_id: message for message in upstream
+                  if message.payment_id is not None and message.outcome == "applied"}
+    credited: dict[str, set[str]] = defaultdict(set)  # upstream id -> CloudEvent ids
+    for record in records:
+        if record.topic != topics.customer_balance_events:
+            continue
+        data = record.event["data"]
+        cause = {"credit_note": by_note.get(data.get("credit_note_id")),
+                 "refund_failed": by_refund.get(data.get("refund_id")),
+                 "overpayment": by_payment.get(data.get("payment_id"))}.get(data.get("reason"))
+        if cause is None:
+            problems.append(f"customer_balance.credited {record.id} ({data.get('reason')}) "
+                            "was caused by nothing the workload sent")
+            continue
+        credited[cause.id].add(record.id)
+        if record.key != f"cus_{cause.key}".encode():
+            problems.append(f"customer_balance.credited {record.id} is keyed {record.key!r}, "
+                            f"not by its customer cus_{cause.key}")
+    for message in upstream:
+        if len(credited.get(message.id, ())) != message.balance:
+            problems.append(f"{message.id}: {len(credited.get(message.id, ()))} "
+                            f"customer_balance.credited event(s), expected {message.balance}")
     return problems
 
 

@@ -1,5 +1,6 @@
 """Crashed service processes: ``kill -9`` at random moments, between publishing and marking
-the outbox, and of one replica out of three. Nothing is lost, nothing happens twice."""
+the outbox, between a credit note's commit and its refund requests' publishing, and of one
+replica out of three. Nothing is lost, nothing happens twice."""
 
 from __future__ import annotations
 
@@ -11,18 +12,26 @@ from datetime import UTC, datetime
 
 import pytest
 
+from service.domain.refunds import PaymentCash, refund_id_for
 from tests.faults.harness import (
+    INVOICE_TOTAL,
     SOURCE,
     Deployment,
     Publisher,
     ServiceProcess,
+    Upstream,
     Workload,
     assert_never_lost_never_duplicated,
     backlog,
+    cloudevent,
     collect,
+    credit_note_id,
+    creditnotes,
     drained,
     eventually,
+    invoice_event,
     processed,
+    refund_id,
 )
 
 pytestmark = pytest.mark.faults
@@ -162,3 +171,80 @@ async def test_three_replicas_one_killed_mid_stream_apply_every_message_exactly_
     await assert_never_lost_never_duplicated(
         deployment, workload.messages, invoices=workload.expected_invoices(), services=group)
     assert await processed(deployment, SOURCE) == total
+
+
+PARK_REFUND_REQUESTS = """
+CREATE FUNCTION faults_park_refund_requests() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.parked_at := now();
+    NEW.park_error := 'fault injection: not published before the kill';
+    RETURN NEW;
+END $$;
+CREATE TRIGGER faults_park_refund_requests BEFORE INSERT ON outbox
+    FOR EACH ROW WHEN (NEW.type = 'refund.requested')
+    EXECUTE FUNCTION faults_park_refund_requests();
+"""
+UNPARK_REFUND_REQUESTS = """
+DROP TRIGGER faults_park_refund_requests ON outbox;
+DROP FUNCTION faults_park_refund_requests();
+"""
+
+
+async def test_kill_9_between_a_credit_notes_commit_and_its_refund_requests_publishes_them_once(
+        deployment: Deployment, replicas: Replicas) -> None:
+    """The credit note is committed with its ``refund.requested`` rows, none published (parked
+    by a trigger standing in for the relay's bad luck), and the service is killed. After the
+    restart the same command arrives again (as Kafka redelivers an uncommitted offset): no
+    second refund. The rows are published under the refund ids derived from the credit note,
+    one refund each, whatever the crash."""
+    topics = deployment.topics
+    await deployment.execute(PARK_REFUND_REQUESTS)
+    service = replicas()
+    await service.start_ready()
+    paid = Upstream(topics.invoices, "k_in_paid", invoice_event("k_in_paid", "k-fin-1", paid=True),
+                    "applied")
+    opened = Upstream(topics.invoices, "k_in_open", invoice_event("k_in_open", "k-fin-2"),
+                      "applied")
+    payment = Upstream(topics.invoices, "k_in_open", cloudevent(
+        "invoice.payment_succeeded", {"invoice_id": "k_in_open", "amount": INVOICE_TOTAL,
+                                      "currency": "usd", "payment_id": "pay_k"}, "k-pay-1"),
+        "applied", payment_id="pay_k")
+    notes = {id_: credit_note_id(SOURCE, id_) for id_ in ("k-cmd-1", "k-cmd-2")}
+    expected = {notes["k-cmd-1"]: refund_id(notes["k-cmd-1"]),  # the finalization payment
+                notes["k-cmd-2"]: refund_id_for(notes["k-cmd-2"], PaymentCash(1, "pay_k", 0))}
+    credits = [Upstream(topics.credit_note_commands, invoice_id, cloudevent(
+        "credit_note.issue", {"invoice_id": invoice_id, "amount": 700, "refund_amount": 700},
+        id_), "applied", "credit_note.issued", notes[id_], refund_id=expected[notes[id_]])
+        for invoice_id, id_ in (("k_in_paid", "k-cmd-1"), ("k_in_open", "k-cmd-2"))]
+    upstream = [paid, opened, payment, *credits]
+    async with Publisher(deployment.bootstrap_servers) as publisher:
+        await publisher.publish([paid, opened, payment])
+        await reached(deployment, 3, 60, [service])  # the credit refunds pay_k, so after it
+        await publisher.publish(credits)
+
+        async def committed_unpublished() -> bool:
+            rows = await deployment.fetch(
+                "SELECT o.published_at, o.parked_at FROM outbox AS o "
+                "WHERE o.type = 'refund.requested'")
+            return len(rows) == 2 and all(row["published_at"] is None for row in rows)
+
+        await eventually(committed_unpublished, 60, "both credit notes committed, refunds parked")
+        service.kill()
+        assert await collect(deployment, [topics.refund_requests]) == []
+        await deployment.execute(UNPARK_REFUND_REQUESTS)
+        await service.start_ready()
+        await publisher.publish(credits)  # redelivered: the offsets might not have been committed
+        retried = await creditnotes(deployment, "outbox", "retry", "--all")
+        assert retried.returncode == 0, retried.output
+    await drained(deployment, len(upstream), 60, [service])
+
+    records = await assert_never_lost_never_duplicated(deployment, upstream, services=[service])
+    requested = [record for record in records if record.topic == topics.refund_requests]
+    assert {record.event["data"]["id"]: record.event["data"]["credit_note_id"]
+            for record in requested} == {refund: note for note, refund in expected.items()}
+    assert len({record.id for record in requested}) == 2  # one event per refund, however sent
+    assert {record.event["data"]["payment_id"] for record in requested} == {None, "pay_k"}
+    refunds = await deployment.fetch("SELECT refund_id, credit_note_id, amount FROM refunds")
+    assert sorted((row["credit_note_id"], row["refund_id"], row["amount"]) for row in refunds) \
+        == sorted((note, refund, 700) for note, refund in expected.items())
+    assert service.terminate() == 0

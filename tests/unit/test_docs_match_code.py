@@ -572,3 +572,12 @@ def test_every_field_in_the_contracts_message_tables_is_in_a_schema_and_back() -
         "fields docs/contract.md's message tables name (outside its planned section) no message has"
     mentioned = {word for name in backticked(contract()) for word in re.findall(r"\w+", name)}
     assert schema_fields() - mentioned == set(), "message fields docs/contract.md never names"
+
+
+def test_the_runbook_lists_exactly_the_invariants_verify_checks() -> None:
+    from service.adapters.invariants import INVARIANTS
+
+    documented = set(first_column(section(RUNBOOK.read_text(), "`creditnotes verify`")))
+    checked = {invariant.code for invariant in INVARIANTS}
+    assert checked - documented == set(), "invariants docs/operations.md's verify table leaves out"
+    assert documented - checked == set(), "verify codes docs/operations.md names that verify lacks"

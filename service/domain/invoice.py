@@ -1,9 +1,12 @@
 """The invoice as this service knows it: priced lines plus what has been credited.
 
-The invoice is the aggregate: every credit note is issued or voided under its
-lock, and it keeps the running figures the caps are checked against. Its
-original lines and totals never change after finalization; only the credited
-amounts, the payments and the status do.
+The invoice is the aggregate: every credit note is issued or voided, every
+payment received, every refund outcome applied and every credit-note edit made
+under its lock, by one of its methods, which records what happened as events.
+It keeps the running figures the caps are checked against, its payments
+(sequence 0: the amount paid at finalization) and the refunds of its credit
+notes. Its original lines and totals never change after finalization; only the
+credited amounts, the payments, the refunds' states and the status do.
 
 Order of an invoice (docs/rules.md): line items, discounts, pre-tax total, taxes,
 customer balance applied, credit notes, new amount due::

@@ -18,9 +18,14 @@ Where each rule lives:
 - discount and tax shares, rounding, the final sweep: ``_price_quantity``,
   ``_price_amount``, ``_spread`` (all via :mod:`service.domain.money`);
 - the pre/post-payment split and settlement: ``price_credit_note`` and ``_settle``;
+- the refunds over the invoice's payments (newest first, linked ones whole on
+  one payment, stable ids): :func:`refunds.plan_refunds`; a linked id taken
+  already: ``_check_linked``;
+- the accounting date (``effective_at``): ``_effective_at``;
 - numbering and journal: :mod:`credit_note`; open-to-paid, the credited figures
   and the events: ``Invoice.issue``;
-- void rules: ``Invoice.void_credit_note``.
+- void rules: ``Invoice.void_credit_note``; payments, refund outcomes and edits:
+  ``Invoice.receive_payment``, ``Invoice.settle_refund``, ``Invoice.update_credit_note``.
 """
 
 from __future__ import annotations

@@ -735,7 +735,10 @@ async def check(deployment: Deployment, records: Sequence[Record],
       value), and nothing is published that is not in the outbox;
     - no CloudEvents id is published with two different contents (topic, key,
       ``data``): the same event again is fine (at-least-once), two effects are not;
-    - each upstream event caused exactly one event of the expected type;
+    - each upstream event caused exactly one event of the expected type (a refund outcome's
+      event is told by its refund id);
+    - each refund credit note was requested once, under its stable refund id, and each
+      amount sent to a customer's balance was announced once, keyed by the customer;
     - per topic and key, events first appear in outbox order;
     - no dead letters (unless the scenario expects some).
     """

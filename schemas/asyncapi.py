@@ -22,11 +22,12 @@ from pydantic import BaseModel
 from service.settings import Settings
 
 DESCRIPTION = (
-    "Issues credit notes from upstream billing events, exactly once: reads invoices, "
-    "credit-note commands and upstream triggers, applies each in one PostgreSQL "
-    "transaction, and publishes credit notes, paid invoices and refund requests through "
-    "a transactional outbox. Every message is a CloudEvents 1.0 event in structured JSON "
-    "mode, keyed by invoice id. See CONTRACT.md."
+    "Issues credit notes from upstream billing events, exactly once: reads invoices and "
+    "payments, credit-note commands, upstream triggers and refund outcomes, applies each in "
+    "one PostgreSQL transaction, and publishes credit notes, paid invoices, refund requests, "
+    "refund outcomes and customer-balance credits through a transactional outbox. Every "
+    "message is a CloudEvents 1.0 event in structured JSON mode, keyed by invoice id "
+    "(customer-balance credits by customer id). See docs/contract.md."
 )
 
 

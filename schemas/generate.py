@@ -1,4 +1,4 @@
-"""Generate the JSON Schemas of every message type on the contract's topics (CONTRACT.md).
+"""Generate the JSON Schemas of every message type on the contract's topics (docs/contract.md).
 
 Writes ``schemas/json/<type>.json``, one JSON Schema (draft 2020-12) per CloudEvent
 ``type``, each covering the whole structured-mode CloudEvent: the envelope and its
@@ -10,9 +10,9 @@ Writes ``schemas/json/<type>.json``, one JSON Schema (draft 2020-12) per CloudEv
   validators and cannot be said in JSON Schema; the service still enforces them.
 - Outputs are described by the models below, which say what
   :mod:`service.adapters.event_codec` emits: money as integers, every field
-  CONTRACT.md promises required, ``null`` allowed where the code can emit
-  ``None``. Fields the code emits beyond CONTRACT.md's promise are described
-  but not required, and further fields are allowed: CONTRACT.md promises
+  docs/contract.md promises required, ``null`` allowed where the code can emit
+  ``None``. Fields the code emits beyond docs/contract.md's promise are described
+  but not required, and further fields are allowed: docs/contract.md promises
   "at least" these fields, so consumers must ignore what they do not know.
 
 It also writes ``schemas/asyncapi.json``, the AsyncAPI 3.0 document FastStream
@@ -32,10 +32,12 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -51,13 +53,21 @@ from service.domain.commands import (
     InvoiceLineByQuantity,
     IssueCreditNote,
     RecordPayment,
+    RecordRefundOutcome,
     Trigger,
+    UpdateCreditNote,
     VoidCreditNote,
     VoidInvoice,
 )
 from service.domain.credit_note import Account, CreditNoteType, Reason
-from service.domain.events import CreditNoteRejected, CreditNoteVoided, Event
+from service.domain.events import (
+    CreditNoteRefundSucceeded,
+    CreditNoteRejected,
+    CreditNoteVoided,
+    Event,
+)
 from service.domain.invoice import Invoice, InvoiceStatus, finalize_invoice
+from service.domain.refunds import RefundState
 from service.entrypoints import translators, wire
 from service.settings import Settings, Topics
 
@@ -121,6 +131,34 @@ class CreditNoteVoidCommand(wire.CloudEvent):
     data: wire.CreditNoteVoid
 
 
+class CreditNoteUpdateCommand(wire.CloudEvent):
+    """Change a credit note's `memo` (null clears it) and/or `metadata` (merged key by key;
+    a key set to null is removed), the only things that change after issue; void credit
+    notes included. At least one of the two. Topic `credit-note-commands`.
+    """
+
+    type: Literal["credit_note.update"]
+    data: wire.CreditNoteUpdate
+
+
+class RefundSucceededEvent(wire.CloudEvent):
+    """The payment system paid a refund out (topic `refund-results`). An outcome is final: the
+    same again has no effect, the opposite is dead-lettered `refund_state_conflict`; a refund
+    not known (yet) is waited for, then dead-lettered `refund_not_found`."""
+
+    type: Literal["refund.succeeded"]
+    data: wire.RefundOutcome
+
+
+class RefundFailedEvent(wire.CloudEvent):
+    """The payment system could not pay a refund out (topic `refund-results`): its payment's
+    refundable cash is restored and the amount settled again as
+    `CREDITNOTES_REFUND_FAILURE_SETTLEMENT` says. `failure_reason` is optional."""
+
+    type: Literal["refund.failed"]
+    data: wire.RefundOutcome
+
+
 class ReturnReceivedEvent(wire.CloudEvent):
     """Goods were returned: the returned quantities of invoice lines are credited, capped at
     what is left (topic `returns`). Settlement defaults to `refund`."""
@@ -170,7 +208,7 @@ def _no_default(schema: dict[str, Any]) -> None:
 def _not_promised(schema: dict[str, Any]) -> None:
     schema.pop("default", None)
     schema["description"] = (schema.get("description", "") + " Always emitted, but not part of "
-                             "the contract's promise (CONTRACT.md).").strip()
+                             "the contract's promise (docs/contract.md).").strip()
 
 
 class OutputTrigger(BaseModel):
@@ -219,6 +257,20 @@ class CreditNoteLine(BaseModel):
 
 
 Journal = Annotated[list[JournalLine], Field(min_length=2)]
+RefundStatusName = Literal["none", "pending", "succeeded", "failed", "partially_failed"]
+Metadata = dict[str, str]
+
+
+class CreditNoteRefund(BaseModel):
+    """One refund of the credit note, on one payment: linked (made in the payment system
+    before, `succeeded`) or requested (`refund.requested`, `pending` until its outcome)."""
+
+    refund_id: Id
+    payment_id: Id | None = Field(description="null: the payment recorded at finalization "
+                                              "(or one without an id).")
+    amount: PositiveAmount
+    status: Literal["pending", "succeeded", "failed"]
+    linked: bool
 
 
 class CreditNoteIssuedData(BaseModel):
@@ -245,12 +297,17 @@ class CreditNoteIssuedData(BaseModel):
     journal: Journal
     trigger: OutputTrigger
     invoice: InvoiceAfter
+    effective_at: datetime = Field(description="The accounting date of the credit note and its "
+                                               "journal.")
+    refund_status: RefundStatusName
+    refunds: list[CreditNoteRefund] = Field(description="Linked refunds first, then the "
+                                                        "requested ones, newest payment first.")
+    memo: str | None
+    metadata: Metadata
     status: Literal["issued"] = Field(default="issued", json_schema_extra=_not_promised)
     policy: str | None = Field(
         default=None, json_schema_extra=_not_promised,
         description="Which policy allowed an upstream trigger's credit; null for explicit commands.")
-    memo: str | None = Field(default=None, json_schema_extra=_not_promised)
-    metadata: dict[str, str] = Field(default_factory=dict, json_schema_extra=_not_promised)
 
 
 class CreditNoteVoidedData(BaseModel):
@@ -289,14 +346,77 @@ class InvoicePaidData(BaseModel):
 
 
 class RefundRequestedData(BaseModel):
-    """Cash to pay back to the customer for a credit note's `refund_amount`."""
+    """Cash to pay back to the customer: one per payment a credit note's refund part touches
+    (newest payment first). `id` is the refund id, the same after a crash or redelivery; the
+    outcome comes back on `refund-results`."""
 
-    id: Id
+    id: Id = Field(description="The refund id.")
     invoice_id: Id
     customer_id: Id
     credit_note_id: Id
+    payment_id: Id | None = Field(description="The payment to refund; null: the payment "
+                                              "recorded at finalization.")
     amount: PositiveAmount
     currency: Currency
+
+
+class RefundOutcomeData(BaseModel):
+    """A refund's outcome applied; `refund_status` is its credit note's after it."""
+
+    credit_note_id: Id
+    invoice_id: Id
+    refund_id: Id
+    payment_id: Id | None
+    amount: PositiveAmount
+    refund_status: RefundStatusName
+    effective_at: datetime = Field(json_schema_extra=_not_promised,
+                                   description="The date of the journal: the outcome's time.")
+
+
+class CreditNoteRefundSucceededData(RefundOutcomeData):
+    """The refund was paid out: journal debit `refunds_payable`, credit `cash`."""
+
+    journal: Journal
+
+
+class CreditNoteRefundFailedData(RefundOutcomeData):
+    """The refund failed: the payment's refundable cash is restored and the amount settled
+    again as `resettled_to` says: `customer_balance` (journal debit `refunds_payable`, credit
+    `customer_credit_balance`, and a `customer_balance.credited`) or `none` (no journal: it
+    stays in `refunds_payable` for a person to settle)."""
+
+    journal: list[JournalLine]
+    failure_reason: str | None
+    resettled_to: Literal["customer_balance", "none"]
+
+
+class CreditNoteUpdatedData(BaseModel):
+    """A credit note's memo and/or metadata changed; both as they stand after it."""
+
+    id: Id
+    number: Id
+    invoice_id: Id
+    memo: str | None
+    metadata: Metadata
+    trigger: OutputTrigger | SkipJsonSchema[None] = Field(default=None,
+                                                          json_schema_extra=_not_promised)
+
+
+class CustomerBalanceCreditedData(BaseModel):
+    """An amount sent to the customer's credit balance, once: a credit note's `credit_amount`
+    (`credit_note`), a failed refund settled to the balance (`refund_failed`), or the part of a
+    payment beyond what the invoice had left (`overpayment`). `credit_note_id`, `refund_id`
+    and `payment_id` are present where they apply, else left out."""
+
+    id: Id = Field(description="Stable: the CloudEvent's id.")
+    customer_id: Id
+    currency: Currency
+    amount: PositiveAmount
+    reason: Literal["credit_note", "refund_failed", "overpayment"]
+    invoice_id: Id
+    credit_note_id: Id | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_no_default)
+    refund_id: Id | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_no_default)
+    payment_id: Id | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_no_default)
 
 
 class OutputEvent(BaseModel):
@@ -347,7 +467,39 @@ class RefundRequestedEvent(OutputEvent):
     data: RefundRequestedData
 
 
-#: type -> (topic, model); the topics are CONTRACT.md's default names.
+class CreditNoteRefundSucceededEvent(OutputEvent):
+    """A refund of a credit note succeeded (topic `credit-note-events`)."""
+
+    type: Literal["credit_note.refund_succeeded"]
+    data: CreditNoteRefundSucceededData
+
+
+class CreditNoteRefundFailedEvent(OutputEvent):
+    """A refund of a credit note failed (topic `credit-note-events`)."""
+
+    type: Literal["credit_note.refund_failed"]
+    data: CreditNoteRefundFailedData
+
+
+class CreditNoteUpdatedEvent(OutputEvent):
+    """A credit note's memo or metadata changed (topic `credit-note-events`)."""
+
+    type: Literal["credit_note.updated"]
+    data: CreditNoteUpdatedData
+
+
+class CustomerBalanceCreditedEvent(OutputEvent):
+    """An amount went to a customer's credit balance (topic `customer-balance-events`, keyed
+    by customer id, in order per customer)."""
+
+    type: Literal["customer_balance.credited"]
+    subject: str | SkipJsonSchema[None] = Field(
+        default=None, json_schema_extra=_no_default,
+        description="The Kafka record key: the customer id.")
+    data: CustomerBalanceCreditedData
+
+
+#: type -> (topic, model); the topics are docs/contract.md's default names.
 INPUTS: dict[str, tuple[str, type[BaseModel]]] = {
     "invoice.finalized": (TOPICS.invoices, InvoiceFinalizedEvent),
     "invoice.payment_succeeded": (TOPICS.invoices, InvoicePaymentSucceededEvent),
@@ -355,6 +507,9 @@ INPUTS: dict[str, tuple[str, type[BaseModel]]] = {
     "invoice.marked_uncollectible": (TOPICS.invoices, InvoiceMarkedUncollectibleEvent),
     "credit_note.issue": (TOPICS.credit_note_commands, CreditNoteIssueCommand),
     "credit_note.void": (TOPICS.credit_note_commands, CreditNoteVoidCommand),
+    "credit_note.update": (TOPICS.credit_note_commands, CreditNoteUpdateCommand),
+    "refund.succeeded": (TOPICS.refund_results, RefundSucceededEvent),
+    "refund.failed": (TOPICS.refund_results, RefundFailedEvent),
     "return.received": (TOPICS.returns, ReturnReceivedEvent),
     "sla.breached": (TOPICS.sla_breaches, SlaBreachedEvent),
     "subscription.downgraded": (TOPICS.downgrades, SubscriptionDowngradedEvent),
@@ -366,6 +521,10 @@ OUTPUTS: dict[str, tuple[str, type[BaseModel]]] = {
     "credit_note.rejected": (TOPICS.credit_note_events, CreditNoteRejectedEvent),
     "invoice.paid": (TOPICS.invoice_events, InvoicePaidEvent),
     "refund.requested": (TOPICS.refund_requests, RefundRequestedEvent),
+    "credit_note.refund_succeeded": (TOPICS.credit_note_events, CreditNoteRefundSucceededEvent),
+    "credit_note.refund_failed": (TOPICS.credit_note_events, CreditNoteRefundFailedEvent),
+    "credit_note.updated": (TOPICS.credit_note_events, CreditNoteUpdatedEvent),
+    "customer_balance.credited": (TOPICS.customer_balance_events, CustomerBalanceCreditedEvent),
 }
 MESSAGES = {**INPUTS, **OUTPUTS}
 
@@ -396,6 +555,9 @@ def schemas() -> dict[str, dict[str, Any]]:
 EXAMPLE_TIME = datetime(2026, 11, 21, 10, 5, tzinfo=UTC)
 #: The command that issues the credit note voided in ``examples/credit_note.void.json``.
 VOIDED_NOTE_TRIGGER = Trigger(source="/support/console", id="cmd-7f39", type="credit_note.issue")
+#: The command that issues the credit note whose refund ``examples/refund.succeeded.json`` pays.
+REFUNDED_NOTE_TRIGGER = Trigger(source="/support/console", id="cmd-7f3c", type="credit_note.issue",
+                                time=datetime(2026, 11, 21, 10, 3, tzinfo=UTC))
 
 C = TypeVar("C", bound=Command)
 
@@ -406,20 +568,24 @@ def input_example(type_: str) -> dict[str, Any]:
     return loaded
 
 
-#: The translators of the input examples the stories below use.
+#: The translators of the input examples the stories below use (failed refunds go to the
+#: customer balance: the setting's default).
 _TRANSLATORS: dict[str, translators.Translator] = {
     "invoice.finalized": translators.finalized,
     "invoice.payment_succeeded": translators.payment_succeeded,
     "invoice.voided": translators.voided,
     "credit_note.issue": translators.issue,
     "credit_note.void": translators.void,
+    "credit_note.update": translators.update,
+    "refund.succeeded": partial(translators.refund_outcome, outcome=RefundState.SUCCEEDED),
+    "refund.failed": partial(translators.refund_outcome, outcome=RefundState.FAILED),
 }
 
 
 def _command(type_: str, kind: type[C]) -> C:
     """The domain command the service makes of the input example of ``type_``."""
     event = translators.parse(wire.CloudEvent, input_example(type_), "CloudEvent")
-    command = _TRANSLATORS[type_](event, Trigger(event.source, event.id, event.type))
+    command = _TRANSLATORS[type_](event, Trigger(event.source, event.id, event.type, event.time))
     if not isinstance(command, kind):
         raise TypeError(f"{type_} translates to {type(command).__name__}, not {kind.__name__}")
     return command
@@ -429,24 +595,45 @@ def _finalized() -> Invoice:
     return finalize_invoice(_command("invoice.finalized", FinalizeInvoice))
 
 
-def example_events() -> list[Event]:
-    """The domain events of three short stories told with the input examples."""
-    # 1. Paid in part, then six widgets credited: pre- and post-payment, the rest refunded.
+def _paid_in_part() -> Invoice:
+    """The example invoice with the example payment received."""
     invoice = _finalized()
     payment = _command("invoice.payment_succeeded", RecordPayment)
-    invoice.record_payment(payment.amount, payment.currency)
-    issuing.issue_credit_note(invoice, _command("credit_note.issue", IssueCreditNote))
+    invoice.receive_payment(payment.payment_id, payment.amount, payment.currency, payment.trigger)
+    return invoice
+
+
+def _settle(invoice: Invoice, type_: str) -> None:
+    outcome = _command(type_, RecordRefundOutcome)
+    invoice.settle_refund(outcome.refund_id, outcome.outcome, outcome.trigger,
+                          failure_reason=outcome.failure_reason,
+                          settlement=outcome.failure_settlement, now=EXAMPLE_TIME)
+
+
+def example_events() -> list[Event]:
+    """The domain events of four short stories told with the input examples."""
+    # 1. Paid in part, then six widgets credited: pre- and post-payment, the rest refunded;
+    #    the credit note's memo and metadata updated; its refund fails (to the balance).
+    invoice = _paid_in_part()
+    note = issuing.issue_credit_note(invoice, _command("credit_note.issue", IssueCreditNote),
+                                     now=EXAMPLE_TIME)
+    update = _command("credit_note.update", UpdateCreditNote)
+    if update.credit_note_id != note.id:
+        raise ValueError(f"examples/credit_note.update.json must update credit note {note.id!r}")
+    invoice.update_credit_note(note, update.trigger, memo=update.memo,
+                               memo_set=update.memo_set, metadata_patch=update.metadata_patch)
+    _settle(invoice, "refund.failed")
     events = list(invoice.events)
 
     # 2. One widget credited on the open invoice, then that credit note voided.
     invoice = _finalized()
     note = issuing.issue_credit_note(invoice, IssueCreditNote(
         trigger=VOIDED_NOTE_TRIGGER, invoice_id=invoice.id, reason="order_change",
-        lines=(InvoiceLineByQuantity(invoice.lines[0].id, 1),)))
+        lines=(InvoiceLineByQuantity(invoice.lines[0].id, 1),)), now=EXAMPLE_TIME)
     void = _command("credit_note.void", VoidCreditNote)
     if void.credit_note_id != note.id:
         raise ValueError(f"examples/credit_note.void.json must void credit note {note.id!r}")
-    issuing.void_credit_note(invoice, note, void)
+    issuing.void_credit_note(invoice, note, void, now=EXAMPLE_TIME)
     events += [event for event in invoice.events if isinstance(event, CreditNoteVoided)]
 
     # 3. The invoice voided upstream, then the credit note of story 1 refused (as handlers do).
@@ -456,12 +643,19 @@ def example_events() -> list[Event]:
     invoice.void()
     issue = _command("credit_note.issue", IssueCreditNote)
     try:
-        issuing.issue_credit_note(invoice, issue)
+        issuing.issue_credit_note(invoice, issue, now=EXAMPLE_TIME)
     except errors.Rejection as rejection:
         events.append(CreditNoteRejected(trigger=issue.trigger, invoice_id=issue.invoice_id,
                                          reason=rejection.code, message=rejection.message))
     else:
         raise ValueError("a credit note on a void invoice was not refused")
+
+    # 4. Story 1's credit again under another command, and this time its refund succeeds.
+    invoice = _paid_in_part()
+    issuing.issue_credit_note(invoice, dataclasses.replace(issue, trigger=REFUNDED_NOTE_TRIGGER),
+                              now=EXAMPLE_TIME)
+    _settle(invoice, "refund.succeeded")
+    events += [event for event in invoice.events if isinstance(event, CreditNoteRefundSucceeded)]
     return events
 
 

@@ -19,12 +19,14 @@ from faststream.kafka import KafkaBroker
 from opentelemetry import trace
 
 from service import tracing
+from service.adapters import queries
 from service.adapters.kafka_producer import KafkaProducer
 from service.adapters.outbox_relay import OutboxRelay
 from service.adapters.probe_connection import ProbeConnection
 from service.adapters.retention import Policy, RetentionTask
 from service.adapters.unavailable import Backoff
 from service.adapters.unit_of_work import PostgresUnitOfWork
+from service.domain import errors
 from service.entrypoints import subscribers
 from service.entrypoints.consumer import Pipeline
 from service.entrypoints.dead_letters import DeadLetterWriter
@@ -103,12 +105,29 @@ def build(settings: Settings, pool: asyncpg.Pool,
         settings.http_port,
         Cached(readiness_check(probe, broker, settings.migrations_dir),
                settings.readiness_cache_seconds),
-        Cached(metrics_scrape(probe, broker, metrics), settings.readiness_cache_seconds),
+        Cached(with_refund_gauges(probe, metrics, metrics_scrape(probe, broker, metrics)),
+               settings.readiness_cache_seconds),
         metrics_port=settings.metrics_port,
         limits=Limits(settings.http_max_connections, settings.http_read_timeout_seconds,
                       settings.http_max_request_line_bytes))
     return Parts(producer, broker, table, pipeline, relay, probe, http,
                  retention(pool, settings, metrics) if settings.retention_enabled else None)
+
+
+def with_refund_gauges(probe: ProbeConnection, metrics: Metrics,
+                       scrape: Callable[[], Awaitable[str]]) -> Callable[[], Awaitable[str]]:
+    """``/metrics`` with the pending-refund gauges refreshed first (beside the outbox's)."""
+    async def refreshed() -> str:
+        try:  # the other metrics still answer while PostgreSQL is down
+            async with probe.connection() as connection:
+                pending = await asyncio.wait_for(queries.pending_refunds(connection), 2)
+        except errors.Unavailable:
+            pending = None
+        if pending is not None:
+            metrics.refunds_pending.set(pending.count)
+            metrics.refund_oldest_pending.set(pending.oldest_seconds)
+        return await scrape()
+    return refreshed
 
 
 class Service:

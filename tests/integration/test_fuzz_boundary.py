@@ -39,8 +39,11 @@ import structlog
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
+from service.domain.commands import Trigger
+from service.domain.credit_note import derived_id
+from service.domain.refunds import PaymentCash, refund_id_for
 from service.settings import Settings
-from tests.support import Kafka, RunningService, cloudevent, creditnotes, fetch
+from tests.support import SOURCE, Kafka, RunningService, cloudevent, creditnotes, fetch
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +62,8 @@ FOUR_BYTE = "".join(chr(0x20000 + (n * 7_919) % 40_000) for n in range(1_024))
 TYPES = {
     "invoices": ["invoice.finalized", "invoice.payment_succeeded", "invoice.voided",
                  "invoice.marked_uncollectible"],
-    "credit_note_commands": ["credit_note.issue", "credit_note.void"],
+    "credit_note_commands": ["credit_note.issue", "credit_note.void", "credit_note.update"],
+    "refund_results": ["refund.succeeded", "refund.failed"],
     "returns": ["return.received"],
     "sla_breaches": ["sla.breached"],
     "downgrades": ["subscription.downgraded"],
@@ -84,12 +88,19 @@ def data_of(type_: str, invoice_id: str, tag: str) -> dict[str, Any]:
     return {
         "invoice.finalized": lambda: invoice(f"{invoice_id}-new"),
         "invoice.payment_succeeded": lambda: {"invoice_id": invoice_id, "amount": 1_000,
-                                              "currency": "usd"},
+                                              "currency": "usd", "payment_id": f"pay-{tag}"},
         "invoice.voided": lambda: {"invoice_id": invoice_id},
         "invoice.marked_uncollectible": lambda: {"invoice_id": invoice_id},
         "credit_note.issue": lambda: {"invoice_id": invoice_id, "amount": 1_000,
-                                      "memo": f"For {NAME}", "metadata": {"ticket": MARKER}},
+                                      "memo": f"For {NAME}", "metadata": {"ticket": MARKER},
+                                      "effective_at": MID,
+                                      "refunds": [{"refund_id": f"re-{tag}", "amount": 100}]},
         "credit_note.void": lambda: {"credit_note_id": f"cn_{tag}"},
+        "credit_note.update": lambda: {"credit_note_id": f"cn_{tag}", "memo": f"For {NAME}",
+                                       "metadata": {"ticket": MARKER, "old": None}},
+        "refund.succeeded": lambda: {"refund_id": f"rf_{tag}", "invoice_id": invoice_id},
+        "refund.failed": lambda: {"refund_id": f"rf_{tag}", "invoice_id": invoice_id,
+                                  "failure_reason": f"Card of {NAME} <{MARKER}> expired"},
         "return.received": lambda: {"invoice_id": invoice_id, "return_id": f"r-{tag}",
                                     "lines": [{"invoice_line_id": "il_1", "quantity": 1}]},
         "sla.breached": lambda: {"invoice_id": invoice_id, "sla_id": f"s-{tag}",
@@ -101,12 +112,28 @@ def data_of(type_: str, invoice_id: str, tag: str) -> dict[str, Any]:
     }[type_]()
 
 
+def refund_of(good_invoice: str, tag: str) -> str:
+    """The refund id of :func:`refunded_credit`: its credit note's, on the payment at
+    finalization (the good invoices are paid then)."""
+    note = derived_id("cn", Trigger(SOURCE, f"setup-{tag}", "credit_note.issue"))
+    return refund_id_for(note, PaymentCash(0, None, 100_000))
+
+
+def refunded_credit(good_invoice: str, tag: str) -> dict[str, Any]:
+    """A credit of a good invoice refunded in cash: its refund is what the good outcome settles."""
+    return cloudevent("credit_note.issue", {"invoice_id": good_invoice, "amount": 1_000,
+                                            "refund_amount": 1_000}, id_=f"setup-{tag}")
+
+
 def good_event(topic: str, good_invoice: str, tag: str) -> dict[str, Any]:
-    """A record that must be applied: on ``invoices`` a new invoice, elsewhere a credit."""
+    """A record that must be applied: on ``invoices`` a new invoice, on ``refund_results``
+    the outcome of a pending refund, elsewhere a credit."""
     type_ = {"invoices": "invoice.finalized", "credit_note_commands": "credit_note.issue"
              }.get(topic, TYPES[topic][0])
     if topic == "invoices":
         data = invoice(good_invoice)
+    elif topic == "refund_results":
+        data = {"refund_id": refund_of(good_invoice, tag), "invoice_id": good_invoice}
     elif topic == "sla_breaches":
         data = {"invoice_id": good_invoice, "sla_id": f"s-{tag}", "credit_amount": 100}
     else:
@@ -315,6 +342,16 @@ async def test_every_fuzzed_record_gets_one_outcome_and_the_good_record_after_it
         await kafka.publish(topics.invoices, cloudevent("invoice.finalized",
                                                         invoice(invoice_id, paid=paid)))
     await wait_until_stored(settings, kafka, [invoice_id for invoice_id, _ in setup])
+    refunded = [f"{invoice_id}-good" for invoice_id, bad in pairs if bad.topic == "refund_results"]
+    for n, (invoice_id, bad) in enumerate(pairs):
+        if bad.topic == "refund_results":
+            await kafka.publish(topics.credit_note_commands,
+                                refunded_credit(f"{invoice_id}-good", f"{run}-{n}"))
+    deadline = time.monotonic() + OUTCOME_TIMEOUT_S
+    while len(await fetch(settings, "SELECT 1 FROM credit_notes WHERE invoice_id = ANY($1)",
+                          refunded)) < len(refunded):
+        assert time.monotonic() < deadline, "the setup's refunded credit notes were not stored"
+        await kafka.poll()
 
     sent: list[Sent] = []
     with structlog.testing.capture_logs() as logs:

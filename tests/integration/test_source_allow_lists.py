@@ -19,6 +19,7 @@ ALLOW_LISTS = {
     "allowed_sources_downgrades": ["/billing/subscriptions"],
     "allowed_sources_cancellations": ["/billing/subscriptions"],
     "allowed_sources_credit_note_commands": ["/support/console"],
+    "allowed_sources_refund_results": ["/payments/refunds"],
     "allow_any_source": False,
 }
 
@@ -73,3 +74,15 @@ async def test_allow_any_opens_only_the_topics_without_a_list(
         while await fetchrow(mixed, "SELECT 1 FROM invoices") is None:  # /anyone on invoices
             await kafka.settle(0.1)
     assert dead.headers["dlq.error.reason"] == b"unauthorized_source"
+
+
+async def test_only_the_payment_system_may_tell_a_refunds_outcome(
+        settings: Settings, kafka: Kafka) -> None:
+    strict = settings.model_copy(update=ALLOW_LISTS)
+    async with RunningService(strict):
+        await kafka.publish(strict.topics.refund_results, cloudevent(
+            "refund.succeeded", {"refund_id": "rf_1", "invoice_id": "in_1001"},
+            source="/support/console", id_="rr-spoofed"))
+        [dead] = await kafka.expect(f"{strict.topics.refund_results}.dlq")
+    assert dead.headers["dlq.error.reason"] == b"unauthorized_source"
+    assert await fetch(strict, "SELECT 1 FROM processed_messages WHERE id = 'rr-spoofed'") == []

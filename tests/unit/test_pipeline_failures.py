@@ -289,7 +289,7 @@ class _Failing:
     async def transaction(self) -> Any:
         yield
 
-    async def lock(self, invoice_ids: Any, credit_note_ids: Any = ()) -> None:
+    async def lock(self, invoice_ids: Any, credit_note_ids: Any = (), refund_ids: Any = ()) -> None:
         self.log.append("apply")
         raise KeyError("a bug")
 

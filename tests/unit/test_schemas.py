@@ -11,8 +11,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, get_args
 
@@ -27,13 +29,18 @@ from service.domain.commands import Settlement, SettlementSplit, Trigger, VoidCr
 from service.domain.credit_note import Reason
 from service.domain.events import (
     CreditNoteIssued,
+    CreditNoteRefundFailed,
+    CreditNoteRefundSucceeded,
     CreditNoteRejected,
+    CreditNoteUpdated,
     CreditNoteVoided,
+    CustomerBalanceCredited,
     Event,
     InvoicePaid,
     RefundRequested,
 )
 from service.domain.issuing import issue_credit_note, void_credit_note
+from service.domain.refunds import FailureSettlement, LinkedRefund, RefundState
 from service.entrypoints import translators, wire
 from service.settings import Settings, Topics
 
@@ -65,16 +72,26 @@ OUTPUT_TYPES = sorted(generate.OUTPUTS)
 INPUT_TYPES = sorted(generate.INPUTS)
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
-#: What CONTRACT.md promises in each output's `data`: the schema must require at least these.
+#: What docs/contract.md promises in each output's `data`: the schema must require at least these.
 CONTRACT_FIELDS = {
     "credit_note.issued": {
         "id", "number", "invoice_id", "customer_id", "currency", "type", "reason", "subtotal",
         "tax", "total", "pre_payment_amount", "post_payment_amount", "refund_amount",
-        "credit_amount", "out_of_band_amount", "lines", "journal", "trigger", "invoice"},
+        "credit_amount", "out_of_band_amount", "lines", "journal", "trigger", "invoice",
+        "effective_at", "refund_status", "refunds", "memo", "metadata"},
     "credit_note.voided": {"id", "number", "invoice_id", "total", "journal", "invoice"},
     "credit_note.rejected": {"trigger", "invoice_id", "reason", "message"},
+    "credit_note.updated": {"id", "number", "invoice_id", "memo", "metadata"},
+    "credit_note.refund_succeeded": {"credit_note_id", "invoice_id", "refund_id", "payment_id",
+                                     "amount", "refund_status", "journal"},
+    "credit_note.refund_failed": {"credit_note_id", "invoice_id", "refund_id", "payment_id",
+                                  "amount", "refund_status", "journal", "failure_reason",
+                                  "resettled_to"},
     "invoice.paid": {"invoice_id", "paid_by", "credit_note_id", "amount_remaining"},
-    "refund.requested": {"id", "invoice_id", "customer_id", "credit_note_id", "amount", "currency"},
+    "refund.requested": {"id", "invoice_id", "customer_id", "credit_note_id", "payment_id",
+                         "amount", "currency"},
+    "customer_balance.credited": {"id", "customer_id", "currency", "amount", "reason",
+                                  "invoice_id"},
 }
 
 
@@ -96,7 +113,7 @@ def validator(document: dict[str, Any]) -> Draft202012Validator:
 def closed(document: dict[str, Any]) -> dict[str, Any]:
     """The schema with every described object closed: no property it does not name.
 
-    The published output schemas stay open (CONTRACT.md promises "at least" their
+    The published output schemas stay open (docs/contract.md promises "at least" their
     fields); the tests close them so that a field the codec starts emitting
     without a schema change fails here.
     """
@@ -195,7 +212,7 @@ def test_output_examples_have_no_field_the_schema_does_not_describe() -> None:
 # --- (c) what the real code emits fits the output schemas ----------------------------------
 
 
-def encoded(events: list[Event]) -> list[tuple[str, dict[str, Any]]]:
+def encoded(events: Sequence[Event]) -> list[tuple[str, dict[str, Any]]]:
     return [(out.type, out.cloudevent) for out in (encode(event, TOPICS, now=NOW) for event in events)]
 
 
@@ -302,7 +319,10 @@ def test_an_event_the_codec_emits_with_an_unknown_field_would_fail() -> None:
 def test_every_domain_event_kind_has_an_output_schema() -> None:
     kinds = {CreditNoteIssued: "credit_note.issued", CreditNoteVoided: "credit_note.voided",
              CreditNoteRejected: "credit_note.rejected", InvoicePaid: "invoice.paid",
-             RefundRequested: "refund.requested"}
+             RefundRequested: "refund.requested", CreditNoteUpdated: "credit_note.updated",
+             CreditNoteRefundSucceeded: "credit_note.refund_succeeded",
+             CreditNoteRefundFailed: "credit_note.refund_failed",
+             CustomerBalanceCredited: "customer_balance.credited"}
     assert sorted(kinds.values()) == OUTPUT_TYPES
     assert set(get_args(Event)) == set(kinds)
 
@@ -360,5 +380,85 @@ def test_the_asyncapi_document_names_every_topic_the_service_reads_and_writes() 
     assert document["asyncapi"].startswith("3.")
     assert addresses == {topic for topic, _ in generate.MESSAGES.values()}
     text = json.dumps(document)
-    for model in ("CreditNoteIssuedEvent", "ReturnReceivedEvent", "RefundRequestedEvent"):
+    for model in ("CreditNoteIssuedEvent", "ReturnReceivedEvent", "RefundRequestedEvent",
+                  "RefundFailedEvent", "CustomerBalanceCreditedEvent", "CreditNoteUpdateCommand"):
         assert model in text
+
+
+def test_no_generated_file_points_outside_the_repository() -> None:
+    for path in generate.generated_files():
+        text = path.read_text("utf-8")
+        assert "CONTRACT.md" not in text and "RULES.md" not in text, path
+
+
+# --- (e) the money loop: payments, refund outcomes, the balance, edits ----------------------
+
+
+def test_a_payment_over_what_is_left_fits_the_balance_schema_with_no_null_field() -> None:
+    inv = invoice(lines=[line("L1", quantity=1, unit_amount=10_000)])
+    issue(inv, amount=3_000)
+    inv.receive_payment("pay_1", 10_000, "usd", trigger("invoice.payment_succeeded"))
+
+    [(type_, cloudevent)] = encoded(events_of(inv, CustomerBalanceCredited))
+
+    assert type_ == "customer_balance.credited"
+    data = cloudevent["data"]
+    assert (data["amount"], data["reason"], data["payment_id"]) == (3_000, "overpayment", "pay_1")
+    assert "credit_note_id" not in data and "refund_id" not in data
+    assert cloudevent["subject"] == inv.customer_id
+    assert_valid(type_, cloudevent)
+
+
+@pytest.mark.parametrize("settlement", list(FailureSettlement))
+def test_refund_outcomes_fit_their_schemas(settlement: FailureSettlement) -> None:
+    inv = paid_invoice(lines=[line("L1", quantity=2, unit_amount=5_000)])
+    note = issue(inv, amount=4_000, settlement=Settlement.REFUND)
+    [refund] = note.refunds
+    inv.settle_refund(refund.refund_id, RefundState.FAILED, trigger("refund.failed"),
+                      failure_reason=None, settlement=settlement, now=NOW)
+    note = issue(inv, amount=1_000, settlement=Settlement.REFUND)
+    [refund] = note.refunds
+    inv.settle_refund(refund.refund_id, RefundState.SUCCEEDED, trigger("refund.succeeded"),
+                      now=NOW)
+
+    outputs = {type_: cloudevent for type_, cloudevent in encoded(inv.events)
+               if type_.startswith(("credit_note.refund", "customer_balance"))}
+
+    failed = outputs["credit_note.refund_failed"]["data"]
+    assert (failed["resettled_to"], failed["failure_reason"]) == (settlement.value, None)
+    assert (failed["journal"] == []) == (settlement is FailureSettlement.NONE)
+    assert ("customer_balance.credited" in outputs) == (
+        settlement is FailureSettlement.CUSTOMER_BALANCE)
+    assert outputs["credit_note.refund_succeeded"]["data"]["refund_status"] == "succeeded"
+    for type_, cloudevent in outputs.items():
+        assert_valid(type_, cloudevent)
+
+
+def test_a_linked_refund_and_an_update_fit_their_schemas() -> None:
+    inv = paid_invoice(lines=[line("L1", quantity=1, unit_amount=5_000)])
+    note = issue_credit_note(inv, dataclasses.replace(
+        command(amount=2_000), linked_refunds=(LinkedRefund("re_1", 2_000),)))
+    inv.update_credit_note(note, trigger("credit_note.update"), memo=None, memo_set=True,
+                           metadata_patch={"ticket": "T-1"})
+
+    outputs = encoded(inv.events)
+
+    assert [type_ for type_, _ in outputs] == ["credit_note.issued", "credit_note.updated"]
+    issued, updated = (cloudevent["data"] for _, cloudevent in outputs)
+    assert issued["refunds"] == [{"refund_id": "re_1", "payment_id": None, "amount": 2_000,
+                                  "status": "succeeded", "linked": True}]
+    assert issued["refund_status"] == "succeeded"
+    assert (updated["memo"], updated["metadata"]) == (None, {"ticket": "T-1"})
+    for output in outputs:
+        assert_valid(*output)
+
+
+def test_an_update_with_nothing_to_change_is_refused_by_both_the_schema_and_the_wire_model(
+) -> None:
+    document = example("credit_note.update")
+    document["data"] = {"credit_note_id": document["data"]["credit_note_id"]}
+    with pytest.raises(jsonschema.ValidationError):
+        validator(schema("credit_note.update")).validate(document)
+    with pytest.raises(errors.InvalidMessage):
+        translators.translate(wire.CloudEvent.model_validate(document),
+                              TOPICS.credit_note_commands, routes())

@@ -581,3 +581,24 @@ def test_the_runbook_lists_exactly_the_invariants_verify_checks() -> None:
     checked = {invariant.code for invariant in INVARIANTS}
     assert checked - documented == set(), "invariants docs/operations.md's verify table leaves out"
     assert documented - checked == set(), "verify codes docs/operations.md names that verify lacks"
+
+
+@cache
+def defined_tests() -> frozenset[str]:
+    """The names of every test function under tests/ and bench/."""
+    names = set()
+    for path in [*(ROOT / "tests").rglob("*.py"), *(ROOT / "bench").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith(
+                    "test_"):
+                names.add(node.name)
+    return frozenset(names)
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=doc_id)
+def test_every_test_a_document_cites_as_proof_exists(document: Path) -> None:
+    """A guarantee's proof that names a renamed or deleted test proves nothing."""
+    cited = {name for quoted in backticked(document.read_text())
+             for name in re.findall(r"(?<![\w/.])(test_[a-z0-9_]+)(?![\w.<])", quoted)}
+    unknown = cited - defined_tests()
+    assert not unknown, f"{doc_id(document)} cites tests that do not exist: {sorted(unknown)}"

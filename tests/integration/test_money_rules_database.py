@@ -35,6 +35,7 @@ from service.domain.commands import (
     FinalizeInvoice,
     IssueCreditNote,
     OnExcess,
+    RecordPayment,
     RecordRefundOutcome,
     ServicePeriod,
     Settlement,
@@ -261,6 +262,42 @@ async def test_a_void_reads_its_credit_note_only_under_its_invoices_lock(
     assert outcomes([a]) == [(Outcome.REJECTED, "already_void", None)]
     row = await pool.fetchrow("SELECT pre_payment_credited, credit_note_count FROM invoices")
     assert tuple(row) == (0, 1)
+    assert await money_invariants(database_url) == []
+
+
+async def test_journals_are_dated_by_the_credit_note_the_void_and_the_refund_outcome(
+        pool: asyncpg.Pool, database_url: str) -> None:
+    issued_on, voided_on, refunded_on = (datetime(2026, 11, day, 9, tzinfo=UTC)
+                                         for day in (2, 3, 4))
+    pre = IssueCreditNote(Trigger("/tests", "c-pre", "credit_note.issue", time=voided_on),
+                          "in_7101", "other", amount=1_000, effective_at=issued_on)
+    void = VoidCreditNote(Trigger("/tests", "v-pre", "credit_note.void", time=voided_on),
+                          derived_id("cn", pre.trigger))
+    paid = RecordPayment(Trigger("/tests", "p-1", "invoice.payment_succeeded"), "in_7101",
+                         9_000, "usd", "pay_1")
+    refund = IssueCreditNote(Trigger("/tests", "c-ref", "credit_note.issue", time=issued_on),
+                             "in_7101", "other", amount=2_000, settlement=Settlement.REFUND)
+    results = await apply_batch([finalized("in_7101")] + [
+        Message(command, Delivery("tests")) for command in (pre, void, paid, refund)],
+        units(pool))
+    assert outcomes(results) == [(Outcome.APPLIED, "", None)] * 5
+    refund_id = await pool.fetchval("SELECT refund_id FROM refunds")
+    outcome = RecordRefundOutcome(
+        Trigger("/payments/refunds", "o-1", "refund.succeeded", time=refunded_on), "in_7101",
+        refund_id, RefundState.SUCCEEDED)
+    assert outcomes(await apply_batch([Message(outcome, Delivery("refund-results"))],
+                                      units(pool))) == [(Outcome.APPLIED, "", None)]
+
+    dates = {(row["number"], row["entry"]): row["dates"] for row in await pool.fetch(
+        "SELECT n.number, j.entry, array_agg(DISTINCT j.effective_at) AS dates"
+        " FROM journal_lines AS j JOIN credit_notes AS n ON n.id = j.credit_note_id"
+        " GROUP BY n.number, j.entry")}
+    assert dates == {("in_7101-CN-01", "issue"): [issued_on],
+                     ("in_7101-CN-01", "void"): [voided_on],
+                     ("in_7101-CN-02", "issue"): [issued_on]}
+    assert await pool.fetchval("SELECT array_agg(DISTINCT effective_at) FROM"
+                               " refund_journal_lines") == [refunded_on]
+    assert await pool.fetchval("SELECT outcome_at FROM refunds") == refunded_on
     assert await money_invariants(database_url) == []
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -385,9 +387,11 @@ REFUND_1, REFUND_0 = "rf_pay1", "rf_pay0"
 async def app_db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection as a login user of creditnotes_app, holding PAID with its refunded note."""
     admin = await asyncpg.connect(database_url)
-    user = f"cn_app_{NOTE[-6:]}_{id(admin) % 100_000}"
+    user = f"cn_app_{uuid.uuid4().hex[:8]}"
     await admin.execute(f'CREATE ROLE "{user}" LOGIN IN ROLE creditnotes_app')
-    connection = await asyncpg.connect(database_url.replace("postgres@", f"{user}@", 1))
+    parts = urlsplit(database_url)
+    connection = await asyncpg.connect(urlunsplit(
+        parts._replace(netloc=f"{user}@{parts.netloc.rsplit('@', 1)[-1]}")))
     try:
         async with connection.transaction():
             await connection.execute(

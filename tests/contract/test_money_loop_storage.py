@@ -282,3 +282,19 @@ async def test_a_credit_note_changes_only_by_a_void_or_in_memo_and_metadata(
         assert note is not None
         with pytest.raises(ValueError, match="only by being voided"):
             await uow.save(dataclasses.replace(note, refund_amount=1))
+
+
+async def test_a_key_recorded_as_a_duplicate_is_never_claimed_again(backend: Backend) -> None:
+    # a payment or an outcome seen before (same payment id, same outcome) is recorded
+    # "duplicate:<what>": an outcome of its own, like applied or rejected
+    command = payment("p9", "in_9", 100, "pay_9")
+    uow = backend.unit_of_work()
+    async with uow.transaction():
+        assert (await uow.claim([message(command)])).claimed == {key_of(command.trigger)}
+        assert await uow.record(message(command), "duplicate:payment")
+    assert await backend.outcome(key_of(command.trigger)) == "duplicate:payment"
+
+    uow = backend.unit_of_work()
+    async with uow.transaction():
+        assert (await uow.claim([message(command, offset=2)])).claimed == frozenset()
+    assert await backend.outcome(key_of(command.trigger)) == "duplicate:payment"

@@ -19,6 +19,7 @@ from service.domain.commands import Trigger
 from service.domain.credit_note import derived_id
 from service.domain.refunds import PaymentCash, refund_id_for
 from service.settings import Settings
+from tests.integration.test_health_and_shutdown import http_get
 from tests.support import (
     SOURCE,
     Kafka,
@@ -89,6 +90,17 @@ def dead_letters(kafka: Kafka, settings: Settings) -> list[tuple[str, str]]:
             for topic in settings.topics.inputs() for record in kafka.on(f"{topic}.dlq")]
 
 
+async def samples(service: RunningService, wanted: set[str]) -> dict[str, float]:
+    """The ``/metrics`` samples named in ``wanted`` (``name{labels}``), once the scrape cache
+    has expired."""
+    await asyncio.sleep(service.settings.readiness_cache_seconds + 0.1)
+    assert service.service.http_port is not None
+    status, text = await http_get(service.service.http_port, "/metrics")
+    assert status == 200
+    found = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and line[0] != "#")
+    return {name: float(found.get(name, "0")) for name in wanted}
+
+
 def refund_at_finalization(command_id: str) -> str:
     """The id of the refund a credit note of ``command_id`` requests on the payment recorded at
     finalization (the service derives it the same way, so a test can know it in advance)."""
@@ -113,6 +125,9 @@ async def test_examples_15_and_16_refunds_newest_payment_first_and_their_outcome
     assert [(r["refund_id"], r["status"], r["linked"]) for r in issued["refunds"]] == [
         (r["id"], "pending", False) for r in requested]
     on_pay_2, on_pay_1 = (r["id"] for r in requested)
+    assert await samples(service, {"creditnotes_refunds_pending",
+                                   "creditnotes_refunds_requested_total"}) == {
+        "creditnotes_refunds_pending": 2, "creditnotes_refunds_requested_total": 2}
 
     # example 16: pay_2's refund fails, pay_1's succeeds
     await outcome(kafka, settings, on_pay_2, succeeded=False, failure_reason="card expired",
@@ -147,6 +162,12 @@ async def test_examples_15_and_16_refunds_newest_payment_first_and_their_outcome
     await kafka.settle(1.0)
     assert len(kafka.on(topics.credit_note_events, "credit_note.refund_succeeded")) == 1
     assert len(kafka.on(topics.credit_note_events, "credit_note.refund_failed")) == 1
+    counted = {f'creditnotes_refund_outcomes_total{{outcome="{name}"}}': count for name, count
+               in {"succeeded": 1, "failed": 1, "duplicate": 2, "conflict": 1,
+                   "not_found": 1}.items()}
+    counted['creditnotes_customer_balance_credited_total{reason="refund_failed"}'] = 1
+    counted["creditnotes_refunds_pending"] = 0
+    assert await samples(service, set(counted)) == counted
     ledger = {row["id"]: row["outcome"] for row in await fetch(
         settings, "SELECT id, outcome FROM processed_messages WHERE id LIKE 'rr-%'")}
     assert ledger == {"rr-1": "applied", "rr-2": "applied", "rr-3": "duplicate:refund_succeeded",

@@ -405,7 +405,7 @@ CREATE CONSTRAINT TRIGGER invoice_inserted_refunded AFTER INSERT ON invoices
     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.refunded <> 0 OR NEW.refunds_failed <> 0)
     EXECUTE FUNCTION check_invoice_refund_counters();
 
--- A settled refund carries exactly its journal (RULES.md, Refunds): succeeded (or
+-- A settled refund carries exactly its journal (docs/rules.md, Refunds): succeeded (or
 -- linked) debit refunds_payable / credit cash; failed and resettled to the customer
 -- balance debit refunds_payable / credit customer_credit_balance; failed and left
 -- (resettled_to none) no lines.

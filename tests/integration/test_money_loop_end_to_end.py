@@ -291,3 +291,24 @@ async def test_an_update_merges_metadata_even_on_a_void_note_and_a_future_date_i
     assert datetime.fromisoformat(backdated["effective_at"]) == datetime(2026, 1, 15,
                                                                          tzinfo=UTC)
     assert dead_letters(kafka, settings) == []
+
+
+async def test_one_refund_id_linked_on_two_invoices_at_once_is_linked_once(
+        service: RunningService, kafka: Kafka, settings: Settings) -> None:
+    topics = settings.topics
+    for invoice_id in ("in_a", "in_b"):
+        await finalize(kafka, settings, invoice_id, status="paid", amount_paid=10_000)
+    for invoice_id in ("in_a", "in_b"):
+        await amount_paid_reaches(settings, kafka, 10_000, invoice_id)
+    linked = [{"refund_id": "re_twice", "amount": 1_000}]
+    await asyncio.gather(*(issue(kafka, settings, f"c-{invoice_id}", invoice_id=invoice_id,
+                                 amount=1_000, refunds=linked) for invoice_id in ("in_a", "in_b")))
+
+    [issued] = data(await kafka.expect(topics.credit_note_events, "credit_note.issued"))
+    [rejected] = data(await kafka.expect(topics.credit_note_events, "credit_note.rejected"))
+    assert rejected["reason"] == "refund_already_linked"
+    assert {issued["invoice_id"], rejected["invoice_id"]} == {"in_a", "in_b"}
+    rows = await fetch(settings, "SELECT invoice_id FROM refunds WHERE refund_id = 're_twice'")
+    assert [row["invoice_id"] for row in rows] == [issued["invoice_id"]]
+    await kafka.settle(1.0)
+    assert dead_letters(kafka, settings) == []

@@ -271,7 +271,7 @@ async def test_a_refund_of_another_invoice_is_not_found_there(
 async def test_a_linked_refund_is_recorded_succeeded_and_can_be_linked_only_once(
         pipeline: Pipeline, store: FakeStore, metrics: Metrics) -> None:
     """Example 17."""
-    linked = {"refunds": [{"refund_id": "re_1", "amount": 2_000}]}
+    linked: dict[str, Any] = {"refunds": [{"refund_id": "re_1", "amount": 2_000}]}
     outcomes = await pipeline.process_batch([
         finalized(total=5_000, paid=5_000), credit("c1", 2_000, **linked),
         credit("c2", 2_000, **linked)])
@@ -331,3 +331,18 @@ async def test_an_update_of_an_unknown_credit_note_waits_then_is_dead_lettered(
                     {"credit_note_id": "cn_unknown", "memo": "x"}, "u1")
     assert await pipeline.process_batch([update]) == [None]
     assert reasons(producer) == ["credit_note_not_found"]
+
+
+async def test_one_refund_id_linked_on_two_invoices_in_one_batch_is_linked_once(
+        pipeline: Pipeline, store: FakeStore) -> None:
+    """The second link loses on the refund id's uniqueness, is tried alone, and is rejected."""
+    linked: dict[str, Any] = {"refunds": [{"refund_id": "re_9", "amount": 1_000}]}
+    outcomes = await pipeline.process_batch([
+        finalized("in_1", paid=10_000), finalized("in_2", paid=10_000),
+        credit("c1", 1_000, invoice_id="in_1", **linked),
+        credit("c2", 1_000, invoice_id="in_2", **linked)])
+    assert outcomes == [Outcome.APPLIED, Outcome.APPLIED, Outcome.APPLIED, Outcome.REJECTED]
+    [rejected] = events(store, "credit_note.rejected")
+    assert (rejected["invoice_id"], rejected["reason"]) == ("in_2", "refund_already_linked")
+    assert [refund.refund_id for refund in store.invoices["in_1"].refunds] == ["re_9"]
+    assert store.invoices["in_2"].refunds == []

@@ -70,7 +70,7 @@ async def test_invoice_show_lists_payments_refunds_and_each_credit_notes_refund_
     topics = settings.topics
     await kafka.publish(topics.invoices, cloudevent("invoice.finalized", invoice_data(
         "in_1001", lines=[{"id": "il_1", "quantity": 1, "unit_amount": 10_000}])))
-    for payment_id, amount in (("pay_1", 6_000), ("pay_2", 4_000)):  # RULES.md example 15
+    for payment_id, amount in (("pay_1", 6_000), ("pay_2", 4_000)):  # docs/rules.md example 15
         await kafka.publish(topics.invoices, cloudevent("invoice.payment_succeeded", {
             "invoice_id": "in_1001", "amount": amount, "currency": "usd",
             "payment_id": payment_id}))

@@ -179,7 +179,7 @@ async def test_twenty_concurrent_ten_percent_credits_on_one_invoice_issue_exactl
     assert (row["status"], row["credited"], row["credit_note_count"]) == ("paid", 100_000, 10)
     assert Counter(e["data"]["reason"] for e in rejected) == {"exceeds_creditable_amount": 10}, (
         "an explicit credit_note.issue asking for more than is left is rejected as "
-        "exceeds_creditable_amount (RULES.md, the issue), also when nothing is left")
+        "exceeds_creditable_amount (docs/rules.md, the issue), also when nothing is left")
 
 
 async def test_a_void_sent_twice_is_refused_the_second_time_under_its_invoice_key(
@@ -204,6 +204,6 @@ async def test_a_void_sent_twice_is_refused_the_second_time_under_its_invoice_ke
                  and r.event["type"] == "credit_note.rejected"]
     assert (refusal.key, refusal.event["data"]["invoice_id"]) == (b"in_void", "in_void"), (
         "a refused void is invoice-scoped: keyed by its invoice, so it is ordered with the "
-        "invoice's other events (CONTRACT.md), and it names the invoice")
+        "invoice's other events (docs/contract.md), and it names the invoice")
     await assert_never_lost_never_duplicated(
         deployment, [invoice, credit, *voids], invoices={"in_void": (0, 1)}, services=[service])

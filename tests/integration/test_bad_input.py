@@ -7,7 +7,7 @@ followed, on the same partition, by a valid ``credit_note.issue``; on
 ``invoices`` it is followed by the invoice's valid ``invoice.finalized``, and
 that by the same valid command. A case passes when the bad record sits on
 ``<topic>.dlq`` exactly as it was sent, with the ``dlq.*`` headers of
-CONTRACT.md, and the valid command behind it was applied while the bad record
+docs/contract.md, and the valid command behind it was applied while the bad record
 changed nothing. That service is configured with ``max_message_bytes`` of
 4 KiB, so a record just above it (and otherwise valid) is one of the cases.
 

@@ -206,7 +206,7 @@ async def test_a_credit_note_number_or_trigger_is_never_used_twice(
 
 
 async def test_the_same_number_on_another_invoice_is_allowed(db: asyncpg.Connection) -> None:
-    # numbers are unique per invoice (RULES.md): invoice numbers need not be unique
+    # numbers are unique per invoice (docs/rules.md): invoice numbers need not be unique
     await add_invoice(db, "in_2002")
     await add_credit_note(db, sequence=1, total=1_000)
 

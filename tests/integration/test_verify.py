@@ -155,7 +155,7 @@ def _refund_id(command_id: str, sequence: int, payment_id: str | None) -> str:
     return refund_id_for(_note_id(command_id), PaymentCash(sequence, payment_id, 0))
 
 
-#: D (RULES.md examples 15 and 16): pay_1 (#1) 60.00 and pay_2 (#2) 40.00; D1 refunds 40.00 on
+#: D (docs/rules.md examples 15 and 16): pay_1 (#1) 60.00 and pay_2 (#2) 40.00; D1 refunds 40.00 on
 #: pay_2 (fails, to the balance) and 30.00 on pay_1 (succeeds); D2's 20.00 on pay_2 fails and
 #: stays payable (settlement none); D3's 10.00 on pay_2 is pending.
 D1_PAY_2, D1_PAY_1 = _refund_id("cmd-d1", 2, "pay_2"), _refund_id("cmd-d1", 1, "pay_1")

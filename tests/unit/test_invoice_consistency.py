@@ -1,4 +1,4 @@
-"""An invoice's status and amounts agree (RULES.md, Invoices; issue 9 finding 4b).
+"""An invoice's status and amounts agree (docs/rules.md, Invoices; issue 9 finding 4b).
 
 ``paid`` without ``amount_paid`` was paid in full; ``paid`` with another amount,
 or any amount above the amount due, is ``invoice_inconsistent`` (dead-lettered);

@@ -1,7 +1,7 @@
 """Time-based credits, cumulative policy caps and the settlements a trigger may ask for.
 
 Time-based credits (downgrades, cancellations) credit what is left of a line
-for time not credited before (RULES.md, examples 13 and 14 are in
+for time not credited before (docs/rules.md, examples 13 and 14 are in
 test_worked_examples.py). A trigger policy's cap is on all its credit notes on
 an invoice together (issue 15 finding 4). Each trigger topic may be limited
 to some settlements.
@@ -145,7 +145,7 @@ def credited(step: tuple[str, int], inv: Invoice) -> int:
 
 
 def test_example_13_in_the_other_order_credits_the_same() -> None:
-    # RULES.md example 13: return 5 units, then cancel at 16 Oct: 50.00 + 25.81
+    # docs/rules.md example 13: return 5 units, then cancel at 16 Oct: 50.00 + 25.81
     inv = plan()
     assert returned(inv, 5).total + cancel(inv, at(16)).total == 7_581
     inv = plan()  # the two topics are not ordered: cancellation first, 51.61 + 24.20

@@ -1,6 +1,6 @@
 -- Credit notes: invoices as this service knows them, credit notes, the
 -- processed-message ledger and the transactional outbox.
--- The CHECK constraints and triggers restate RULES.md so that even a bug in
+-- The CHECK constraints and triggers restate docs/rules.md so that even a bug in
 -- the code cannot over-credit, duplicate a number or duplicate an effect.
 
 CREATE TABLE invoices (

@@ -1,4 +1,4 @@
--- Money rules (RULES.md, issue 9 finding 4, issue 15 finding 4).
+-- Money rules (docs/rules.md, issue 9 finding 4, issue 15 finding 4).
 
 -- Credit-note numbers are unique per invoice, not across invoices: invoice
 -- numbers need not be unique (re-issued invoices, other ledgers), so two

@@ -19,8 +19,9 @@ a message whose transaction was rolled back or that waited in vain, by a
 compare-and-set that refuses if another transaction applied the key meanwhile
 (:func:`decide_dead_letter`). A message still waiting for its invoice only
 gives its key back (``released:<reason>``). A redelivery of a dead-lettered
-delivery is not re-evaluated: its dead letter is sent again. So a record gets
-a dead letter or an effect, never both.
+delivery is not re-evaluated: its dead letter is sent again (and a replay of
+it in the same batch is claimed for itself and applies). So a record gets a
+dead letter or an effect, never both.
 
 A fact told again under another upstream id (a payment's ``payment_id`` with
 the same amount, a refund's outcome again) has no effect either: the ledger
@@ -220,7 +221,7 @@ async def _apply_together(messages: Sequence[Message], uow: UnitOfWork) -> list[
         first: dict[Key, Message] = {}
         for m in messages:  # the first copy of a key is the one that may apply
             first.setdefault(key_of(m.command.trigger), m)
-        batch = _Batch(await uow.claim(list(first.values())))
+        batch = await _claim(messages, first, uow)
         for message in messages:
             try:
                 outcome, reason, events = await _handle_recording(message, uow, batch)
@@ -253,17 +254,46 @@ async def _invoices_of(command: Command, uow: UnitOfWork) -> list[Invoice]:
     return [invoice for invoice in locked.invoices.values() if invoice is not None]
 
 
+async def _claim(messages: Sequence[Message], first: dict[Key, Message],
+                 uow: UnitOfWork) -> _Batch:
+    """Claim the first copy of each key; for a replay next to its dead-lettered original, the
+    replay.
+
+    The first copy of a key that this very delivery dead-lettered (redelivered: its
+    offset was not committed) gets its dead letter again; the next copy of that key
+    from another delivery (an operator's replay in the same batch) is claimed and may
+    apply, as it would in a batch of its own.
+    """
+    claims = await uow.claim(list(first.values()))
+    replays: dict[Key, Message] = {}
+    for key, original in first.items():
+        if key in claims.claimed or claims.dead_letter_of(original) is None:
+            continue
+        replay = next((m for m in messages if key_of(m.command.trigger) == key
+                       and not m.delivery.same_record(original.delivery)), None)
+        if replay is not None:
+            replays[key] = replay
+    if replays:
+        more = await uow.claim(list(replays.values()))
+        claims = Claims(claims.claimed | more.claimed, claims.dead_lettered)
+        first = {**first, **{key: m for key, m in replays.items() if key in more.claimed}}
+    return _Batch(claims, first)
+
+
 @dataclass
 class _Batch:
-    """The batch's claims, and the keys a message of the batch has used."""
+    """The batch's claims, the copy of each key that may apply, and the keys used."""
 
     claims: Claims
+    #: the copy of each key that may apply (a key not here: its first copy)
+    chosen: dict[Key, Message] = dataclasses.field(default_factory=dict)
     used: set[Key] = dataclasses.field(default_factory=set)
 
     def take(self, message: Message) -> bool:
-        """Whether ``message`` is the first to carry its key (in the ledger and the batch)."""
+        """Whether ``message`` is the copy of its key that applies (claimed, not used yet)."""
         key = key_of(message.command.trigger)
-        if key not in self.claims.claimed or key in self.used:
+        if (key not in self.claims.claimed or key in self.used
+                or self.chosen.get(key, message) is not message):
             return False
         self.used.add(key)
         return True

@@ -10,14 +10,20 @@ note has had its effect too), the compare-and-set of a dead letter, events
 collected from the saved invoices in the order of their messages, refund ids
 taken anywhere, a credit note's memo and metadata written from its update
 event, and what storage refuses failing the whole commit: a NUL character in
-text (SQLSTATE 22021), a refund id or a payment id used twice (23505).
+text (SQLSTATE 22021), a refund id or a payment id used twice (23505), a line's
+credit method switched while anything is credited (23000, ``invoice_lines_fixed``:
+a switch is written in two steps only when a void of the same transaction freed
+the line, as ``PostgresUnitOfWork`` does).
 
-Locks are not modelled: one event loop, and no test here runs two units of
-work at once (the PostgreSQL tests do).
+Invoice locks are modelled as PostgreSQL's row locks are: ``lock`` takes a
+per-invoice ``asyncio.Lock`` of the store, in sorted order, held until the
+transaction ends, so two units of work on one invoice serialise (the second
+reads what the first committed). A ledger key is not locked.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
@@ -26,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.adapters.event_codec import encode
-from service.adapters.unit_of_work import saved_note
+from service.adapters.unit_of_work import saved_note, switched_methods
 from service.domain import errors
 from service.domain.credit_note import CreditNote
 from service.domain.events import CreditNoteUpdated, Event
@@ -65,6 +71,8 @@ class FakeStore:
     commits: int = 0
     #: called as each transaction commits (may raise, e.g. ``errors.Unavailable``)
     before_commit: Callable[[FakeUnitOfWork], None] | None = None
+    #: each invoice's lock (PostgreSQL's row lock), taken by ``lock``, held to the end
+    invoice_locks: dict[str, asyncio.Lock] = field(default_factory=dict, repr=False)
 
     def unit_of_work(self) -> FakeUnitOfWork:
         return FakeUnitOfWork(self)
@@ -101,6 +109,7 @@ class FakeUnitOfWork:
         self._new_notes: list[CreditNote] = []
         self._voided: list[CreditNote] = []
         self._added_events: list[Event] = []
+        self._held: list[asyncio.Lock] = []
 
     @property
     def claimed(self) -> frozenset[Key]:
@@ -117,6 +126,9 @@ class FakeUnitOfWork:
             self._commit()
         finally:
             self._open = False
+            for held in reversed(self._held):
+                held.release()
+            self._held.clear()
 
     async def claim(self, messages: Sequence[Message]) -> Claims:
         self._check_open()
@@ -148,6 +160,7 @@ class FakeUnitOfWork:
         unread = [note_id for note_id in credit_note_ids if note_id not in self._notes]
         wanted = set(invoice_ids) | {self.store.credit_notes[note_id].invoice_id
                                      for note_id in unread if note_id in self.store.credit_notes}
+        await self._acquire(wanted)
         for invoice_id in wanted:
             if invoice_id not in self._invoices:
                 stored = self.store.invoices.get(invoice_id)
@@ -200,6 +213,20 @@ class FakeUnitOfWork:
         self._ledger[key] = LedgerRow(message.command.trigger.type, message.delivery, outcome)
         return True
 
+    async def _acquire(self, invoice_ids: Collection[str]) -> None:
+        """Lock the invoices not locked yet, in sorted order (as ``FOR UPDATE ... ORDER BY``).
+
+        A credit note's invoice never changes, so no second round is needed: the
+        notes are read after the lock, and a note committed meanwhile by another
+        unit of work is on an invoice that was locked (waited for) here.
+        """
+        for invoice_id in sorted(set(invoice_ids) - set(self._invoices)):
+            lock = self.store.invoice_locks.setdefault(invoice_id, asyncio.Lock())
+            if lock in self._held:
+                continue
+            await lock.acquire()
+            self._held.append(lock)
+
     def _row(self, key: Key) -> LedgerRow | None:
         return self._ledger.get(key) or self.store.ledger.get(key)
 
@@ -235,6 +262,8 @@ class FakeUnitOfWork:
         if any(invoice.id in self.store.invoices for invoice in self._new_invoices) or any(
                 note.id in self.store.credit_notes for note in self._new_notes) or self._reused():
             raise errors.RefusedByDatabase("PostgreSQL refused the effect (SQLSTATE 23505)")
+        if self._method_switched():
+            raise errors.RefusedByDatabase("PostgreSQL refused the effect (SQLSTATE 23000)")
         events = self._collect_new_events()
         rows = self._outbox_rows(events)
         ledger = {**self.store.ledger, **self._ledger}
@@ -254,6 +283,22 @@ class FakeUnitOfWork:
         self.store.outbox += rows
         self.store.commits += 1
 
+
+    def _method_switched(self) -> bool:
+        """A line's credit method changed while something is credited on it, not freed by a
+        void of this transaction in between: what ``invoice_lines_fixed`` refuses."""
+        saved = list(self._saved_invoices.values())
+        stored = {(invoice.id, line.id): line.credit_method
+                  for invoice in saved if (committed := self.store.invoices.get(invoice.id))
+                  for line in committed.lines}
+        freed = set(switched_methods(saved, stored, self._voided))
+        return any(
+            (before := stored.get((invoice.id, line.id))) is not None
+            and line.credit_method is not before
+            and (line.credit_method is not None or (line.credited_net, line.credited_tax,
+                                                   line.credited_quantity) != (0, 0, 0))
+            and (invoice.id, line.id) not in freed
+            for invoice in saved for line in invoice.lines)
 
     def _reused(self) -> bool:
         """A refund id or payment id (per invoice) used twice: the keys PostgreSQL has."""

@@ -9,7 +9,7 @@ inside that transaction, so it commits together or not at all.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -72,6 +72,8 @@ class PostgresUnitOfWork:
         #: as read under the lock: each invoice's payment sequences, and every refund by id
         self._stored_payments: dict[str, frozenset[int]] = {}
         self._stored_refunds: dict[str, Refund] = {}
+        #: each read invoice line's credit method, as read under the lock
+        self._stored_methods: dict[tuple[str, str], CreditMethod | None] = {}
 
     @property
     def connection(self) -> Connection:
@@ -189,6 +191,8 @@ class PostgresUnitOfWork:
         )
         claimed = frozenset((row["source"], row["id"]) for row in rows)
         self._claimed |= claimed
+        for key in claimed:  # the delivery that may apply it (a replay claimed later too)
+            self._deliveries[key] = first[key].delivery
         dead_lettered: dict[Key, tuple[Delivery, str]] = {}
         if len(claimed) < len(keys):
             for row in await self.connection.fetch(
@@ -307,9 +311,11 @@ class PostgresUnitOfWork:
             self._invoices[invoice_id] = None
         for row in rows:
             invoice_id = row["id"]
-            self._invoices[invoice_id] = invoice_from_rows(
+            read = self._invoices[invoice_id] = invoice_from_rows(
                 row, by_invoice.get(invoice_id, []), payments.get(invoice_id, []),
                 refunds.get(invoice_id, []))
+            self._stored_methods.update(
+                ((invoice_id, line.id), line.credit_method) for line in read.lines)
             self._stored_payments[invoice_id] = frozenset(
                 payment.sequence for payment in payments.get(invoice_id, []))
             self._stored_refunds.update(
@@ -434,6 +440,13 @@ class PostgresUnitOfWork:
             (i.id, i.status.value, i.amount_paid, i.pre_payment_credited,
              i.post_payment_credited, i.refunded, i.refunds_failed, i.credit_note_count)
             for i in dirty])
+        # a line whose method a void of this batch freed and a later credit fixed anew:
+        # written freed first (invoice_lines_fixed refuses a switch while anything is
+        # credited, as one UPDATE of both steps would be), then as the batch left it
+        await _update(connection, _INVOICE_LINE_CREDITS, [
+            (invoice_id, line_id, 0, 0, 0, None, "{}")
+            for invoice_id, line_id in switched_methods(
+                dirty, self._stored_methods, self._voided)])
         await _update(connection, _INVOICE_LINE_CREDITS, [
             (i.id, line.id, line.credited_net, line.credited_tax, line.credited_quantity,
              line.credit_method.value if line.credit_method else None,
@@ -467,6 +480,21 @@ class PostgresUnitOfWork:
         return new, settled
 
 
+def switched_methods(invoices: Sequence[Invoice],
+                     stored: Mapping[tuple[str, str], CreditMethod | None],
+                     voided: Sequence[CreditNote]) -> list[tuple[str, str]]:
+    """The lines (invoice id, line id) whose credit method changed in one transaction, each
+    after a void of it freed it (nothing credited: free to choose, or to credit by amount).
+
+    A change with no void of the line among ``voided`` is not returned: storage refuses it.
+    """
+    freed = {(note.invoice_id, line.invoice_line_id) for note in voided for line in note.lines
+             if line.invoice_line_id is not None}
+    return [(invoice.id, line.id) for invoice in invoices for line in invoice.lines
+            if (invoice.id, line.id) in freed
+            and stored.get((invoice.id, line.id)) not in (None, line.credit_method)]
+
+
 def saved_note(stored: CreditNote | None, changed: CreditNote,
                voided: Sequence[CreditNote]) -> bool:
     """Whether a credit note saved is voided now (True) or edited (False), else ValueError.
@@ -476,9 +504,9 @@ def saved_note(stored: CreditNote | None, changed: CreditNote,
     """
     if stored is None:
         raise ValueError("a credit note changes only once read under its invoice's lock")
-    if (changed.status is CreditNoteStatus.VOID and changed.voided_by is not None
-            and all(note.id != changed.id for note in voided)):
-        return True
+    if (changed.status is CreditNoteStatus.VOID and stored.status is CreditNoteStatus.ISSUED
+            and changed.voided_by is not None and all(note.id != changed.id for note in voided)):
+        return True  # (a void note read back says who voided it: edited, not voided again)
     if replace(changed, memo=stored.memo, metadata=stored.metadata,
                refunds=stored.refunds) != stored:
         raise ValueError("a credit note changes only by being voided, or in its memo and metadata")
@@ -690,6 +718,9 @@ def _invoice_line(row: asyncpg.Record) -> InvoiceLine:
 def credit_note_from_rows(row: asyncpg.Record, lines: Sequence[asyncpg.Record],
                           refunds: Sequence[Refund] = ()) -> CreditNote:
     metadata: Any = row["metadata"]
+    # the void's trigger (its type is not stored: a void is always a credit_note.void)
+    voided_by = (Trigger(row["voided_by_source"], row["voided_by_id"], "credit_note.void")
+                 if row["voided_by_id"] is not None else None)
     return CreditNote(
         id=row["id"], number=row["number"], sequence=row["sequence"],
         invoice_id=row["invoice_id"], customer_id=row["customer_id"],
@@ -707,5 +738,5 @@ def credit_note_from_rows(row: asyncpg.Record, lines: Sequence[asyncpg.Record],
         refund_id=row["refund_id"], policy=row["policy"], memo=row["memo"],
         metadata=json.loads(metadata) if isinstance(metadata, str) else dict(metadata),
         status=CreditNoteStatus(row["status"]), effective_at=row["effective_at"],
-        refunds=tuple(refunds),
+        refunds=tuple(refunds), voided_by=voided_by,
     )

@@ -130,6 +130,11 @@ def with_refund_gauges(probe: ProbeConnection, metrics: Metrics,
     return refreshed
 
 
+#: The note an ``OSError`` raised creating the PostgreSQL pool carries (``creditnotes run``
+#: then names PostgreSQL; another ``OSError`` at start is not PostgreSQL's).
+CREATING_THE_POOL = "while creating the PostgreSQL connection pool"
+
+
 class Service:
     def __init__(self, settings: Settings,
                  tracer_provider: trace.TracerProvider | None = None) -> None:
@@ -150,13 +155,19 @@ class Service:
         """
         settings = self.settings
         check_sources(settings)
-        pool = await asyncpg.create_pool(settings.database_url, min_size=1,
-                                         max_size=settings.database_pool_size)
-        parts = build(settings, pool, self.tracer_provider)
         tasks: list[asyncio.Task[None]] = []
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self._stopped)
+            try:
+                pool = await asyncpg.create_pool(settings.database_url, min_size=1,
+                                                 max_size=settings.database_pool_size)
+            except OSError as error:  # the network's, or a TLS file's: PostgreSQL's anyway
+                error.add_note(CREATING_THE_POOL)
+                raise
             stack.push_async_callback(pool.close)
+            # built once the pool's close is registered: a part that fails to build
+            # (a Kafka TLS file that is not PEM, say) leaves no pool open
+            parts = build(settings, pool, self.tracer_provider)
             stack.push_async_callback(_quietly, parts.producer.stop)
             stack.push_async_callback(_quietly, parts.probe.close)
             stack.push_async_callback(parts.http.stop)

@@ -23,7 +23,7 @@ from service.adapters.migrations import migrate
 from service.adapters.unavailable import BROKER_ERRORS, DATABASE_ERRORS, NETWORK_ERRORS
 from service.entrypoints import ops_context
 from service.logging import configure_logging
-from service.main import Service, SourcesNotConfigured
+from service.main import CREATING_THE_POOL, Service, SourcesNotConfigured
 from service.settings import Settings, redact_url
 
 log = structlog.get_logger(__name__)
@@ -189,8 +189,12 @@ def run(_: argparse.Namespace, settings: Settings) -> int:
             print(f"creditnotes: cannot start: port {' or '.join(map(str, ports))} is in use"
                   " (CREDITNOTES_HTTP_PORT, CREDITNOTES_METRICS_PORT)", file=sys.stderr)
             return 3
-        print(f"creditnotes: cannot start: PostgreSQL at {redact_url(settings.database_url)}:"
-              f" {_one_line(error)}", file=sys.stderr)
+        if isinstance(error, DATABASE_ERRORS) or CREATING_THE_POOL in getattr(
+                error, "__notes__", ()):
+            print(f"creditnotes: cannot start: PostgreSQL at"
+                  f" {redact_url(settings.database_url)}: {_one_line(error)}", file=sys.stderr)
+        else:  # not PostgreSQL's (an ssl.SSLError from a Kafka TLS file, say)
+            print(f"creditnotes: cannot start: {_one_line(error)}", file=sys.stderr)
         return 3
     except BROKER_ERRORS as error:
         print(f"creditnotes: cannot start: Kafka at {settings.kafka_bootstrap_servers}:"

@@ -107,6 +107,17 @@ a memo, metadata or other personal data.
     trigger type on its invoice up to it add up to at most ``bps`` of the
     invoice total (caps are cumulative per invoice and trigger type; a void
     only lowers the sum, so what held at issue still holds).
+15. Edits and dates (migration 0016): ``note_edit_unrecorded``: a credit
+    note's memo and metadata are those of its latest ``credit_note_updates``
+    row (of the last transaction that wrote one), or, without any, those of
+    its ``credit_note.issued`` event and no ``updated_at``;
+    ``updated_event_missing`` / ``updated_event_duplicated``: each
+    ``credit_note_updates`` row has exactly one ``credit_note.updated`` event
+    of its note and trigger with its memo and metadata (before the outbox's
+    retention horizon it may be missing); ``journal_dated_otherwise``: a
+    note's issue journal is dated by its ``effective_at``, a refund's journal
+    by its outcome's ``outcome_at`` (a linked refund's by its note's
+    ``effective_at``).
 """
 
 from __future__ import annotations
@@ -214,6 +225,17 @@ INVARIANTS: tuple[Invariant, ...] = (
     Invariant("policy_cap_exceeded",
               "the non-void credit notes of a trigger type on an invoice stay within the "
               "policy cap each of them was issued under"),
+    Invariant("note_edit_unrecorded",
+              "a credit note's memo and metadata are those of its latest recorded update, "
+              "or as issued"),
+    Invariant("updated_event_missing",
+              "every recorded credit-note update has a credit_note.updated event of its "
+              "memo and metadata"),
+    Invariant("updated_event_duplicated",
+              "every recorded credit-note update has at most one credit_note.updated event"),
+    Invariant("journal_dated_otherwise",
+              "an issue journal is dated by its credit note's effective_at, a refund's by "
+              "its outcome (a linked one's by its credit note)"),
 )
 
 # Every query returns (invariant, subject, detail); the values come only from the database.
@@ -883,6 +905,88 @@ JOIN invoices AS i ON i.id = c.invoice_id
 WHERE c.bps IS NOT NULL AND c.credited > round(i.total::numeric * c.bps / 10000)
 """
 
+_NOTE_EDIT_UNRECORDED = """
+WITH latest AS (
+    SELECT credit_note_id, max(written_xact) AS written_xact
+    FROM credit_note_updates GROUP BY credit_note_id
+), issued AS (
+    SELECT json_extract_path_text(payload, 'data', 'id') AS id,
+           json_extract_path_text(payload, 'data', 'memo') AS memo,
+           (payload -> 'data' -> 'metadata')::jsonb AS metadata
+    FROM outbox WHERE type = 'credit_note.issued'
+)
+SELECT 'note_edit_unrecorded' AS invariant, format('credit note %s', n.number) AS subject,
+       CASE WHEN l.credit_note_id IS NULL
+            THEN 'memo, metadata or updated_at differ from the note as issued, with no '
+                 'recorded update'
+            ELSE 'memo or metadata differ from its latest recorded update' END AS detail
+FROM credit_notes AS n
+LEFT JOIN latest AS l ON l.credit_note_id = n.id
+WHERE (l.credit_note_id IS NOT NULL
+       AND NOT EXISTS (SELECT FROM credit_note_updates AS u
+                        WHERE u.credit_note_id = n.id
+                          AND u.written_xact IS NOT DISTINCT FROM l.written_xact
+                          AND u.memo IS NOT DISTINCT FROM n.memo AND u.metadata = n.metadata))
+   OR (l.credit_note_id IS NULL
+       AND (n.updated_at IS NOT NULL
+            OR EXISTS (SELECT FROM issued AS i
+                        WHERE i.id = n.id AND (i.memo IS DISTINCT FROM n.memo
+                                               OR i.metadata IS DISTINCT FROM n.metadata))))
+"""
+
+_UPDATED_EVENTS = """
+WITH horizon AS (
+    SELECT coalesce(max(pruned_before), '-infinity') AS pruned_before
+    FROM retention_horizons WHERE table_name = 'outbox'
+), events AS (
+    SELECT json_extract_path_text(payload, 'data', 'id') AS id,
+           json_extract_path_text(payload, 'data', 'trigger', 'source') AS source,
+           json_extract_path_text(payload, 'data', 'trigger', 'id') AS trigger_id,
+           json_extract_path_text(payload, 'data', 'memo') AS memo,
+           (payload -> 'data' -> 'metadata')::jsonb AS metadata
+    FROM outbox WHERE type = 'credit_note.updated'
+), matched AS (
+    SELECT u.credit_note_id, u.trigger_source, u.trigger_id, u.updated_at,
+           count(e.id) FILTER (WHERE e.memo IS NOT DISTINCT FROM u.memo
+                                 AND e.metadata = u.metadata) AS copies
+    FROM credit_note_updates AS u
+    LEFT JOIN events AS e ON e.id = u.credit_note_id AND e.source = u.trigger_source
+                         AND e.trigger_id = u.trigger_id
+    GROUP BY u.credit_note_id, u.trigger_source, u.trigger_id, u.updated_at
+)
+SELECT CASE WHEN m.copies = 0 THEN 'updated_event_missing'
+            ELSE 'updated_event_duplicated' END AS invariant,
+       format('credit note %s', n.number) AS subject,
+       format('update %s/%s has %s credit_note.updated event(s) of its memo and metadata',
+              m.trigger_source, m.trigger_id, m.copies) AS detail
+FROM matched AS m
+JOIN credit_notes AS n ON n.id = m.credit_note_id
+CROSS JOIN horizon AS h
+WHERE m.copies > 1 OR (m.copies = 0 AND m.updated_at >= h.pruned_before)
+"""
+
+_JOURNAL_DATED_OTHERWISE = """
+SELECT 'journal_dated_otherwise' AS invariant, format('credit note %s', n.number) AS subject,
+       format('%s issue journal line(s) dated otherwise than its effective_at %s', count(*),
+              n.effective_at) AS detail
+FROM journal_lines AS j
+JOIN credit_notes AS n ON n.id = j.credit_note_id
+WHERE j.entry = 'issue' AND j.effective_at IS DISTINCT FROM n.effective_at
+GROUP BY n.number, n.effective_at
+UNION ALL
+SELECT 'journal_dated_otherwise', format('refund %s', r.refund_id),
+       format('%s journal line(s) dated otherwise than its %s %s', count(*),
+              CASE WHEN r.linked THEN 'credit note''s effective_at' ELSE 'outcome_at' END,
+              CASE WHEN r.linked THEN n.effective_at ELSE r.outcome_at END)
+FROM refund_journal_lines AS l
+JOIN refunds AS r ON r.refund_id = l.refund_id
+JOIN credit_notes AS n ON n.id = r.credit_note_id
+WHERE (r.linked OR r.outcome_at IS NOT NULL)  -- a pending one's lines: refund_journal_unbalanced
+  AND l.effective_at IS DISTINCT FROM (CASE WHEN r.linked THEN n.effective_at
+                                            ELSE r.outcome_at END)
+GROUP BY r.refund_id, r.linked, n.effective_at, r.outcome_at
+"""
+
 _QUERIES: tuple[str, ...] = (
     _CREDITS_EXCEED_TOTAL,
     _CREDITED_AMOUNT_DISAGREES,
@@ -907,6 +1011,9 @@ _QUERIES: tuple[str, ...] = (
     _STATUS_DISAGREES_WITH_AMOUNTS,
     _LINE_COVERAGE_DISAGREES,
     _POLICY_CAP_EXCEEDED,
+    _NOTE_EDIT_UNRECORDED,
+    _UPDATED_EVENTS,
+    _JOURNAL_DATED_OTHERWISE,
 )
 
 _ORDER = {invariant.code: position for position, invariant in enumerate(INVARIANTS)}

@@ -407,9 +407,12 @@ class PostgresUnitOfWork:
              _utc(line.covers_from) if line.covers_from else None)
             for n in notes for position, line in enumerate(n.lines)])
         new_refunds, settled = self._changed_refunds(touched)
+        # a requested refund is inserted pending (refunds_written_with_their_note), even one
+        # this batch settled already: its outcome is the update below, as for any other
         await _insert(connection, _REFUNDS, [
-            (i.id, r.refund_id, r.payment_sequence, r.credit_note_id, r.amount, r.state.value,
-             r.linked) for i, r in new_refunds])
+            (i.id, r.refund_id, r.payment_sequence, r.credit_note_id, r.amount,
+             r.state.value if r.linked else RefundState.PENDING.value, r.linked)
+            for i, r in new_refunds])
         await _update(connection, _REFUND_OUTCOMES, [
             (r.refund_id, r.state.value, r.failure_reason,
              r.resettled_to.value if r.resettled_to else None,
@@ -473,6 +476,8 @@ class PostgresUnitOfWork:
                 stored = self._stored_refunds.get(refund.refund_id)
                 if stored is None:
                     new.append((invoice, refund))
+                    if not refund.linked and refund.state is not RefundState.PENDING:
+                        settled.append(refund)  # requested and settled in this batch
                 elif refund != stored:
                     if stored.state is not RefundState.PENDING:
                         raise ValueError(f"refund {refund.refund_id} is settled: it never changes")
@@ -611,9 +616,9 @@ _REFUND_JOURNAL_LINES = _Table("refund_journal_lines", (
 _CREDIT_NOTE_UPDATES = _Table("credit_note_updates", (
     ("credit_note_id", "text"), ("trigger_source", "text"), ("trigger_id", "text"),
     ("memo", "text"), ("metadata", "jsonb")))
+# updated_at is set by the database (credit_notes_edited_with_update, migration 0016)
 _NOTE_EDITS = _Table("credit_notes", (
-    ("id", "text"), ("memo", "text"), ("metadata", "jsonb")), keys=1,
-    extra_set="updated_at = now()")
+    ("id", "text"), ("memo", "text"), ("metadata", "jsonb")), keys=1)
 _OUTBOX = _Table("outbox", (
     ("event_id", "text"), ("topic", "text"), ("key", "text"), ("type", "text"),
     ("payload", "json"), ("traceparent", "text")))

@@ -298,3 +298,25 @@ async def test_a_key_recorded_as_a_duplicate_is_never_claimed_again(backend: Bac
     async with uow.transaction():
         assert (await uow.claim([message(command, offset=2)])).claimed == frozenset()
     assert await backend.outcome(key_of(command.trigger)) == "duplicate:payment"
+
+
+async def test_a_refund_requested_and_settled_in_one_batch_commits_together(
+        backend: Backend) -> None:
+    # PostgreSQL inserts a requested refund pending only (refunds_written_with_their_note):
+    # one settled in the batch that requested it is inserted pending, then settled
+    await add_invoice(backend, "in_1", paid=10_000)
+    command = refund_credit("c1", "in_1", 2_500)
+    uow = backend.unit_of_work()
+    async with uow.transaction():
+        await uow.claim([message(command)])
+        invoice = (await uow.lock(["in_1"])).invoices["in_1"]
+        assert invoice is not None
+        await uow.add(invoice.issue(price_credit_note(invoice, command, now=NOW)))
+        [refund] = invoice.refunds
+        invoice.settle_refund(refund.refund_id, RefundState.SUCCEEDED,
+                              Trigger("/payments/refunds", "o1", "refund.succeeded"), now=NOW)
+        await uow.save(invoice)
+
+    assert await backend.refunds("in_1") == [(refund.refund_id, 0, "succeeded")]
+    types = [type_ for type_, _, _ in await backend.outbox()]
+    assert types[-2:] == ["refund.requested", "credit_note.refund_succeeded"]

@@ -256,11 +256,37 @@ async def test_memo_and_metadata_of_an_issued_credit_note_may_change(
         db: asyncpg.Connection) -> None:
     await add_credit_note(db, total=1_200)
 
-    await db.execute("""UPDATE credit_notes SET memo = 'fixed typo', metadata = '{"a": "b"}'""")
+    async with db.transaction():  # with the row that records the edit (migration 0016)
+        await db.execute(_UPDATE_ROW, "upd-1", "fixed typo", '{"a": "b"}')
+        await db.execute("""UPDATE credit_notes SET memo = 'fixed typo', metadata = '{"a": "b"}'""")
 
-    row = await db.fetchrow("SELECT memo, metadata FROM credit_notes")
+    row = await db.fetchrow("SELECT memo, metadata, updated_at FROM credit_notes")
     assert row is not None and (row["memo"], json.loads(row["metadata"])) == (
         "fixed typo", {"a": "b"})
+    assert row["updated_at"] is not None  # set by the database
+
+
+_UPDATE_ROW = ("INSERT INTO credit_note_updates (credit_note_id, trigger_source, trigger_id, memo,"
+               " metadata) SELECT id, '/tests', $1, $2, $3::jsonb FROM credit_notes")
+
+
+async def test_memo_and_metadata_change_only_with_the_update_row_that_records_them(
+        db: asyncpg.Connection) -> None:
+    await add_credit_note(db, total=1_200)
+    edit = """UPDATE credit_notes SET memo = 'fixed typo', metadata = '{"a": "b"}'"""
+
+    with pytest.raises(IntegrityConstraintViolationError, match="change only with"):
+        await db.execute(edit)  # no update row
+    error = await _attempt(db, (  # with an update row of other values
+        _UPDATE_ROW.replace("$1, $2, $3", "'upd-1', 'other', '{\"a\": \"b\"}'"), edit))
+    assert error is not None and "change only with" in error, error
+    await db.execute(_UPDATE_ROW, "upd-2", "fixed typo", '{"a": "b"}')
+    with pytest.raises(IntegrityConstraintViolationError, match="change only with"):
+        await db.execute(edit)  # an update row of an earlier transaction
+    await db.execute("UPDATE credit_notes SET updated_at = now()")  # kept as it was
+
+    row = await db.fetchrow("SELECT memo, updated_at FROM credit_notes")
+    assert row is not None and (row["memo"], row["updated_at"]) == (None, None)
 
 
 async def test_a_credit_note_is_never_deleted(db: asyncpg.Connection) -> None:
@@ -625,6 +651,26 @@ MONEY_ATTACKS = [
     pytest.param((f"UPDATE credit_notes SET effective_at = effective_at - interval '1 day'"
                   f" WHERE id = '{NOTE}'",), "permission denied|cannot change",
                  id="effective-at-rewritten"),
+    # memo and metadata change only with their credit_note_updates row; updated_at is the
+    # database's
+    pytest.param((f"UPDATE credit_notes SET memo = 'x' WHERE id = '{NOTE}'",),
+                 "change only with a credit_note_updates row", id="memo-edited-unrecorded"),
+    pytest.param((f"UPDATE credit_notes SET updated_at = now() - interval '1 day'"
+                  f" WHERE id = '{NOTE}'",), "permission denied", id="updated-at-rewritten"),
+    # journals are dated by their note and outcome
+    pytest.param((*_new_note_with_refunds("", 0)[::2],
+                  "INSERT INTO journal_lines (credit_note_id, entry, position, account, debit,"
+                  " credit, effective_at) VALUES ('cn_x', 'issue', 0, 'contra_revenue', 500, 0,"
+                  " '2020-01-01T00:00:00Z')"),
+                 "dated by its effective_at", id="issue-journal-dated-otherwise"),
+    pytest.param((SUCCEEDED_1[0],
+                  *(line.replace("now())", "'2020-01-01T00:00:00Z')")
+                    for line in SUCCEEDED_1[1:])),
+                 "dated by its outcome", id="outcome-journal-dated-otherwise"),
+    # the payment at finalization is written with its invoice only
+    pytest.param(("INSERT INTO payments (invoice_id, sequence, payment_id, amount, applied)"
+                  f" VALUES ('{PAID}', 0, NULL, 100, 100)",),
+                 "written with the invoice", id="finalization-payment-added-later"),
 ]
 
 
@@ -640,6 +686,21 @@ async def test_the_money_loop_invariants_hold_in_the_database(
     else:
         assert error is not None and re.search(refused, error), error
     assert await _money(app_db) == before
+
+
+async def test_a_payment_at_finalization_is_written_only_with_its_invoice(
+        app_db: asyncpg.Connection) -> None:
+    payment_0 = ("INSERT INTO payments (invoice_id, sequence, payment_id, amount, applied)"
+                 " VALUES ('in_3003', 0, NULL, 100, 100)")
+    assert await _attempt(app_db, (_OPEN_INVOICE.format(paid=0),)) is None
+
+    error = await _attempt(app_db, (
+        payment_0, "UPDATE invoices SET amount_paid = 100 WHERE id = 'in_3003'"))
+
+    assert error is not None and "written with the invoice" in error, error
+    assert await _attempt(app_db, (_OPEN_INVOICE.format(paid=100).replace("in_3003", "in_3004")
+                                   .replace("ACME-3003", "ACME-3004"),
+                                   payment_0.replace("in_3003", "in_3004"))) is None
 
 
 async def test_outcomes_with_their_journals_commit_and_a_failure_gives_cash_back(

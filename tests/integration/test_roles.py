@@ -76,7 +76,13 @@ async def test_the_application_role_cannot_rewrite_or_delete_issued_credit_notes
                           "DROP TABLE outbox"):
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await app.execute(statement)
-        await app.execute("UPDATE credit_notes SET memo = 'goodwill', metadata = '{\"ticket\": \"7\"}'")
+        async with app.transaction():  # an edit is recorded with it (migration 0016)
+            await app.execute(
+                "INSERT INTO credit_note_updates (credit_note_id, trigger_source, trigger_id,"
+                " memo, metadata) SELECT id, '/tests', 'upd-1', 'goodwill', '{\"ticket\": \"7\"}'"
+                " FROM credit_notes")
+            await app.execute(
+                "UPDATE credit_notes SET memo = 'goodwill', metadata = '{\"ticket\": \"7\"}'")
     finally:
         await app.close()
     row = await fetchrow(settings, "SELECT memo, total FROM credit_notes")

@@ -352,6 +352,19 @@ def _drop_checks_on(table: str, column: str) -> str:
     """
 
 
+# an update of a note's memo and metadata recorded as they stand, and its event
+_UPDATE_ROW = ("INSERT INTO credit_note_updates (credit_note_id, trigger_source, trigger_id, memo,"
+               " metadata) SELECT id, '/tests', 'upd-x', memo, metadata FROM credit_notes"
+               " WHERE number = '{number}'")
+_UPDATED_EVENT = (
+    "INSERT INTO outbox (event_id, topic, key, type, payload, published_at)"
+    " SELECT 'evt-upd-{copy}', o.topic, o.key, 'credit_note.updated', json_build_object("
+    "'data', json_build_object('id', n.id, 'memo', n.memo, 'metadata', n.metadata,"
+    " 'trigger', json_build_object('source', '/tests', 'id', 'upd-x'))), now()"
+    " FROM credit_notes AS n JOIN outbox AS o ON o.type = 'credit_note.issued'"
+    " AND o.payload -> 'data' ->> 'id' = n.id WHERE n.number = '{number}'")
+
+
 @dataclass(frozen=True)
 class Corruption:
     name: str
@@ -629,6 +642,29 @@ CORRUPTIONS = [
                "UPDATE credit_notes SET policy = 'credit_note.issue:max_credit_bps=1'"
                f" WHERE number = '{A1}'",
                "policy_cap_exceeded", f"credit note {A1}", replica=True),
+    # 15. a memo edited past credit_notes_edited_with_update (no update row, no event)
+    Corruption("memo-edited-without-its-update",
+               f"UPDATE credit_notes SET memo = 'edited by hand' WHERE number = '{A1}'",
+               "note_edit_unrecorded", f"credit note {A1}", replica=True),
+    Corruption("update-recorded-without-its-event",
+               _UPDATE_ROW.format(number=A1),
+               "updated_event_missing", f"credit note {A1}"),
+    Corruption("update-event-written-twice",
+               _UPDATE_ROW.format(number=A1) + "; " + _UPDATED_EVENT.format(number=A1, copy=1)
+               + "; " + _UPDATED_EVENT.format(number=A1, copy=2),
+               "updated_event_duplicated", f"credit note {A1}"),
+    Corruption("issue-journal-dated-otherwise",
+               "UPDATE journal_lines SET effective_at = effective_at - interval '1 day'"
+               f" WHERE credit_note_id = {_note(A1)} AND entry = 'issue'",
+               "journal_dated_otherwise", f"credit note {A1}", replica=True),
+    Corruption("linked-refund-journal-dated-otherwise",
+               "UPDATE refund_journal_lines SET effective_at = '2020-01-01T00:00:00Z'"
+               " WHERE refund_id = 're_1'",
+               "journal_dated_otherwise", "refund re_1", replica=True),
+    Corruption("outcome-journal-dated-otherwise",
+               "UPDATE refund_journal_lines SET effective_at = '2020-01-01T00:00:00Z'"
+               f" WHERE refund_id = '{D1_PAY_1}'",
+               "journal_dated_otherwise", f"refund {D1_PAY_1}", replica=True),
 ]
 
 
@@ -659,7 +695,10 @@ async def test_a_violation_states_the_figures_without_memo_or_metadata(ledger: L
     finally:
         await connection.close()
 
-    [violation] = await check_invariants(ledger.database_url)
+    violations = await check_invariants(ledger.database_url)
+    assert "Jane" not in repr(violations) and "vip" not in repr(violations)
+    # (the memo edited by hand is note_edit_unrecorded on every note, said without it)
+    [violation] = [v for v in violations if v.invariant != "note_edit_unrecorded"]
     assert violation.invariant == "credited_amount_disagrees"
     assert violation.detail == (
         f"non-void credit notes total {credited} (pre-payment {credited} + post-payment 0); "

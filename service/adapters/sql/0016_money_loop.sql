@@ -104,8 +104,11 @@ CREATE TABLE credit_note_updates (
     memo            text,
     metadata        jsonb NOT NULL,
     updated_at      timestamptz NOT NULL DEFAULT now(),
+    written_xact    bigint,
     PRIMARY KEY (trigger_source, trigger_id)
 );
+COMMENT ON COLUMN credit_note_updates.written_xact IS
+    'transaction that wrote the row (set by trigger)';
 CREATE INDEX credit_note_updates_of_note ON credit_note_updates (credit_note_id);
 
 -- 4. Dates: a credit note's accounting date (effective_at) is on it and on its journal
@@ -203,6 +206,7 @@ BEGIN
         RAISE EXCEPTION 'the figures of invoice % never change', OLD.id
             USING ERRCODE = 'integrity_constraint_violation';
     END IF;
+    NEW.created_xact := OLD.created_xact;
     IF NEW.amount_paid < OLD.amount_paid OR NEW.refunded < OLD.refunded
        OR NEW.refunds_failed < OLD.refunds_failed
        OR NEW.credit_note_count < OLD.credit_note_count THEN
@@ -217,6 +221,83 @@ BEGIN
     END IF;
     RETURN NEW;
 END $$;
+
+-- A credit note's memo and metadata change only with their credit_note_updates row:
+-- written by the same transaction, with the values the note takes; updated_at is that
+-- transaction's time, set here (the application cannot write it).
+CREATE FUNCTION credit_note_updates_stamped() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, public, pg_temp AS $$
+BEGIN
+    NEW.written_xact := pg_current_xact_id()::text::bigint;
+    NEW.updated_at := now();
+    RETURN NEW;
+END $$;
+CREATE TRIGGER credit_note_updates_stamped BEFORE INSERT ON credit_note_updates
+    FOR EACH ROW EXECUTE FUNCTION credit_note_updates_stamped();
+
+CREATE FUNCTION credit_notes_edited_with_update() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, public, pg_temp AS $$
+BEGIN
+    IF (NEW.memo, NEW.metadata) IS NOT DISTINCT FROM (OLD.memo, OLD.metadata) THEN
+        NEW.updated_at := OLD.updated_at;
+        RETURN NEW;
+    END IF;
+    IF NOT EXISTS (SELECT FROM credit_note_updates AS u
+                    WHERE u.credit_note_id = NEW.id
+                      AND u.written_xact = pg_current_xact_id()::text::bigint
+                      AND u.memo IS NOT DISTINCT FROM NEW.memo AND u.metadata = NEW.metadata) THEN
+        RAISE EXCEPTION 'memo and metadata of credit note % change only with a credit_note_updates '
+            'row of this transaction holding them', NEW.id
+            USING ERRCODE = 'integrity_constraint_violation';
+    END IF;
+    NEW.updated_at := now();
+    RETURN NEW;
+END $$;
+CREATE TRIGGER credit_notes_edited_with_update BEFORE UPDATE ON credit_notes
+    FOR EACH ROW EXECUTE FUNCTION credit_notes_edited_with_update();
+
+-- Journals are dated by the note: the issue entry by its effective_at (the void entry
+-- is checked by verify only: its date is the void event's).
+CREATE FUNCTION journal_lines_dated_by_note() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, public, pg_temp AS $$
+BEGIN
+    IF NEW.entry = 'issue' AND NEW.effective_at IS DISTINCT FROM
+           (SELECT effective_at FROM credit_notes WHERE id = NEW.credit_note_id) THEN
+        RAISE EXCEPTION 'the issue journal of credit note % is dated by its effective_at',
+            NEW.credit_note_id USING ERRCODE = 'integrity_constraint_violation';
+    END IF;
+    RETURN NEW;
+END $$;
+-- (named to fire after 0011's journal_lines_with_their_note: a line added to a posted
+-- note is refused as that first)
+CREATE TRIGGER journal_lines_with_their_note_dated BEFORE INSERT ON journal_lines
+    FOR EACH ROW EXECUTE FUNCTION journal_lines_dated_by_note();
+
+-- The payment at finalization (sequence 0) is written only with its invoice: by the
+-- transaction that inserted the invoice (created_xact, set by trigger; NULL for
+-- invoices created before this migration, whose payment 0 the backfill above wrote).
+ALTER TABLE invoices ADD COLUMN created_xact bigint;
+COMMENT ON COLUMN invoices.created_xact IS 'transaction that inserted the invoice (set by trigger)';
+CREATE FUNCTION invoices_created_xact() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, public, pg_temp AS $$
+BEGIN
+    NEW.created_xact := pg_current_xact_id()::text::bigint;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER invoices_created_xact BEFORE INSERT ON invoices
+    FOR EACH ROW EXECUTE FUNCTION invoices_created_xact();
+CREATE FUNCTION payments_finalization_with_invoice() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, public, pg_temp AS $$
+BEGIN
+    IF NEW.sequence = 0 AND (SELECT created_xact FROM invoices WHERE id = NEW.invoice_id)
+                            IS DISTINCT FROM pg_current_xact_id()::text::bigint THEN
+        RAISE EXCEPTION 'the payment at finalization of invoice % is written with the invoice',
+            NEW.invoice_id USING ERRCODE = 'integrity_constraint_violation';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER payments_finalization_with_invoice BEFORE INSERT ON payments
+    FOR EACH ROW EXECUTE FUNCTION payments_finalization_with_invoice();
 
 -- 9. Refunds are written with their credit note: in the transaction that issued it,
 -- pending (or linked, succeeded), on its invoice. Linked ones are settled as inserted.
@@ -285,14 +366,24 @@ END $$;
 CREATE TRIGGER refunds_settle_once BEFORE UPDATE ON refunds
     FOR EACH ROW EXECUTE FUNCTION refunds_settle_once();
 
--- A refund's journal is written only by the transaction that settled it.
+-- A refund's journal is written only by the transaction that settled it, dated by its
+-- outcome (a linked refund's: by its credit note's effective_at).
 CREATE FUNCTION refund_lines_written_with_their_outcome() RETURNS trigger LANGUAGE plpgsql
 SET search_path = pg_catalog, public, pg_temp AS $$
+DECLARE
+    refund refunds%ROWTYPE;
 BEGIN
-    IF (SELECT settled_xact FROM refunds WHERE refund_id = NEW.refund_id)
-       IS DISTINCT FROM pg_current_xact_id()::text::bigint THEN
+    SELECT * INTO refund FROM refunds WHERE refund_id = NEW.refund_id;
+    IF refund.settled_xact IS DISTINCT FROM pg_current_xact_id()::text::bigint THEN
         RAISE EXCEPTION 'a refund journal is written only by the outcome of refund %', NEW.refund_id
             USING ERRCODE = 'integrity_constraint_violation';
+    END IF;
+    IF NEW.effective_at IS DISTINCT FROM (CASE
+           WHEN refund.linked THEN (SELECT effective_at FROM credit_notes
+                                     WHERE id = refund.credit_note_id)
+           ELSE refund.outcome_at END) THEN
+        RAISE EXCEPTION 'the journal of refund % is dated by its outcome (linked: its credit note)',
+            NEW.refund_id USING ERRCODE = 'integrity_constraint_violation';
     END IF;
     RETURN NEW;
 END $$;
@@ -483,11 +574,11 @@ BEGIN
 END $$;
 
 -- 12. Grants (0003's model): the application inserts and reads; of a refund it
--- updates only the outcome; of a credit note also updated_at; of an invoice refunds_failed.
+-- updates only the outcome; of an invoice refunds_failed (a credit note's updated_at is
+-- set by credit_notes_edited_with_update).
 GRANT SELECT, INSERT ON payments, refunds, refund_journal_lines, credit_note_updates
     TO creditnotes_app;
 GRANT UPDATE (status, failure_reason, resettled_to, outcome_source, outcome_id, outcome_type,
               outcome_at) ON refunds TO creditnotes_app;
-GRANT UPDATE (updated_at) ON credit_notes TO creditnotes_app;
 GRANT UPDATE (refunds_failed) ON invoices TO creditnotes_app;
 GRANT ALL ON payments, refunds, refund_journal_lines, credit_note_updates TO creditnotes_migrator;

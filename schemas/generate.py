@@ -607,7 +607,8 @@ def _settle(invoice: Invoice, type_: str) -> None:
     outcome = _command(type_, RecordRefundOutcome)
     invoice.settle_refund(outcome.refund_id, outcome.outcome, outcome.trigger,
                           failure_reason=outcome.failure_reason,
-                          settlement=outcome.failure_settlement, now=EXAMPLE_TIME)
+                          settlement=outcome.failure_settlement,
+                          now=outcome.trigger.time or EXAMPLE_TIME)  # processed as it arrives
 
 
 def example_events() -> list[Event]:

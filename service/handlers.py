@@ -349,7 +349,7 @@ async def issue_credit_note(command: IssueCreditNote, uow: UnitOfWork) -> Duplic
 
 async def void_credit_note(command: VoidCreditNote, uow: UnitOfWork) -> Duplicate:
     note, invoice = await _locked_credit_note(uow, command.credit_note_id)
-    voided = invoice.void_credit_note(note, command.trigger)
+    voided = invoice.void_credit_note(note, command.trigger, now=datetime.now(UTC))
     await uow.save(voided)
     await uow.save(invoice)
     return None
@@ -379,7 +379,7 @@ async def record_payment(command: RecordPayment, uow: UnitOfWork) -> Duplicate:
     """A payment is a fact: recorded once per ``payment_id``, never refused for the state."""
     invoice = await _locked_invoice(uow, command.invoice_id)
     receipt = invoice.receive_payment(command.payment_id, command.amount, command.currency,
-                                      command.trigger)
+                                      command.trigger, now=datetime.now(UTC))
     if receipt is Receipt.DUPLICATE:
         return "duplicate:payment"
     await uow.save(invoice)
@@ -391,10 +391,14 @@ async def record_refund_outcome(command: RecordRefundOutcome, uow: UnitOfWork) -
     invoice = (await uow.lock([command.invoice_id])).invoices.get(command.invoice_id)
     if invoice is None:  # no invoice: no refund of it either (the note may not be committed)
         raise errors.RefundNotFound("the invoice of the refund has not been received (yet)")
+    # its journal is never dated before its credit note's (read under the invoice's lock)
+    refund = next((r for r in invoice.refunds if r.refund_id == command.refund_id), None)
+    note = None if refund is None else (
+        await uow.lock((), [refund.credit_note_id])).credit_notes.get(refund.credit_note_id)
     transition = invoice.settle_refund(
         command.refund_id, command.outcome, command.trigger,
         failure_reason=command.failure_reason, settlement=command.failure_settlement,
-        now=datetime.now(UTC))
+        now=datetime.now(UTC), not_before=None if note is None else note.effective_at)
     if transition is Transition.DUPLICATE:
         return f"duplicate:refund_{command.outcome}"
     await uow.save(invoice)

@@ -48,9 +48,10 @@ class OnExcess(StrEnum):
 
 @dataclass(frozen=True)
 class SettlementSplit:
-    """An explicit split of the post-payment part (any part not given is zero)."""
+    """An explicit split of the post-payment part (any part not given is zero; a
+    ``refund_amount`` not given (None) with linked refunds is their sum)."""
 
-    refund_amount: int = 0
+    refund_amount: int | None = None
     credit_amount: int = 0
     out_of_band_amount: int = 0
 

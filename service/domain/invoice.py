@@ -292,7 +292,8 @@ class Invoice:
         """Void a wholly pre-payment credit note of this open invoice, restoring what it took.
 
         Raises a Rejection (``AlreadyVoid``, ``NotVoidable``) before changing anything.
-        The void journal is dated the void event's time, else ``now`` (None: when stored).
+        The void journal is dated by :func:`fact_date` (``now`` None: the event's time,
+        else when stored), never before the note's ``effective_at``.
         """
         if note.status is CreditNoteStatus.VOID:
             raise errors.AlreadyVoid(f"credit note {note.number} is already void")
@@ -312,7 +313,8 @@ class Invoice:
         self._count_for_trigger(note.trigger.type, -note.total)
         voided = note.voided(by=trigger)
         self.events.append(CreditNoteVoided(voided, self._state(), trigger,
-                                            effective_at=trigger.time or now))
+                                            effective_at=fact_date(trigger, now,
+                                                                   not_before=note.effective_at)))
         return voided
 
     def _count_for_trigger(self, kind: str, amount: int) -> None:
@@ -326,7 +328,7 @@ class Invoice:
         return InvoiceState(amount_remaining=self.amount_remaining, status=self.status.value)
 
     def receive_payment(self, payment_id: str | None, amount: int, currency: str,
-                        trigger: Trigger) -> Receipt:
+                        trigger: Trigger, *, now: datetime | None = None) -> Receipt:
         """Record a payment, never refused for the invoice's state (docs/rules.md, Payments).
 
         Another currency: ``PaymentCurrencyMismatch``; the same ``payment_id``
@@ -335,6 +337,7 @@ class Invoice:
         the amount remaining (the invoice may become ``paid``); the rest is an
         overpayment, recorded as ``CustomerBalanceCredited`` (reason ``overpayment``).
         No ``invoice.paid`` is published: the payment's sender knows it was paid.
+        The overpayment is dated by :func:`fact_date`.
         """
         if amount <= 0:
             raise errors.InvalidMessage("a payment amount must be positive")
@@ -357,14 +360,15 @@ class Invoice:
             self.events.append(CustomerBalanceCredited(
                 customer_id=self.customer_id, invoice_id=self.id, currency=self.currency,
                 amount=application.overpayment, reason=BalanceReason.OVERPAYMENT,
-                trigger=trigger, payment_id=payment_id, effective_at=trigger.time))
+                trigger=trigger, payment_id=payment_id, effective_at=fact_date(trigger, now)))
         return receipt
 
     def settle_refund(self, refund_id: str, outcome: RefundState, trigger: Trigger, *,
                       failure_reason: str | None = None,
                       settlement: FailureSettlement = FailureSettlement.CUSTOMER_BALANCE,
-                      now: datetime) -> Transition:
-        """Apply a refund's outcome (docs/rules.md, Refunds), dated ``trigger.time or now``.
+                      now: datetime, not_before: datetime | None = None) -> Transition:
+        """Apply a refund's outcome (docs/rules.md, Refunds), dated by :func:`fact_date`
+        (``not_before``: its credit note's ``effective_at``).
 
         Unknown refund: ``RefundNotFound``; the opposite of a final outcome:
         ``RefundStateConflict`` (both before any change); the same again:
@@ -388,7 +392,7 @@ class Invoice:
                 f"the refund is {refund.state} already; an outcome is final")
         if step is Transition.DUPLICATE:
             return step
-        at = trigger.time or now
+        at = fact_date(trigger, now, not_before=not_before) or now
         failed = outcome is RefundState.FAILED
         settled = refund.settled(outcome, failure_reason=failure_reason if failed else None,
                                  resettled_to=settlement if failed else None, by=trigger, at=at)
@@ -547,3 +551,16 @@ def _price_line(position: int, draft: DraftLine, discount: int) -> InvoiceLine:
         discount=discount,
         tax=money.basis_points(net, draft.tax_rate_bps),
     )
+
+
+def fact_date(trigger: Trigger, now: datetime | None, *,
+              not_before: datetime | None = None) -> datetime | None:
+    """The accounting date of a fact (an outcome, a void, an overpayment), which is never
+    refused for its date: the event's ``time`` but not after ``now`` (when processed) and
+    not before ``not_before`` (the credit note's ``effective_at``). None: neither known."""
+    at = trigger.time
+    if at is None or (now is not None and at > now):
+        at = now
+    if at is not None and not_before is not None and at < not_before:
+        at = not_before
+    return at

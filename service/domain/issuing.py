@@ -202,7 +202,8 @@ def _check_request(command: IssueCreditNote) -> None:
             not_negative.append(line.tax_rate_bps)
     if isinstance(command.settlement, SettlementSplit):
         split = command.settlement
-        not_negative += [split.refund_amount, split.credit_amount, split.out_of_band_amount]
+        not_negative += [split.refund_amount or 0, split.credit_amount,
+                         split.out_of_band_amount]
     if any(value <= 0 for value in positive) or any(value < 0 for value in not_negative):
         raise errors.InvalidMessage("amounts and quantities must be positive")
 
@@ -439,14 +440,14 @@ def _settle(invoice: Invoice, command: IssueCreditNote, post_payment: int
     """Split the post-payment part into (refund, customer balance, out of band).
 
     Linked refunds are part of the refund: an explicit ``refund_amount`` must
-    hold them (``settlement_mismatch``; 0 with linked refunds is read as not
-    given); without one, the refund is their sum and the rest of the
-    post-payment part goes where the settlement says (out of band, else the
-    customer balance). Where each refund goes: :func:`refunds.plan_refunds`.
+    hold them (``settlement_mismatch``, an explicit 0 included); without one,
+    the refund is their sum and the rest of the post-payment part goes where
+    the settlement says (out of band, else the customer balance). Where each
+    refund goes: :func:`refunds.plan_refunds`.
     """
     settlement = command.settlement
     linked = sum(refund.amount for refund in command.linked_refunds)
-    if linked and isinstance(settlement, SettlementSplit) and settlement.refund_amount == 0:
+    if linked and isinstance(settlement, SettlementSplit) and settlement.refund_amount is None:
         settlement = replace(settlement, refund_amount=linked)
     if linked and not isinstance(settlement, SettlementSplit):
         if post_payment < linked:
@@ -458,14 +459,14 @@ def _settle(invoice: Invoice, command: IssueCreditNote, post_payment: int
             return linked, 0, rest
         return linked, rest, 0
     if isinstance(settlement, SettlementSplit):
-        parts = (settlement.refund_amount, settlement.credit_amount,
-                 settlement.out_of_band_amount)
+        refund = settlement.refund_amount or 0
+        parts = (refund, settlement.credit_amount, settlement.out_of_band_amount)
         if sum(parts) != post_payment:
             raise errors.SettlementMismatch(
                 f"refund, credit and out-of-band amounts must add up to the post-payment "
                 f"amount {post_payment}"
             )
-        if settlement.refund_amount > invoice.refundable:
+        if refund > invoice.refundable:
             raise errors.ExceedsRefundableAmount(
                 f"at most {invoice.refundable} of collected cash can be refunded"
             )

@@ -18,7 +18,8 @@ Decisions where docs/rules.md is silent (docs/decisions.md):
 
 - A refund in a payment system goes back to one payment, so a linked refund is
   placed whole on one payment: the newest whose remainder holds it, largest
-  linked refunds first (first fit decreasing). If none holds it, the command is
+  linked refunds first (first fit decreasing); when that leaves one out, a
+  bounded search finds a placement that fits. If there is none, the command is
   rejected ``exceeds_refundable_amount``, even when the remainders together would.
 - A new refund's id is derived from its credit note's id (itself derived from
   the upstream event) and its payment (``payment_id``, or the payment's
@@ -236,26 +237,59 @@ def allocate_newest_first(amount: int, payments: Sequence[PaymentCash]
     return tuple(parts)
 
 
+#: At most this many placements are tried in :func:`place_linked`'s search.
+PLACEMENT_STEPS = 100_000
+
+
 def place_linked(linked: Sequence[LinkedRefund], payments: Sequence[PaymentCash]
                  ) -> tuple[dict[str, PaymentCash], tuple[PaymentCash, ...]]:
     """Each linked refund whole on one payment; returns where, and the payments after.
 
     Largest first (ties in the order given), each on the newest payment whose
-    remainder holds it.
+    remainder holds it; when that first fit leaves one without a payment, a
+    search (backtracking, newest payments first, at most ``PLACEMENT_STEPS``
+    placements tried) finds a placement that fits if one exists: the first
+    found in that order, so the first fit when it fits. None found:
+    ``exceeds_refundable_amount``.
     """
     _check_payments(payments)
-    standing = {payment.sequence: payment for payment in payments}
-    newest_first = sorted(standing, reverse=True)
-    placed: dict[str, PaymentCash] = {}
     order = sorted(range(len(linked)), key=lambda index: (-linked[index].amount, index))
-    for index in order:
+    amounts = [linked[index].amount for index in order]
+    newest_first = sorted((payment.sequence for payment in payments), reverse=True)
+    left = {payment.sequence: payment.refundable for payment in payments}
+    homes: list[int] = []
+    steps = 0
+
+    def search(position: int) -> bool:
+        nonlocal steps
+        if position == len(amounts):
+            return True
+        amount = amounts[position]
+        tried: set[int] = set()  # remainders tried here: an equal one ends the same way
+        for sequence in newest_first:
+            remainder = left[sequence]
+            if remainder < amount or remainder in tried:
+                continue
+            steps += 1
+            if steps > PLACEMENT_STEPS:
+                return False
+            tried.add(remainder)
+            left[sequence] = remainder - amount
+            homes.append(sequence)
+            if search(position + 1):
+                return True
+            homes.pop()
+            left[sequence] = remainder
+        return False
+
+    if not search(0):
+        raise errors.ExceedsRefundableAmount(
+            "the payments' refundable cash cannot hold each linked refund whole on one"
+            " payment (a refund goes back to one payment)")
+    standing = {payment.sequence: payment for payment in payments}
+    placed: dict[str, PaymentCash] = {}
+    for index, home in zip(order, homes, strict=True):
         refund = linked[index]
-        home = next((sequence for sequence in newest_first
-                     if standing[sequence].refundable >= refund.amount), None)
-        if home is None:
-            raise errors.ExceedsRefundableAmount(
-                f"no payment has {refund.amount} of refundable cash left for a linked refund"
-                " (a refund goes back to one payment)")
         placed[refund.refund_id] = standing[home]
         standing[home] = standing[home].take(refund.amount)
     return placed, tuple(standing[sequence] for sequence in sorted(standing))

@@ -68,6 +68,7 @@ def decode_envelope(value: bytes | None, headers: Sequence[Header]) -> wire.Clou
                       if name.startswith("ce_")}
     except UnicodeDecodeError:
         raise errors.InvalidMessage("a ce_ header is not valid UTF-8") from None
+    _clean_failure_reason(body, attributes)
     if _has_nul(body) or any("\x00" in value for value in attributes.values()):
         # PostgreSQL text cannot hold NUL; refusing it here keeps the partition flowing
         raise errors.InvalidMessage("text must not contain NUL characters")
@@ -76,6 +77,18 @@ def decode_envelope(value: bytes | None, headers: Sequence[Header]) -> wire.Clou
     if not isinstance(body, dict):
         raise errors.InvalidMessage("the record value is not a CloudEvent object")
     return parse(wire.CloudEvent, body, "CloudEvent")
+
+
+def _clean_failure_reason(body: Any, attributes: dict[str, str]) -> None:
+    """An outcome's ``data.failure_reason`` cleaned in place before the NUL check (a
+    fact is never refused for its reason): the only field where NUL is replaced, not refused."""
+    kind = attributes.get("type") if attributes else (
+        body.get("type") if isinstance(body, dict) else None)
+    if kind not in ("refund.failed", "refund.succeeded"):
+        return
+    data = body if attributes else body.get("data")
+    if isinstance(data, dict) and isinstance(data.get("failure_reason"), str):
+        data["failure_reason"] = wire.clean_failure_reason(data["failure_reason"])
 
 
 def _refuse_constant(name: str) -> Any:
@@ -192,7 +205,8 @@ def issue(event: wire.CloudEvent, trigger: Trigger) -> Command:
     parts = (data.refund_amount, data.credit_amount, data.out_of_band_amount)
     settlement: Settlement | SettlementSplit = Settlement.CUSTOMER_BALANCE
     if any(part is not None for part in parts):
-        settlement = SettlementSplit(*(part or 0 for part in parts))
+        settlement = SettlementSplit(data.refund_amount, data.credit_amount or 0,
+                                     data.out_of_band_amount or 0)
     return IssueCreditNote(
         trigger=trigger, invoice_id=data.invoice_id, reason=data.reason,
         lines=tuple(_line(line) for line in data.lines or ()), amount=data.amount,

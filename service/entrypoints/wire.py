@@ -236,10 +236,28 @@ Memo = Annotated[str, Field(max_length=5000)]
 RefundId = Annotated[Id, AfterValidator(_printable)]
 
 
+def _not_ours(refund_id: str) -> str:
+    """A linked refund id may not start ``rf_``: the service's own refunds' prefix, so
+    that it cannot take the id the service derives for a later refund."""
+    if refund_id.startswith("rf_"):
+        raise ValueError("a linked refund id must not start with rf_ (the service's own ids)")
+    return refund_id
+
+
+def clean_failure_reason(reason: Any) -> Any:
+    """A refund's failure reason as kept: control characters (NUL included) replaced by
+    U+FFFD, then cut to 500 characters. An outcome is a fact: its reason never refuses it."""
+    if not isinstance(reason, str):
+        return reason
+    cleaned = "".join("\ufffd" if ord(char) < 0x20 or 0x7F <= ord(char) <= 0x9F else char
+                      for char in reason)
+    return cleaned[:MAX_FAILURE_REASON]
+
+
 class LinkedRefund(Payload):
     """A refund already made in the payment system, counted as part of ``refund_amount``."""
 
-    refund_id: RefundId
+    refund_id: Annotated[RefundId, AfterValidator(_not_ours)]
     amount: PositiveAmount
 
 
@@ -310,7 +328,8 @@ class RefundOutcome(Payload):
     refund_id: RefundId
     invoice_id: Id
     #: Kept on a failure (ignored on a success); never logged.
-    failure_reason: Annotated[str, Field(max_length=MAX_FAILURE_REASON)] | None = None
+    failure_reason: Annotated[str, BeforeValidator(clean_failure_reason),
+                              Field(max_length=MAX_FAILURE_REASON)] | None = None
 
 
 # Upstream triggers (issue #3): each becomes a credit_note.issue-like command.

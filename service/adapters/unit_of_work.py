@@ -374,38 +374,65 @@ class PostgresUnitOfWork:
                 if invoice else ())
 
     async def _flush(self) -> None:
-        """Write everything the batch recorded, one statement per table, parents first."""
-        connection = self.connection
-        new = self._new_invoices
+        """Write everything the batch recorded, one statement per table, parents first.
+
+        The steps run in this order: the deferred triggers and the two-step write
+        of a line whose method a void freed depend on it.
+        """
         events = self._collect_new_events()
-        await _insert(connection, _INVOICES, [
+        await self._write_new_invoices()
+        # every invoice the batch created or saved, once (a new one may be saved too)
+        touched = list({i.id: i for i in [*self._new_invoices,
+                                          *self._saved_invoices.values()]}.values())
+        await self._write_payments(touched)
+        await self._write_new_notes()
+        await self._write_refunds(touched)
+        await self._write_voids_and_journals(events)
+        await self._write_invoice_figures()
+        await self._write_note_edits(events)
+        await _insert(self.connection, _OUTBOX, self._outbox_rows(events))
+        await _update(self.connection, _OUTCOMES, [
+            (source, id_, outcome) for (source, id_), outcome in self._outcomes.items()])
+
+    async def _write_new_invoices(self) -> None:
+        """Insert the invoices the batch created, with their lines."""
+        new = self._new_invoices
+        await _insert(self.connection, _INVOICES, [
             (i.id, i.number, i.customer_id, i.currency, i.status.value, i.subtotal, i.discount,
              i.tax, i.total, i.customer_balance_applied, i.amount_paid) for i in new])
-        await _insert(connection, _INVOICE_LINES, [
+        await _insert(self.connection, _INVOICE_LINES, [
             (i.id, line.id, line.position, line.description, line.quantity, line.unit_amount,
              line.tax_rate_bps, _utc(line.period.start) if line.period else None,
              _utc(line.period.end) if line.period else None, line.discount, line.tax)
             for i in new for line in i.lines])
-        # every invoice the batch created or saved, once (a new one may be saved too)
-        touched = list({i.id: i for i in [*new, *self._saved_invoices.values()]}.values())
-        await _insert(connection, _PAYMENTS, [
+
+    async def _write_payments(self, touched: Sequence[Invoice]) -> None:
+        """Insert the payments recorded on the touched invoices that are not stored yet."""
+        await _insert(self.connection, _PAYMENTS, [
             (i.id, p.sequence, p.payment_id, p.amount, p.applied,
              p.trigger.source if p.trigger else None, p.trigger.id if p.trigger else None)
             for i in touched for p in i.payments
             if p.sequence not in self._stored_payments.get(i.id, frozenset())])
+
+    async def _write_new_notes(self) -> None:
+        """Insert the credit notes the batch issued, with their lines."""
         notes = self._new_notes
-        await _insert(connection, _CREDIT_NOTES, [
+        await _insert(self.connection, _CREDIT_NOTES, [
             (n.id, n.invoice_id, n.sequence, n.number, n.customer_id, n.currency,
              CreditNoteStatus.ISSUED.value, n.reason.value, n.subtotal, n.tax, n.total,
              n.pre_payment_amount, n.refund_amount, n.credit_amount, n.out_of_band_amount,
              n.refund_id, n.trigger.source, n.trigger.id, n.trigger.type, n.policy, n.memo,
              json.dumps(n.metadata), _utc(n.effective_at) if n.effective_at else None)
             for n in notes])
-        await _insert(connection, _CREDIT_NOTE_LINES, [
+        await _insert(self.connection, _CREDIT_NOTE_LINES, [
             (n.id, position, line.invoice_line_id, line.description, line.quantity,
              line.unit_amount, line.tax_rate_bps, line.net, line.tax,
              _utc(line.covers_from) if line.covers_from else None)
             for n in notes for position, line in enumerate(n.lines)])
+
+    async def _write_refunds(self, touched: Sequence[Invoice]) -> None:
+        """Insert the new refunds, write the outcomes, then the refunds' journal lines."""
+        connection = self.connection
         new_refunds, settled = self._changed_refunds(touched)
         # a requested refund is inserted pending (refunds_written_with_their_note), even one
         # this batch settled already: its outcome is the update below, as for any other
@@ -425,17 +452,24 @@ class PostgresUnitOfWork:
              _utc(r.settled_at) if r.settled_at else None)
             for r in [*(r for _, r in new_refunds if r.linked), *settled]
             for position, line in enumerate(refund_journal(r))])
-        await _update(connection, _VOIDS, [
+
+    async def _write_voids_and_journals(self, events: Sequence[Event]) -> None:
+        """Mark the voided notes, then insert the issue and void journal lines."""
+        await _update(self.connection, _VOIDS, [
             (n.id, n.voided_by.source, n.voided_by.id) for n in self._voided if n.voided_by])
         void_dates = {event.credit_note.id: event.effective_at for event in events
                       if isinstance(event, CreditNoteVoided)}
-        await _insert(connection, _JOURNAL_LINES, [
+        await _insert(self.connection, _JOURNAL_LINES, [
             (n.id, "issue", position, line.account.value, line.debit, line.credit,
              _utc(n.effective_at) if n.effective_at else None)
-            for n in notes for position, line in enumerate(n.journal)] + [
+            for n in self._new_notes for position, line in enumerate(n.journal)] + [
             (n.id, "void", position, line.account.value, line.debit, line.credit,
              _utc(date) if (date := void_dates.get(n.id)) else None)
             for n in self._voided for position, line in enumerate(n.void_journal)])
+
+    async def _write_invoice_figures(self) -> None:
+        """Update the saved invoices' figures, then their lines' credits."""
+        connection = self.connection
         # invoices new in this batch too: they were inserted as finalized, and what the
         # batch credited on them (counters, number count, coverage) is written here
         dirty = list(self._saved_invoices.values())
@@ -455,16 +489,16 @@ class PostgresUnitOfWork:
              line.credit_method.value if line.credit_method else None,
              _timestamps_literal(line.time_credits))
             for i in dirty for line in i.lines])
+
+    async def _write_note_edits(self, events: Sequence[Event]) -> None:
+        """Insert the credit-note updates, then write each edited note's last memo and metadata."""
         updates = [event for event in events if isinstance(event, CreditNoteUpdated)]
-        await _insert(connection, _CREDIT_NOTE_UPDATES, [
+        await _insert(self.connection, _CREDIT_NOTE_UPDATES, [
             (u.credit_note.id, u.trigger.source, u.trigger.id, u.credit_note.memo,
              json.dumps(u.credit_note.metadata)) for u in updates])
         edited = {u.credit_note.id: u.credit_note for u in updates}  # the last of each note
-        await _update(connection, _NOTE_EDITS, [
+        await _update(self.connection, _NOTE_EDITS, [
             (n.id, n.memo, json.dumps(n.metadata)) for n in edited.values()])
-        await _insert(connection, _OUTBOX, self._outbox_rows(events))
-        await _update(connection, _OUTCOMES, [
-            (source, id_, outcome) for (source, id_), outcome in self._outcomes.items()])
 
     def _changed_refunds(self, invoices: Sequence[Invoice]
                          ) -> tuple[list[tuple[Invoice, Refund]], list[Refund]]:

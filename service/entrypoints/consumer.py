@@ -202,6 +202,7 @@ class Pipeline:
         structlog.contextvars.clear_contextvars()
         started = time.monotonic()
         self._retry_deadline = started + self._retry_budget_s
+        self._metrics.batch_records.observe(len(records))
         for record in records:
             self._metrics.consumed.labels(record.topic).inc()
         try:
@@ -246,7 +247,9 @@ class Pipeline:
                     "postgresql transaction", kind=trace.SpanKind.CLIENT,
                     links=[trace.Link(span.get_span_context()) for _, _, span in decoded],
                     attributes={"db.system": "postgresql", "creditnotes.messages": len(decoded)}):
+                applying = time.monotonic()
                 results = await self._apply([message for _, message, _ in decoded], records)
+                self._metrics.transaction_seconds.observe(time.monotonic() - applying)
             pending = [(index, message, result) for (index, message, _), result
                        in zip(decoded, results, strict=True)]
             waiting = await self._settle(records, pending, outcomes, first_failed_at)

@@ -23,6 +23,18 @@ class Metrics:
             "creditnotes_processing_seconds", "From a record's arrival to its commit",
             ["topic"], registry=self.registry,
             buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.batch_records = Histogram(
+            "creditnotes_batch_records", "Records per batch handed to the pipeline",
+            registry=self.registry, buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
+        self.transaction_seconds = Histogram(
+            "creditnotes_transaction_seconds",
+            "A batch's apply in PostgreSQL, from BEGIN to COMMIT included",
+            registry=self.registry,
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.db_round_trips = Counter(
+            "creditnotes_db_round_trips",
+            "Statements sent to PostgreSQL by the consumers' pool (each a round trip)",
+            registry=self.registry)
         self.outbox_backlog = Gauge(
             "creditnotes_outbox_backlog", "Outbox rows not yet published", registry=self.registry)
         self.outbox_oldest = Gauge(

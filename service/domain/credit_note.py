@@ -21,6 +21,7 @@ from service.domain.refunds import (
     RefundState,
     RefundStatus,
     refund_status,
+    uuid5_hex,
 )
 
 
@@ -222,7 +223,7 @@ def credit_note_number(invoice_number: str, sequence: int) -> str:
     return f"{invoice_number}-CN-{sequence:02d}"
 
 
-_NAMESPACE = uuid.UUID("6c1f3a52-8d0e-4b7c-9f51-2f1d6a0c7e11")
+_NAMESPACE = uuid.UUID("6c1f3a52-8d0e-4b7c-9f51-2f1d6a0c7e11").bytes
 
 
 def derived_id(prefix: str, trigger: Trigger, purpose: str = "") -> str:
@@ -232,4 +233,4 @@ def derived_id(prefix: str, trigger: Trigger, purpose: str = "") -> str:
     collide with its first effect instead of creating a second one.
     """
     name = f"{trigger.source}\n{trigger.id}\n{purpose}"
-    return f"{prefix}_{uuid.uuid5(_NAMESPACE, name).hex[:24]}"
+    return f"{prefix}_{uuid5_hex(_NAMESPACE, name)[:24]}"

@@ -31,6 +31,7 @@ Pure: ints of minor units, no I/O.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -174,7 +175,20 @@ class Refund:
         return replace(self, state=outcome, settled_by=by, settled_at=at)
 
 
-_NAMESPACE = uuid.UUID("0b9e3c5e-7f44-4a53-9a53-5be4d1f0c2a7")
+def uuid5_hex(namespace: bytes, name: str) -> str:
+    """``uuid.uuid5(UUID(bytes=namespace), name).hex`` without building a ``UUID`` (a third of the
+    time): SHA-1 of the namespace and the UTF-8 name, its first 16 bytes, with the version
+    (the 13th hex digit, ``5``) and the variant (the 17th, ``10xx``) set as RFC 9562 says.
+    Byte-identical to ``uuid5`` (``tests/unit/test_fast_ids.py``), so no stored id changes;
+    a name ``uuid5`` cannot encode (a lone surrogate) raises the same ``UnicodeEncodeError``.
+    """
+    digest = hashlib.sha1(namespace + name.encode("utf-8"), usedforsecurity=False).hexdigest()
+    return (f"{digest[:12]}5{digest[13:16]}{_VARIANT[int(digest[16], 16) & 3]}"
+            f"{digest[17:32]}")
+
+
+_VARIANT = "89ab"
+_NAMESPACE = uuid.UUID("0b9e3c5e-7f44-4a53-9a53-5be4d1f0c2a7").bytes
 
 
 def refund_id_for(credit_note_id: str, payment: PaymentCash) -> str:
@@ -186,7 +200,7 @@ def refund_id_for(credit_note_id: str, payment: PaymentCash) -> str:
     """
     name = (f"+{payment.payment_id}" if payment.payment_id is not None
             else f"#{payment.sequence}")
-    digest = uuid.uuid5(_NAMESPACE, f"{credit_note_id}\n{name}").hex
+    digest = uuid5_hex(_NAMESPACE, f"{credit_note_id}\n{name}")
     return f"rf_{digest[:24]}"
 
 

@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     #: May hold a password: kept out of ``repr`` and shown only through :func:`redact_url`.
     database_url: str = Field(default="postgresql://postgres@127.0.0.1:5432/creditnotes",
                               repr=False)
+    #: Pooled PostgreSQL connections; at least :func:`pool_needed` (each shard's batch in
+    #: flight, the invoices and refund-results consumers, the relay and retention).
     database_pool_size: int = Field(default=10, ge=1)
     #: TLS to PostgreSQL, added to the URL's query (and replacing one there): production
     #: uses ``verify-full`` (certificate and host name checked) with the CA bundle named
@@ -81,6 +83,10 @@ class Settings(BaseSettings):
     kafka_ssl_certfile: Path | None = None
     kafka_ssl_keyfile: Path | None = None
     consumer_group: str = "credit-notes"
+    #: Batch subscribers consuming the crediting topics per replica (each its own consumer
+    #: in the group, its own batch in flight, its own offsets); range assignment gives each
+    #: the same partition numbers on every crediting topic (docs/scaling.md).
+    consumer_shards: int = Field(default=4, ge=1, le=64)
     #: Consumer-group liveness. Kafka's defaults suit production; the embedded
     #: broker (tansu) holds every join for about half the session timeout, so
     #: ``creditnotes dev``, ``demo`` and the tests shorten it.
@@ -209,6 +215,18 @@ class Settings(BaseSettings):
                              "_PASSWORD; refusing to fall back to plaintext")
         return self
 
+    @model_validator(mode="after")
+    def _pool_fits_the_shards(self) -> Settings:
+        needed = pool_needed(self.consumer_shards)
+        if self.database_pool_size < needed:
+            raise ValueError(
+                f"CREDITNOTES_DATABASE_POOL_SIZE ({self.database_pool_size}) is too small for "
+                f"CREDITNOTES_CONSUMER_SHARDS ({self.consumer_shards}): each shard's batch in "
+                f"flight holds a connection, and so do the invoices and refund-results "
+                f"consumers, the outbox relay and retention; set the pool size to at least "
+                f"{needed}, or run fewer shards")
+        return self
+
     @field_validator("database_url")
     @classmethod
     def _a_postgresql_url(cls, url: str) -> str:
@@ -264,6 +282,18 @@ class Settings(BaseSettings):
     @property
     def topics(self) -> Topics:
         return Topics(**{name: getattr(self, f"topic_{name}") for name in Topics.model_fields})
+
+
+#: Pooled connections besides the shards': the invoices and refund-results consumers' batches,
+#: the outbox relay's reads and marks, and retention's prune.
+POOL_BESIDES_SHARDS = 4
+
+
+def pool_needed(consumer_shards: int) -> int:
+    """The smallest ``database_pool_size`` for ``consumer_shards``: one connection for every
+    transaction that may run at once in a replica (the health endpoints and the relay's lock
+    and alive connections are outside the pool)."""
+    return consumer_shards + POOL_BESIDES_SHARDS
 
 
 def with_query(url: str, name: str, value: str) -> str:

@@ -407,7 +407,14 @@ class EmbeddedKafka:
             os.killpg(process.pid, signum)  # the process group: tansu and anything it spawned
 
 
-async def create_topics(bootstrap_servers: str, topics: Iterable[str], partitions: int = 3) -> None:
+#: Partitions of the topics ``dev``, ``demo`` and the tests create: twice the default
+#: ``CREDITNOTES_CONSUMER_SHARDS`` (4), so every shard of one replica holds two partitions of
+#: each crediting topic, and a second replica still finds partitions to take over.
+DEV_PARTITIONS = 8
+
+
+async def create_topics(bootstrap_servers: str, topics: Iterable[str],
+                        partitions: int = DEV_PARTITIONS) -> None:
     """Create the topics (existing ones are left alone) and wait until metadata shows them all.
 
     New topics must show ``partitions`` partitions; existing ones at least one.

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import structlog
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import KafkaError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
@@ -30,6 +35,8 @@ from service.entrypoints.consumer import (
 )
 from service.entrypoints.translators import Route
 from service.settings import Settings
+
+log = structlog.get_logger(__name__)
 
 
 def broker(settings: Settings) -> KafkaBroker:
@@ -57,9 +64,71 @@ def broker_security(settings: Settings) -> BaseSecurity | None:
     return kind(username, password, ssl_context=context, use_ssl=use_ssl)
 
 
+class Shard(ConsumerRebalanceListener):  # type: ignore[misc]
+    """One batch subscriber's batch in flight, and its rebalance listener.
+
+    The handler marks the batch busy from its first line to the offset commit
+    after the transaction (:func:`start_subscribers`). When the group takes
+    this consumer's partitions away, aiokafka calls :meth:`on_partitions_revoked`
+    in the consumer's coordination task before it rejoins; it waits until the
+    batch and its offset commit are done, so the next owner starts after them
+    instead of redoing the batch beside it.
+
+    It cannot deadlock with that commit (aiokafka 0.14, group_coordinator.py):
+    the callback runs in ``_on_join_prepare``, before the JoinGroup is sent,
+    with the old assignment and generation still current and the heartbeat
+    task still running ("as it can commit offsets"); ``consumer.commit()``
+    needs only a known coordinator and ``_commit_lock``, which the
+    coordination task holds only to auto-commit (off here). The broker accepts
+    a current generation's commit while the group prepares to rebalance.
+
+    The wait is bounded by ``wait_s`` (the session timeout: the group already
+    waits that long for a member that died): a batch may itself wait on the
+    group, e.g. a credit waiting for an invoice the ``invoices`` consumer
+    cannot fetch while the group rebalances. Past the bound the rebalance goes
+    on, the batch's commit fails (logged), and the next owner redelivers its
+    records, which are deduplicated (``processed_messages``): slower, never
+    wrong.
+    """
+
+    def __init__(self, name: str, wait_s: float) -> None:
+        self.name = name
+        self.wait_s = wait_s
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if self.idle.is_set() or not revoked:
+            return
+        started = time.monotonic()
+        log.info("partitions revoked mid-batch", shard=self.name, partitions=len(revoked),
+                 wait_at_most_s=self.wait_s)
+        try:
+            await asyncio.wait_for(self.idle.wait(), self.wait_s)
+        except TimeoutError:
+            log.warning("partitions moved before the batch finished", shard=self.name,
+                        waited_s=round(time.monotonic() - started, 3))
+        else:
+            log.info("batch finished before its partitions moved", shard=self.name,
+                     waited_s=round(time.monotonic() - started, 3))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Nothing to do: the positions come from the group's committed offsets."""
+
+
+def subscriber_groups(table: Mapping[str, Route], settings: Settings) -> list[list[str]]:
+    """The topics of each batch subscriber: ``invoices``, ``refund-results``, then
+    ``consumer_shards`` times the crediting topics (all the others)."""
+    alone = (settings.topics.invoices, settings.topics.refund_results)
+    crediting = [topic for topic in table if topic not in alone]
+    groups = [[topic for topic in table if topic == own] for own in alone]
+    groups += [list(crediting) for _ in range(settings.consumer_shards)] if crediting else []
+    return [group for group in groups if group]
+
+
 async def start_subscribers(broker: KafkaBroker, table: Mapping[str, Route],
                             pipeline: Pipeline, settings: Settings) -> list[Any]:
-    """Three thin batch subscribers, each its own consumer, handing records to the pipeline.
+    """Thin batch subscribers, each its own consumer, handing records to the pipeline.
 
     - ``invoices`` alone, so a credit waiting for its invoice never holds up
       the topic the invoice arrives on;
@@ -69,30 +138,46 @@ async def start_subscribers(broker: KafkaBroker, table: Mapping[str, Route],
     - every topic that credits an invoice (commands and triggers) together,
       so their batches never wait on each other's invoice locks (the
       benchmark's finding: per-topic consumers on the same invoices
-      serialised on the row locks and ran smaller batches).
+      serialised on the row locks and ran smaller batches), consumed by
+      ``consumer_shards`` subscribers: that many batches in flight.
+
+    Every subscriber uses the range assignor (aiokafka's default is round
+    robin, which deals all topics' partitions out together): each member
+    gets the same partition numbers on every topic it reads, so one shard
+    holds partition *p* of every crediting topic, an invoice's records
+    (keyed by invoice id) meet in one shard, and shards never wait on each
+    other's row locks. The group agrees on one protocol, so all its members
+    must use it.
 
     They are started together, after the broker (FastStream starts registered
     subscribers one by one, and every join rebalances the group).
 
-    ``NACK_ON_ERROR``: the offsets are committed only after the handler returned,
-    once per batch (never FastStream's default ``ACK_FIRST``, which auto-commits
-    on receipt); an exception seeks every partition of the batch back to its
-    first record, so they are all delivered again.
+    ``NACK_ON_ERROR``: the handler commits the consumer's offsets (its own
+    partitions' positions, just past the batch) once per batch, after the
+    pipeline returned, i.e. after the transaction committed (never
+    FastStream's default ``ACK_FIRST``, which auto-commits on receipt); an
+    exception seeks every partition of the batch back to its first record, so
+    they are all delivered again. Each subscriber's :class:`Shard` listener
+    lets its batch finish before its partitions move.
     """
-    alone = (settings.topics.invoices, settings.topics.refund_results)
-    groups = [*([topic for topic in table if topic == own] for own in alone),
-              [topic for topic in table if topic not in alone]]
     # above the longest a batch can take (retry budget, wait, backoff, per record)
     poll_interval_ms = max_poll_interval_ms(
         Backoff(settings.retry_initial_backoff_seconds, settings.retry_max_backoff_seconds),
         ATTEMPTS, settings.not_found_retry_seconds, settings.batch_max_records)
+    revoke_wait_s = min(settings.kafka_session_timeout_ms, poll_interval_ms // 2) / 1000
     subscribers = []
-    for topics in (group for group in groups if group):
+    groups = subscriber_groups(table, settings)
+    shards = 0
+    for topics in groups:
+        name = topics[0] if len(topics) == 1 else f"crediting-{shards}"
+        shards += len(topics) > 1
+        shard = Shard(name, revoke_wait_s)
         subscriber = broker.subscriber(
             *topics, batch=True, max_records=settings.batch_max_records,
             batch_timeout_ms=settings.batch_timeout_ms,
             group_id=settings.consumer_group, auto_offset_reset="earliest",
             ack_policy=AckPolicy.NACK_ON_ERROR, max_poll_interval_ms=poll_interval_ms,
+            partition_assignment_strategy=(RangePartitionAssignor,), listener=shard,
             session_timeout_ms=settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms, persistent=False,
             # bounded memory: a batch holds at most what one fetch brought
@@ -101,14 +186,53 @@ async def start_subscribers(broker: KafkaBroker, table: Mapping[str, Route],
             # FastStream neither decodes headers nor bodies: the pipeline judges each record
             parser=parse_records, decoder=decode_records,
         )
-
-        async def consume(message: KafkaMessage) -> None:
-            await pipeline.process_batch(message.raw_message)
-
-        subscriber(consume)
+        subscriber(_handler(pipeline, shard))
         subscribers.append(subscriber)
     await asyncio.gather(*(subscriber.start() for subscriber in subscribers))
+    warn_unaligned(subscribers, groups)
     return subscribers
+
+
+def _handler(pipeline: Pipeline, shard: Shard) -> Callable[[KafkaMessage], Awaitable[None]]:
+    """The subscriber's handler: the batch, then its offset commit, marked busy throughout.
+
+    Busy from the first line: nothing between aiokafka's ``getmany`` returning
+    the records and this line suspends (FastStream's parser, decoder and
+    middlewares do no I/O), so a revocation sees either no batch or this one;
+    and once a revocation began, ``getmany`` returns no records until the new
+    assignment (aiokafka's fetcher waits for it).
+    """
+    async def consume(message: KafkaMessage) -> None:
+        shard.idle.clear()
+        try:
+            await pipeline.process_batch(message.raw_message)
+            # FastStream's ack (consumer.commit(): this consumer's positions, just past the
+            # batch) here rather than after the handler, so the listener sees it done;
+            # the ack after the handler is then a no-op
+            try:
+                await message.ack()
+            except KafkaError as error:
+                log.warning("offsets not committed", shard=shard.name,
+                            error_class=type(error).__name__)
+                raise
+        finally:
+            shard.idle.set()
+
+    return consume
+
+
+def warn_unaligned(subscribers: Sequence[Any], groups: Sequence[list[str]]) -> None:
+    """One warning when the crediting topics' partition counts differ: partition *p* of
+    each is then no longer the same invoices, so a shard may wait on another's row locks
+    (correctness is unaffected: the locks serialise; only speed)."""
+    for subscriber, topics in zip(subscribers, groups, strict=True):
+        consumer = getattr(subscriber, "consumer", None)
+        if len(topics) < 2 or consumer is None:
+            continue
+        counts = {topic: len(consumer.partitions_for_topic(topic) or ()) for topic in topics}
+        if len(set(counts.values())) > 1:
+            log.warning("crediting topics' partition counts differ", partitions=counts)
+        return
 
 
 async def partition_lag(subscribers: Iterable[Any]) -> list[tuple[str, int, int]]:

@@ -165,7 +165,7 @@ async def test_twenty_concurrent_ten_percent_credits_on_one_invoice_issue_exactl
     problems = await check(deployment, records, [invoice])
     verified = await verify(deployment)
 
-    assert {len(partitions), len({credit.partition for credit in credits})} == {3}
+    assert len({credit.partition for credit in credits}) == len(partitions) > 1
     assert len(racers) >= 2, f"only {racers} processed the credits: no race"
     assert problems == []
     assert verified.returncode == 0, verified.output

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from service.domain.commands import Trigger
 from service.domain.credit_note import CreditNote, JournalLine, derived_id
 from service.domain.events import (
@@ -49,8 +51,19 @@ class OutgoingEvent:
         ASCII escaping made a 4-byte character 12 bytes and a 300-character
         description 1,800; the wire limits (``service/entrypoints/wire.py``) are
         sized on this encoding so every event fits a broker's default 1 MB.
+        Written by orjson: the same text as ``json.dumps(cloudevent, ensure_ascii=False,
+        separators=(",", ":"))`` (``tests/unit/test_fast_codec.py``), a few times faster.
+        What orjson refuses (an integer outside 64 bits, a lone surrogate, a key that is
+        not a string) and what ``json`` refuses but orjson would write (a datetime, a
+        dataclass) goes to ``json``, which writes or refuses it as it always did.
         """
-        return json.dumps(self.cloudevent, ensure_ascii=False, separators=(",", ":"))
+        try:
+            return orjson.dumps(self.cloudevent, option=_PASSTHROUGH).decode()
+        except TypeError:  # orjson.JSONEncodeError
+            return json.dumps(self.cloudevent, ensure_ascii=False, separators=(",", ":"))
+
+
+_PASSTHROUGH = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 
 
 def encode(event: Event, topics: Topics,

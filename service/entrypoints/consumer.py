@@ -33,7 +33,9 @@ after a rebalance) sends it again and never applies the record.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -117,19 +119,30 @@ def max_poll_interval_ms(backoff: Backoff, attempts: int, not_found_retry_s: flo
 
 async def parse_records(records: tuple[Any, ...],
                         original: Callable[[tuple[Any, ...]], Awaitable[Any]]) -> Any:
-    """FastStream's batch parser, shown only headers it can decode (a custom ``parser``).
+    """FastStream's batch parser, shown only the first and last records (a custom ``parser``).
 
-    FastStream decodes every header of every record as UTF-8 for its own use;
-    one header that is not would raise before the pipeline sees the batch, and
-    the batch would be redelivered for ever. The pipeline gets the records
-    untouched (``raw_message``) and judges them itself.
+    FastStream decodes every header of every record as UTF-8 and collects every
+    value, for its own use: the batch's message id (first and last offsets,
+    first timestamp), its headers (the first record's) and a body the no-op
+    :func:`decode_records` never reads. So it is given the two records that
+    make those (no per-record work for the rest), each shown only the headers it
+    can decode: one that is not UTF-8 would raise before the pipeline sees the
+    batch, and the batch would be redelivered for ever. The pipeline gets the
+    records untouched (``raw_message``, which is also what a NACK seeks back by)
+    and judges them itself.
     """
-    clean = tuple(dataclasses.replace(record, headers=[
-        (name, value) for name, value in record.headers if _decodes(value)])
-        for record in records)
-    message = await original(clean)
+    ends = (records[0], records[-1]) if len(records) > 1 else records
+    message = await original(tuple(_decodable(record) for record in ends))
     message.raw_message = records
     return message
+
+
+def _decodable(record: Any) -> Any:
+    """The record, or a copy of it without the headers that are not UTF-8."""
+    if all(_decodes(value) for _, value in record.headers):
+        return record
+    return dataclasses.replace(record, headers=[
+        (name, value) for name, value in record.headers if _decodes(value)])
 
 
 async def decode_records(message: Any) -> None:
@@ -144,11 +157,21 @@ async def decode_records(message: Any) -> None:
 def _decodes(value: object) -> bool:
     if not isinstance(value, bytes):
         return False
+    if value.isascii():
+        return True
     try:
         value.decode("utf-8")
     except UnicodeDecodeError:
         return False
     return True
+
+
+def _info_enabled() -> bool:
+    """Whether the service logs at INFO (structlog's filtering loggers know; others: yes)."""
+    try:
+        return bool(log.is_enabled_for(logging.INFO))
+    except AttributeError:
+        return True
 
 
 def _upstream_context(record: Record) -> Any:
@@ -191,6 +214,10 @@ class Pipeline:
         self._attempts = attempts
         self._retry_budget_s = retry_budget_seconds(backoff, attempts)
         self._retry_deadline = 0.0
+        #: the batch's outcomes, (topic, outcome, reason) -> records, counted as it ends
+        self._outcome_counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        #: whether "message processed" is logged (INFO enabled), decided once a batch
+        self._log_processed = True
 
     async def process_batch(self, records: Sequence[Record]) -> list[Outcome | None]:
         """Apply records in one transaction, dead-lettering any that cannot be applied.
@@ -202,16 +229,20 @@ class Pipeline:
         structlog.contextvars.clear_contextvars()
         started = time.monotonic()
         self._retry_deadline = started + self._retry_budget_s
-        self._metrics.batch_records.observe(len(records))
-        for record in records:
-            self._metrics.consumed.labels(record.topic).inc()
+        self._log_processed = _info_enabled()
+        metrics = self._metrics
+        metrics.batch_records.observe(len(records))
+        per_topic = collections.Counter(record.topic for record in records)
+        for topic, count in per_topic.items():
+            metrics.consumed.labels(topic).inc(count)
         try:
             outcomes = await self._process_batch(records)
         except Exception as error:
             # errors.Unavailable, or a dead letter the broker refused: no record can be
             # given an outcome, so the same records come again (never skipped, never lost)
-            for record in records:
-                self._metrics.retries.labels(record.topic).inc()
+            self._count_outcomes()  # those committed before it failed (found duplicates next)
+            for topic, count in per_topic.items():
+                metrics.retries.labels(topic).inc(count)
             self._infrastructure_failures += 1
             delay = self._backoff.seconds_before(self._infrastructure_failures)
             cause = getattr(error, "error_class", type(error).__name__)
@@ -220,11 +251,21 @@ class Pipeline:
                         records=len(records))
             await asyncio.sleep(delay)
             raise
+        finally:
+            self._count_outcomes()
         self._infrastructure_failures = 0
         elapsed = time.monotonic() - started
-        for record in records:
-            self._metrics.latency.labels(record.topic).observe(elapsed)
+        for topic, count in per_topic.items():
+            latency = metrics.latency.labels(topic)
+            for _ in range(count):  # per record (a histogram observes one value at a time)
+                latency.observe(elapsed)
         return outcomes
+
+    def _count_outcomes(self) -> None:
+        """Add the batch's outcomes to ``creditnotes_messages_processed``, one ``inc`` a series."""
+        for (topic, outcome, reason), count in self._outcome_counts.items():
+            self._metrics.outcomes.labels(topic, outcome, reason).inc(count)
+        self._outcome_counts.clear()
 
     async def _process_batch(self, records: Sequence[Record]) -> list[Outcome | None]:
         first_failed_at = datetime.now(UTC)
@@ -337,12 +378,13 @@ class Pipeline:
     def _applied(self, record: Record, result: Result) -> Outcome:
         assert result.outcome is not None
         command = result.message.command
-        log.info("message processed", topic=record.topic, partition=record.partition,
-                 offset=record.offset, event_id=command.trigger.id,
-                 event_type=command.trigger.type, outcome=result.outcome,
-                 reason=result.reason or None, invoice_id=invoice_of(command) or None,
-                 credit_note_id=_credit_note_of(command, result.outcome))
-        self._metrics.outcomes.labels(record.topic, result.outcome.value, result.reason).inc()
+        if self._log_processed:  # its fields cost more than the line at WARNING otherwise
+            log.info("message processed", topic=record.topic, partition=record.partition,
+                     offset=record.offset, event_id=command.trigger.id,
+                     event_type=command.trigger.type, outcome=result.outcome,
+                     reason=result.reason or None, invoice_id=invoice_of(command) or None,
+                     credit_note_id=_credit_note_of(command, result.outcome))
+        self._outcome_counts[(record.topic, result.outcome.value, result.reason)] += 1
         self._count_money(result)
         return result.outcome
 
@@ -405,7 +447,7 @@ class Pipeline:
 
     async def _dead_letter(self, record: Record, failure: Failure) -> None:
         await self._dead_letters.write(record, failure)
-        self._metrics.outcomes.labels(record.topic, "dead_lettered", failure.error.code).inc()
+        self._outcome_counts[(record.topic, "dead_lettered", failure.error.code)] += 1
         if failure.error.code in REFUND_DEAD_LETTERS:
             self._metrics.refund_outcomes.labels(REFUND_DEAD_LETTERS[failure.error.code]).inc()
         log.warning("message dead-lettered", topic=record.topic, partition=record.partition,

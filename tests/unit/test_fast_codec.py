@@ -222,3 +222,33 @@ def test_printable_refuses_exactly_the_control_characters_it_refused() -> None:
             with pytest.raises(ValueError, match="control"):
                 wire._printable(f"id{chr(code)}")
     wire._printable("".join(chr(code) for code in range(0xA0, 0x2000)))
+
+
+# -- FastStream's batch parser -------------------------------------------------------------
+
+
+def consumer_record(offset: int, headers: list[tuple[str, bytes]]) -> Any:
+    from aiokafka.structs import ConsumerRecord
+    return ConsumerRecord("credit-note-commands", 0, offset, 1_764_000_000_000 + offset, 0,
+                          b"in_1", b"{}", None, 2, 2, headers)
+
+
+@pytest.mark.parametrize("bad_at", [None, 0, 1, 4])
+async def test_the_batch_parser_gives_the_records_untouched_and_never_raises(
+        bad_at: int | None) -> None:
+    """A header that is not UTF-8 (first, middle or last record) never stops the batch."""
+    from faststream.kafka.message import KafkaAckableMessage
+    from faststream.kafka.parser import AioKafkaBatchParser
+
+    from service.entrypoints.consumer import parse_records
+
+    records = tuple(consumer_record(10 + index, [
+        ("content-type", b"application/cloudevents+json"),
+        *([("trace", b"\xff\xfe")] if index == bad_at else [])]) for index in range(5))
+    headers_before = [list(record.headers) for record in records]
+    parser = AioKafkaBatchParser(KafkaAckableMessage, None)
+    message = await parse_records(records, parser.parse_batch)
+    assert message.raw_message is records
+    assert [list(record.headers) for record in records] == headers_before
+    assert message.message_id == "10-14-1764000000010"  # first and last offsets, first time
+    assert message.headers == {"content-type": "application/cloudevents+json"}

@@ -121,17 +121,24 @@ class CreditNote:
         """``none``, ``pending``, ``succeeded``, ``failed`` or ``partially_failed`` (docs/rules.md)."""
         return refund_status(refund.state for refund in self.refunds)
 
+    def __post_init__(self) -> None:
+        # the figures of the lines, summed once: every field is immutable but ``metadata``
+        # (which no figure reads), and ``replace`` builds a new note (summed again). Kept
+        # out of the fields, so equality, ``repr`` and ``replace`` are what they were.
+        object.__setattr__(self, "_subtotal", sum(line.net for line in self.lines))
+        object.__setattr__(self, "_tax", sum(line.tax for line in self.lines))
+
     @property
     def subtotal(self) -> int:
-        return sum(line.net for line in self.lines)
+        return self._subtotal  # type: ignore[attr-defined, no-any-return]
 
     @property
     def tax(self) -> int:
-        return sum(line.tax for line in self.lines)
+        return self._tax  # type: ignore[attr-defined, no-any-return]
 
     @property
     def total(self) -> int:
-        return self.subtotal + self.tax
+        return self._subtotal + self._tax  # type: ignore[attr-defined, no-any-return]
 
     @property
     def post_payment_amount(self) -> int:
@@ -147,7 +154,17 @@ class CreditNote:
 
     @property
     def journal(self) -> tuple[JournalLine, ...]:
-        """Debit what was credited (net, tax); credit where it went."""
+        """Debit what was credited (net, tax); credit where it went.
+
+        Built once per note (it reads only immutable fields) and kept with it.
+        """
+        journal: tuple[JournalLine, ...] | None = self.__dict__.get("_journal")
+        if journal is None:
+            journal = self._journal_lines()
+            object.__setattr__(self, "_journal", journal)
+        return journal
+
+    def _journal_lines(self) -> tuple[JournalLine, ...]:
         entries = (
             JournalLine(Account.CONTRA_REVENUE, debit=self.subtotal),
             JournalLine(Account.SALES_TAX_PAYABLE, debit=self.tax),

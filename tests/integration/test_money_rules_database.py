@@ -341,7 +341,7 @@ async def test_0016_backfills_cash_as_payment_0_and_legacy_refunds_whose_outcome
                 "UPDATE invoice_lines SET credited_net = 1000, credited_tax = 200,"
                 " credit_method = 'amount' WHERE invoice_id = $1", INVOICE)
 
-        assert await migrate(legacy_url, MIGRATIONS_DIR) == ["0016_money_loop.sql"]
+        assert (await migrate(legacy_url, MIGRATIONS_DIR))[0] == "0016_money_loop.sql"
 
         payments = await connection.fetch(
             "SELECT invoice_id, sequence, payment_id, amount, applied FROM payments")

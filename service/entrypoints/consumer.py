@@ -43,6 +43,7 @@ from typing import Any
 
 import structlog
 from opentelemetry import trace
+from opentelemetry.context import Context
 
 from service.adapters.unavailable import Backoff
 from service.domain import errors
@@ -174,12 +175,25 @@ def _info_enabled() -> bool:
         return True
 
 
+_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+
+
 def _upstream_context(record: Record) -> Any:
     """The producer's trace context, if its headers carry a readable one."""
+    if not any(name in _TRACE_HEADERS for name, _ in record.headers):
+        return Context()  # what extracting from no trace header gives, without the propagator
     try:
         return context_from_headers(list(record.headers))
     except Exception:  # a malformed header only loses the link to the upstream trace
         return None
+
+
+def _traceparent(span: trace.Span) -> str | None:
+    """``traceparent_of(span)``; None at once for a span with no context (no upstream trace
+    and tracing off), as the propagator gives it, without building a context to inject."""
+    if span.get_span_context() == trace.INVALID_SPAN_CONTEXT:
+        return None
+    return traceparent_of(span)
 
 
 #: The refund outcomes dead-lettered, by their ``creditnotes_refund_outcomes`` label.
@@ -211,6 +225,8 @@ class Pipeline:
         self._infrastructure_failures = 0
         self._metrics = metrics or Metrics()
         self._tracer = tracer or trace.NoOpTracer()
+        #: whether spans are recorded (tracing on): span attributes and links are built only then
+        self._tracing = not isinstance(self._tracer, trace.NoOpTracer)
         self._attempts = attempts
         self._retry_budget_s = retry_budget_seconds(backoff, attempts)
         self._retry_deadline = 0.0
@@ -277,7 +293,7 @@ class Pipeline:
                     "process", context=_upstream_context(record),
                     kind=trace.SpanKind.CONSUMER,
                     attributes=messaging_attributes(record.topic, record.partition,
-                                                    record.offset))
+                                                    record.offset) if self._tracing else None)
                 try:
                     decoded.append((index, self._decode(record, span), span))
                 except errors.Undeliverable as error:
@@ -286,7 +302,8 @@ class Pipeline:
                     await self._dead_letter(record, Failure(error, 1, first_failed_at))
             with self._tracer.start_as_current_span(
                     "postgresql transaction", kind=trace.SpanKind.CLIENT,
-                    links=[trace.Link(span.get_span_context()) for _, _, span in decoded],
+                    links=[trace.Link(span.get_span_context()) for _, _, span in decoded]
+                    if self._tracing else None,
                     attributes={"db.system": "postgresql", "creditnotes.messages": len(decoded)}):
                 applying = time.monotonic()
                 results = await self._apply([message for _, message, _ in decoded], records)
@@ -325,7 +342,7 @@ class Pipeline:
                 f"translating the message raised {type(error).__name__}"
                 f"{errors.raised_in(error)}", cause=error) from None
         return Message(command, Delivery(record.topic, record.partition, record.offset,
-                                         traceparent_of(span)))
+                                         _traceparent(span)))
 
     async def _apply(self, messages: Sequence[Message],
                      records: Sequence[Record]) -> list[Result]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import dataclasses
 import logging
 import time
@@ -209,6 +210,11 @@ def _credit_note_of(command: Command, outcome: Outcome) -> str | None:
     return None
 
 
+#: The running batch's retry deadline (``Pipeline._retry_deadline``), in the batch's task.
+_RETRY_DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar(
+    "creditnotes_retry_deadline", default=0.0)
+
+
 class Pipeline:
     def __init__(self, unit_of_work: Callable[[], UnitOfWork],
                  table: Mapping[str, Route],
@@ -229,11 +235,24 @@ class Pipeline:
         self._tracing = not isinstance(self._tracer, trace.NoOpTracer)
         self._attempts = attempts
         self._retry_budget_s = retry_budget_seconds(backoff, attempts)
-        self._retry_deadline = 0.0
         #: the batch's outcomes, (topic, outcome, reason) -> records, counted as it ends
         self._outcome_counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
         #: whether "message processed" is logged (INFO enabled), decided once a batch
         self._log_processed = True
+
+    @property
+    def _retry_deadline(self) -> float:
+        """When the running batch's retry budget is spent (``time.monotonic``).
+
+        Per batch, not per pipeline: the shards' subscribers share one pipeline and
+        run their batches at once, each in its own task, so it is a context variable
+        (a later batch must not move an earlier one's deadline).
+        """
+        return _RETRY_DEADLINE.get()
+
+    @_retry_deadline.setter
+    def _retry_deadline(self, deadline: float) -> None:
+        _RETRY_DEADLINE.set(deadline)
 
     async def process_batch(self, records: Sequence[Record]) -> list[Outcome | None]:
         """Apply records in one transaction, dead-lettering any that cannot be applied.

@@ -1,4 +1,4 @@
-"""The benchmark's PNG: throughput bars, the latency CDF, RSS over the backlog, throughput over time."""
+"""The benchmark's PNG: throughput (median, min-max), latency CDFs, the backlog drain, RSS."""
 
 from __future__ import annotations
 
@@ -13,56 +13,80 @@ def draw(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     results = report["results"]
-    uniform, hot, ceiling = results["uniform"], results["hot"], results["ceiling"]
-    latency, backlog = results["latency"], results["backlog"]
-    targets = {target["name"]: target for target in report["targets"]}
-
-    figure, axes = plt.subplots(2, 2, figsize=(13, 9))
+    summary = report["summary"]
     run = report["run"]
     machine = report["machine"]
+    runs = results["runs"]
+
+    figure, axes = plt.subplots(2, 2, figsize=(13, 9))
     figure.suptitle(
-        f"creditnotes bench ({run['mode']}), {run['started_at'][:19]}Z, "
+        f"creditnotes bench ({run['mode']}, {len(runs)} run(s)), {run['started_at'][:19]}Z, "
         f"{machine['nproc']} cores, commit {machine['git_commit'][:10]}, "
         f"load avg before {run['load_average_before'][0]}", fontsize=11)
 
-    # 1. throughput
+    # 1. throughput: medians with min-max whiskers
     axis = axes[0][0]
-    names = ["ceiling\n(FastStream pipe,\nno database)", "service\nuniform mix",
-             f"service\nhot invoice ({run['sizes']['hot_share']:.0%})"]
-    values = [ceiling.get("throughput_msg_s") or 0, uniform.get("throughput_msg_s") or 0,
-              hot.get("throughput_msg_s") or 0]
-    bars = axis.bar(names, values, color=["#9e9e9e", "#1f77b4", "#ff7f0e"])
-    for bar, value in zip(bars, values, strict=True):
+    bars = [("ceiling\n(no database)", "ceiling_msg_s", "#9e9e9e"),
+            ("service\nuniform", "uniform_msg_s", "#1f77b4"),
+            (f"service\nhot ({run['sizes']['hot_share']:.0%})", "hot_msg_s", "#ff7f0e")]
+    if "replicas_total_msg_s" in summary:
+        bars.append((f"{run['sizes']['replicas']} replicas\ntogether", "replicas_total_msg_s",
+                     "#2ca02c"))
+    medians = [summary.get(name, {}).get("median") or 0 for _, name, _ in bars]
+    lows = [max(value - (summary.get(name, {}).get("min") or value), 0)
+            for value, (_, name, _) in zip(medians, bars, strict=True)]
+    highs = [max((summary.get(name, {}).get("max") or value) - value, 0)
+             for value, (_, name, _) in zip(medians, bars, strict=True)]
+    drawn = axis.bar([label for label, _, _ in bars], medians,
+                     color=[color for _, _, color in bars], yerr=[lows, highs], capsize=4)
+    for bar, value in zip(drawn, medians, strict=True):
         axis.annotate(f"{value:,.0f}", (bar.get_x() + bar.get_width() / 2, value),
                       ha="center", va="bottom", fontsize=9)
-    if values[0]:
-        axis.axhline(values[0] * 0.5, color="red", linestyle="--", linewidth=1,
-                     label="target: 50% of ceiling")
+    if medians[0]:
+        axis.axhline(medians[0] * 0.5, color="red", linestyle="--", linewidth=1,
+                     label="target: 50% of the ceiling")
         axis.legend(loc="upper right", fontsize=8)
     axis.set_ylabel("messages / second")
-    axis.set_title("sustained throughput (first consumed to last output event)")
+    axis.set_title("throughput (first consumed to last output), median and min-max")
 
-    # 2. latency CDF
+    # 2. latency CDFs, the first run's
     axis = axes[0][1]
-    cdf = latency.get("cdf_ms") or []
-    if cdf:
-        fractions = [index / max(len(cdf) - 1, 1) for index in range(len(cdf))]
-        axis.plot(cdf, fractions, color="#1f77b4")
-        axis.set_xscale("log")
-    seen = latency["publish_to_output_seen_ms"]
-    for q, style in (("p50", ":"), ("p95", "-."), ("p99", "--")):
-        value = seen.get(q)
-        if value and value == value:
-            axis.axvline(value, color="#555555", linestyle=style, linewidth=1,
-                         label=f"{q} {value:,.1f} ms")
-    axis.axvline(100, color="red", linestyle="--", linewidth=1, label="target: p99 100 ms")
+    colors = ["#2ca02c", "#1f77b4", "#d62728", "#9467bd", "#8c564b"]
+    for index, (rate, latency) in enumerate(((runs or [{}])[0].get("latency") or {}).items()):
+        cdf = latency.get("cdf_ms") or []
+        if cdf:
+            fractions = [position / max(len(cdf) - 1, 1) for position in range(len(cdf))]
+            p99 = (latency.get("publish_to_output_seen_ms") or {}).get("p99")
+            axis.plot(cdf, fractions, color=colors[index % len(colors)],
+                      label=f"{float(rate):,.0f} msg/s (p99 {p99:,.0f} ms)" if p99 is not None
+                      else f"{float(rate):,.0f} msg/s")
+    axis.set_xscale("log")
+    axis.axvline(100, color="red", linestyle="--", linewidth=1, label="100 ms")
+    axis.axvline(50, color="red", linestyle=":", linewidth=1, label="50 ms")
     axis.set_xlabel("publish to output event seen (ms, log scale)")
     axis.set_ylabel("fraction of messages")
-    axis.set_title(f"latency at {latency['offered_msg_s']:,.0f} msg/s offered")
+    axis.set_title("latency at the offered loads (run 1)")
     axis.legend(loc="lower right", fontsize=8)
 
-    # 3. RSS over the backlog
+    backlog = results.get("backlog") or {}
+    # 3. backlog: throughput per window
     axis = axes[1][0]
+    windows = backlog.get("windows") or []
+    if windows:
+        labels = [f"{window['to'] // 1000:,}k" for window in windows]
+        values = [window["msg_s"] or 0 for window in windows]
+        axis.bar(labels, values, color="#1f77b4")
+        first = values[0]
+        axis.axhspan(first * 0.9, first * 1.1, color="#2ca02c", alpha=0.15,
+                     label="first window +-10%")
+        axis.legend(loc="lower right", fontsize=8)
+        axis.tick_params(axis="x", labelsize=7)
+    axis.set_xlabel(f"messages drained (windows of {backlog.get('window', 0):,})")
+    axis.set_ylabel("messages / second")
+    axis.set_title(f"backlog of {backlog.get('backlog', 0):,}: throughput per window")
+
+    # 4. backlog: RSS and messages processed over time
+    axis = axes[1][1]
     series = backlog.get("rss_series") or []
     if series:
         seconds = [point[0] for point in series]
@@ -78,25 +102,12 @@ def draw(report: dict[str, Any], path: Path) -> None:
         axis.legend(lines[0] + more[0], lines[1] + more[1], loc="lower right", fontsize=8)
     axis.set_xlabel("seconds since the service started")
     axis.set_ylabel("RSS (MB)")
-    axis.set_title(f"service memory with a {backlog['backlog']:,}-message backlog")
-
-    # 4. throughput over time
-    axis = axes[1][1]
-    for label, phase, color in (("uniform", uniform, "#1f77b4"), ("hot invoice", hot, "#ff7f0e"),
-                                ("ceiling", ceiling, "#9e9e9e")):
-        per_second = phase.get("per_second") or []
-        if len(per_second) > 2:
-            per_second = per_second[:-1]  # the last second is a partial one
-        if per_second:
-            axis.plot(range(len(per_second)), per_second, label=label, color=color, marker=".")
-    axis.set_xlabel("seconds since the first message consumed")
-    axis.set_ylabel("output events / second")
-    axis.set_title("throughput over the drain")
-    axis.legend(loc="lower right", fontsize=8)
+    axis.set_title("service memory during the backlog drain")
 
     verdicts = "   ".join(
-        f"{'PASS' if target['met'] else 'MISS'}: {name}" for name, target in targets.items())
-    figure.text(0.5, 0.01, verdicts, ha="center", fontsize=9)
-    figure.tight_layout(rect=(0, 0.03, 1, 0.96))
+        f"{'PASS' if target['met'] else 'MISS'}: {target['name']}"
+        for target in report["targets"])
+    figure.text(0.5, 0.01, verdicts, ha="center", fontsize=7, wrap=True)
+    figure.tight_layout(rect=(0, 0.04, 1, 0.96))
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -225,8 +225,9 @@ class Observer:
     """Reads output (and dead-letter) topics from their current end, in the background."""
 
     def __init__(self, settings: Settings, topics: list[str], dead_letter_topics: list[str],
-                 parse: bool = True) -> None:
+                 parse: bool = True, keep_ids: bool = True) -> None:
         self._settings = settings
+        self._keep_ids = keep_ids  # the per-record trigger id list (latency); off for big drains
         self._topics = topics
         self._dead_letter_topics = dead_letter_topics
         self._parse = parse
@@ -289,7 +290,8 @@ class Observer:
                             continue
                         kind = event.get("type", "?")
                         seen.types[kind] = seen.types.get(kind, 0) + 1
-                        seen.trigger_ids.append(trigger_id)
+                        if self._keep_ids:
+                            seen.trigger_ids.append(trigger_id)
                         seen.unique.add(trigger_id)
                     seen.seen_at.append(now)
                     seen.record_ts.append(record.timestamp / 1000)

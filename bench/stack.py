@@ -47,9 +47,14 @@ def _base_url(url: str) -> str:
 class BenchStack:
     """Servers for one run; ``settings`` points the service and the bench at them."""
 
-    def __init__(self, partitions: int = 3, keep: bool = False) -> None:
+    def __init__(self, partitions: int = 8, keep: bool = False,
+                 service_env: Mapping[str, str] | None = None) -> None:
         self.partitions = partitions
         self.keep = keep
+        #: extra ``CREDITNOTES_*`` settings for the service (``--shards``)
+        self.service_env = dict(service_env or {})
+        #: ``track_commit_timestamp`` is on: commit times can be read back
+        self.commit_timestamps = False
         self.run_id = secrets.token_hex(4)
         self.embedded_postgres = "CREDITNOTES_DATABASE_URL" not in os.environ
         self.embedded_kafka = "CREDITNOTES_KAFKA_BOOTSTRAP_SERVERS" not in os.environ
@@ -72,11 +77,16 @@ class BenchStack:
         if self.embedded_postgres:
             postgres = EmbeddedPostgres(self.work_dir / "postgres")
             postgres.start()
+            # commit times of the service's transactions, for the latency split
+            asyncio.run(self._alter_system(postgres.url, "track_commit_timestamp", "on"))
+            postgres.stop()
+            postgres.start()
             self._postgres = postgres
             self._admin_url = postgres.url
         else:
             self._admin_url = base.database_url
         asyncio.run(self._create_database())
+        self.commit_timestamps = asyncio.run(self._setting_on("track_commit_timestamp"))
         updates["database_url"] = f"{_base_url(self._admin_url)}/{self.database}"
         prefix = ""
         if self.embedded_kafka:
@@ -120,6 +130,23 @@ class BenchStack:
         finally:
             await connection.close()
 
+    @staticmethod
+    async def _alter_system(url: str, name: str, value: str) -> None:
+        connection = await asyncpg.connect(url)
+        try:
+            await connection.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+        finally:
+            await connection.close()
+
+    async def _setting_on(self, name: str) -> bool:
+        assert self._admin_url is not None
+        connection = await asyncpg.connect(self._admin_url)
+        try:
+            return bool(await connection.fetchval(
+                "SELECT setting = 'on' FROM pg_settings WHERE name = $1", name))
+        finally:
+            await connection.close()
+
     async def _drop_database(self) -> None:
         assert self._admin_url is not None
         connection = await asyncpg.connect(self._admin_url)
@@ -152,6 +179,7 @@ class BenchStack:
         env["CREDITNOTES_LOG_LEVEL"] = "WARNING"
         env["CREDITNOTES_LOG_FORMAT"] = "json"
         env["CREDITNOTES_ALLOW_ANY_SOURCE"] = "true"  # the load publishes from /bench sources
+        env |= self.service_env
         env |= extra
         return env
 
@@ -285,6 +313,9 @@ class CpuMeter:
     started: dict[str, dict[int, float]] = field(default_factory=dict)
     machine_started: float = 0.0
     wall_started: float = 0.0
+    #: after :meth:`stop`: CPU seconds per group (and ``machine``, ``others``) and wall seconds
+    seconds: dict[str, float] = field(default_factory=dict)
+    wall: float = 0.0
 
     @staticmethod
     def _cpu(process: psutil.Process) -> float | None:
@@ -317,12 +348,21 @@ class CpuMeter:
         """Cores used per group, ``machine`` (all processes) and ``others`` (not ours)."""
         wall = max(time.monotonic() - self.wall_started, 1e-9)
         used: dict[str, float] = {}
+        spent: dict[str, float] = {}
         for name, processes in self.snapshot().items():
             before = self.started.get(name, {})
             seconds = sum(max(cpu - before.get(pid, 0.0), 0.0) for pid, cpu in processes.items())
+            spent[name] = seconds
             used[name] = round(seconds / wall, 3)
-        machine = (self._machine_busy() - self.machine_started) / wall
-        used["machine"] = round(machine, 3)
-        used["others"] = round(max(machine - sum(v for k, v in used.items() if k != "machine"),
-                                   0.0), 3)
+        machine_s = self._machine_busy() - self.machine_started
+        spent["machine"] = machine_s
+        spent["others"] = max(machine_s - sum(v for k, v in spent.items() if k != "machine"), 0.0)
+        used["machine"] = round(machine_s / wall, 3)
+        used["others"] = round(spent["others"] / wall, 3)
+        self.seconds, self.wall = spent, wall
         return used
+
+    def ms_per_message(self, messages: int) -> dict[str, float | None]:
+        """CPU milliseconds per message of each group over the phase (after :meth:`stop`)."""
+        return {name: (round(seconds * 1000 / messages, 4) if messages > 0 else None)
+                for name, seconds in self.seconds.items()}

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import structlog
@@ -25,7 +26,7 @@ from service.adapters.outbox_relay import OutboxRelay
 from service.adapters.probe_connection import ProbeConnection
 from service.adapters.retention import Policy, RetentionTask
 from service.adapters.unavailable import Backoff
-from service.adapters.unit_of_work import PostgresUnitOfWork
+from service.adapters.unit_of_work import PooledConnection, PostgresUnitOfWork
 from service.domain import errors
 from service.entrypoints import subscribers
 from service.entrypoints.consumer import Pipeline
@@ -75,14 +76,25 @@ class Parts:
 
 
 def build(settings: Settings, pool: asyncpg.Pool,
-          tracer_provider: trace.TracerProvider) -> Parts:
-    """Every part of the service, wired to the others; nothing connects yet."""
+          tracer_provider: trace.TracerProvider, metrics: Metrics | None = None) -> Parts:
+    """Every part of the service, wired to the others; nothing connects yet.
+
+    A unit of work that committed outbox rows wakes this process's relay at once
+    (no NOTIFY: migration 0017); the relay's poll finds what other replicas committed.
+    """
     producer = KafkaProducer(settings)
     broker = subscribers.broker(settings)
-    metrics = Metrics()
+    metrics = metrics or Metrics()
     table = routes(settings)
+    relay = OutboxRelay(settings.database_url, pool, producer,
+                        batch_size=settings.outbox_batch_size,
+                        poll_seconds=settings.outbox_poll_seconds,
+                        max_backoff_seconds=settings.retry_max_backoff_seconds,
+                        publish_timeout_seconds=settings.outbox_publish_timeout_seconds,
+                        max_event_bytes=settings.outbox_max_event_bytes,
+                        tracer=tracer_provider.get_tracer("creditnotes.outbox"))
     pipeline = Pipeline(
-        unit_of_work=lambda: PostgresUnitOfWork(pool, settings.topics),
+        unit_of_work=lambda: PostgresUnitOfWork(pool, settings.topics, on_commit=relay.wake),
         table=table,
         dead_letters=DeadLetterWriter(producer, settings.consumer_group,
                                       settings.service_version),
@@ -93,13 +105,6 @@ def build(settings: Settings, pool: asyncpg.Pool,
         metrics=metrics,
         tracer=tracer_provider.get_tracer("creditnotes.consumer"),
     )
-    relay = OutboxRelay(settings.database_url, pool, producer,
-                        batch_size=settings.outbox_batch_size,
-                        poll_seconds=settings.outbox_poll_seconds,
-                        max_backoff_seconds=settings.retry_max_backoff_seconds,
-                        publish_timeout_seconds=settings.outbox_publish_timeout_seconds,
-                        max_event_bytes=settings.outbox_max_event_bytes,
-                        tracer=tracer_provider.get_tracer("creditnotes.outbox"))
     probe = ProbeConnection(settings.database_url)
     http = HealthServer(
         settings.http_port,
@@ -158,16 +163,18 @@ class Service:
         tasks: list[asyncio.Task[None]] = []
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self._stopped)
+            metrics = Metrics()
             try:
-                pool = await asyncpg.create_pool(settings.database_url, min_size=1,
-                                                 max_size=settings.database_pool_size)
+                pool = await asyncpg.create_pool(
+                    settings.database_url, min_size=1, max_size=settings.database_pool_size,
+                    connection_class=PooledConnection, init=round_trips_counted(metrics))
             except OSError as error:  # the network's, or a TLS file's: PostgreSQL's anyway
                 error.add_note(CREATING_THE_POOL)
                 raise
             stack.push_async_callback(pool.close)
             # built once the pool's close is registered: a part that fails to build
             # (a Kafka TLS file that is not PEM, say) leaves no pool open
-            parts = build(settings, pool, self.tracer_provider)
+            parts = build(settings, pool, self.tracer_provider, metrics)
             stack.push_async_callback(_quietly, parts.producer.stop)
             stack.push_async_callback(_quietly, parts.probe.close)
             stack.push_async_callback(parts.http.stop)
@@ -200,6 +207,18 @@ class Service:
         if shutdown is not None:
             shutdown()  # flush the spans still buffered
         log.info("service stopped")
+
+
+def round_trips_counted(metrics: Metrics
+                        ) -> Callable[[asyncpg.Connection], Coroutine[Any, Any, None]]:
+    """A pool's ``init``: every statement its connections send counts one round trip
+    (``creditnotes_db_round_trips_total``; asyncpg calls the logger after each one)."""
+    def counted(_: object) -> None:
+        metrics.db_round_trips.inc()
+
+    async def init(connection: asyncpg.Connection) -> None:
+        connection.add_query_logger(counted)
+    return init
 
 
 async def _quietly(stop: Callable[[], Awaitable[object]]) -> None:

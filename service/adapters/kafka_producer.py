@@ -5,6 +5,22 @@ go out with the original headers unchanged (FastStream adds its own), and the
 relay wants the send futures to pipeline a batch. ``acks="all"``; idempotence
 is off because not every Kafka-protocol broker supports it (ordering then
 relies on one in-flight request per partition, which aiokafka keeps).
+
+What aiokafka 0.14's sender does (``producer/sender.py``, ``message_accumulator.py``):
+one produce request in flight per broker, and a partition muted while its batch
+is in flight; a batch refused with a retriable error goes back to the FRONT of
+its partition's queue (``reenqueue``: ``appendleft``) before the partition is
+unmuted. So a partition's batches reach the log in the order they were handed
+over, as long as each succeeds. A batch that fails for good (a non-retriable
+error, or expired after ``request_timeout_ms``) does not stop the partition's
+next batch: without idempotence, a later record of a key may then land while an
+earlier one failed. The relay therefore hands a key's next record over only once
+the previous one is acked (its chains), and pipelines different keys.
+
+Batches are as large as the largest event the relay may send
+(``outbox_max_event_bytes``, which the topics must accept): a relay batch of a
+few hundred events goes out in one or two produce requests per partition instead
+of one per 16 KB, and a batch is never larger than a record the topic accepts.
 """
 
 from __future__ import annotations
@@ -50,7 +66,9 @@ class KafkaProducer:
             acks="all",
             enable_idempotence=False,
             linger_ms=2,
-            max_request_size=max(settings.max_message_bytes * 2, 1_048_576),
+            max_batch_size=settings.outbox_max_event_bytes,
+            max_request_size=max(settings.max_message_bytes * 2, 1_048_576,
+                                 settings.outbox_max_event_bytes),
             request_timeout_ms=30_000,
         )
 

@@ -19,8 +19,17 @@
 - The relay's own connections keep their sessions (``idle_session_timeout`` 0)
   and let the server drop a partitioned leader's session in about 30 s (TCP
   keepalives and ``tcp_user_timeout``), which frees the lock for another replica.
-- It wakes on ``NOTIFY creditnotes_outbox`` (sent by a trigger on insert) and
-  also polls, so a lost notification only delays an event.
+- It is woken in-process (:meth:`OutboxRelay.wake`) by the service's units of
+  work as soon as one commits outbox rows, and by ``NOTIFY creditnotes_outbox``
+  from ``creditnotes outbox retry``; no trigger notifies on insert any more (a
+  NOTIFY serialises concurrent commits: migration 0017). It also polls, which
+  sweeps up rows another replica committed.
+- Its own writes cost no disk flush: the "published" marks and the fence (set
+  and cleared) commit with ``synchronous_commit = off``. A
+  mark lost in a PostgreSQL crash only publishes the same event ids again (the
+  crash loses a suffix of the commits, so the marks lost are the last ones, and
+  the rows go out again in order); a fence lost in a crash is harmless, since
+  the crash also ended the sessions holding the relays' alive locks.
 - Order: rows with the same key (the invoice id, on any topic) form a chain; a
   chain hands its next row to the producer only after the broker acked the
   previous one, so a refused or timed-out row is never overtaken. Different
@@ -134,6 +143,10 @@ _PARK = """
     FROM parked p
     WHERE o.key = p.key AND o.seq > p.seq AND o.published_at IS NULL AND o.parked_at IS NULL
 """
+#: Prefixed to a statement sent alone (its own transaction): that commit does not wait
+#: for the disk (see the module's docstring for why a lost one is harmless).
+_WITHOUT_FLUSH = ("WITH no_flush AS MATERIALIZED"
+                  " (SELECT set_config('synchronous_commit', 'off', true)) ")
 _HOLDER_ALIVE = """
     SELECT EXISTS (
         SELECT FROM pg_locks WHERE locktype = 'advisory' AND classid = $1
@@ -141,8 +154,10 @@ _HOLDER_ALIVE = """
           AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))
 """
 _STILL_LEADER = """
+    WITH no_flush AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))
     UPDATE outbox_relay_fence
     SET holder = $1, fence_until = clock_timestamp() + make_interval(secs => $2)
+    FROM no_flush
     WHERE id = 1
       AND EXISTS (
         SELECT FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()
@@ -328,8 +343,9 @@ class OutboxRelay:
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pool.execute(
-                    "UPDATE outbox_relay_fence SET fence_until = NULL"
-                    " WHERE id = 1 AND holder = $1", self._holder), _MARK_MARGIN_SECONDS)
+                    _WITHOUT_FLUSH + "UPDATE outbox_relay_fence SET fence_until = NULL"
+                    " FROM no_flush WHERE id = 1 AND holder = $1", self._holder),
+                    _MARK_MARGIN_SECONDS)
 
     async def _lock_query(self, query: Any) -> Any:
         try:
@@ -389,7 +405,7 @@ class OutboxRelay:
             if batch.published:  # within the fence's margin: a successor never reads them unmarked
                 await asyncio.wait_for(self._pool.execute(
                     # a row another relay marked already stays as it is (0013 refuses a second mark)
-                    "UPDATE outbox SET published_at = now()"
+                    _WITHOUT_FLUSH + "UPDATE outbox SET published_at = now() FROM no_flush"
                     " WHERE seq = ANY($1::bigint[]) AND published_at IS NULL",
                     sorted(set(batch.published))),
                     None if deadline is None else _MARK_MARGIN_SECONDS)
@@ -441,6 +457,10 @@ class OutboxRelay:
         log.error("outbox event parked", seq=row["seq"], event_id=row["event_id"],
                   topic=row["topic"], key=row["key"], type=row["type"],
                   error=type(error).__name__, size=len(row["payload"].encode()))
+
+    def wake(self) -> None:
+        """Publish now: a unit of work of this process committed outbox rows."""
+        self._wake.set()
 
     def _on_notify(self, *_: Any) -> None:
         self._wake.set()

@@ -9,7 +9,8 @@ inside that transaction, so it commits together or not at all.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+import re
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -42,6 +43,39 @@ Connection = asyncpg.Connection | PoolConnectionProxy
 REFUSED_CLASSES = frozenset({"22", "23", "54"})
 
 
+class PooledConnection(asyncpg.Connection):
+    """The service pool's connection (``create_pool(connection_class=...)``).
+
+    asyncpg resets a connection going back to its pool with one more round trip
+    (``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``). A unit of
+    work leaves nothing of that behind: everything it runs is inside its
+    transaction, which has ended (committed or rolled back) when it says so
+    with :meth:`left_no_session_state`; the next release then skips the query.
+    Any other use of the pool (the relay's statements, retention's session
+    advisory lock and settings) is reset as always.
+    """
+
+    _no_session_state = False
+
+    def left_no_session_state(self) -> None:
+        self._no_session_state = True
+
+    def get_reset_query(self) -> str:
+        if self._no_session_state:
+            self._no_session_state = False
+            return ""
+        query: str = super().get_reset_query()
+        return query
+
+
+def _left_no_session_state(connection: Connection) -> None:
+    """Tell a :class:`PooledConnection` (through its pool's proxy) that its transaction
+    ended and left no session state; any other connection resets as usual."""
+    mark = getattr(connection, "left_no_session_state", None)
+    if mark is not None:
+        mark()
+
+
 class PostgresUnitOfWork:
     """One transaction for a batch of messages, writing behind (``service.ports.UnitOfWork``).
 
@@ -54,9 +88,13 @@ class PostgresUnitOfWork:
     for the whole batch (the caller then applies it one message at a time).
     """
 
-    def __init__(self, pool: asyncpg.Pool, topics: Topics) -> None:
+    def __init__(self, pool: asyncpg.Pool, topics: Topics,
+                 on_commit: Callable[[], None] | None = None) -> None:
         self._pool = pool
         self._topics = topics
+        #: called once the transaction committed outbox rows (wakes the relay)
+        self._on_commit = on_commit
+        self._wrote_outbox = False
         self._connection: Connection | None = None
         self._invoices: dict[str, Invoice | None] = {}
         self._notes: dict[str, CreditNote | None] = {}
@@ -99,8 +137,12 @@ class PostgresUnitOfWork:
                         await self._flush()
                     except BaseException:
                         await transaction.rollback()
+                        _left_no_session_state(connection)
                         raise
                     await transaction.commit()
+                    _left_no_session_state(connection)
+                    if self._wrote_outbox and self._on_commit is not None:
+                        self._on_commit()
                 except asyncpg.PostgresError as error:
                     if str(error.sqlstate)[:2] not in REFUSED_CLASSES:
                         raise
@@ -292,44 +334,36 @@ class PostgresUnitOfWork:
             return
         rows = await self.connection.fetch(
             "SELECT * FROM invoices WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE", wanted)
-        lines = await self.connection.fetch(
-            "SELECT * FROM invoice_lines WHERE invoice_id = ANY($1::text[])"
-            " ORDER BY invoice_id, position", [row["id"] for row in rows])
-        by_invoice: dict[str, list[asyncpg.Record]] = {}
-        for line in lines:
-            by_invoice.setdefault(line["invoice_id"], []).append(line)
         ids = [row["id"] for row in rows]
-        payments: dict[str, list[Payment]] = {}
-        for payment in await self.connection.fetch(
-                "SELECT * FROM payments WHERE invoice_id = ANY($1::text[])"
-                " ORDER BY invoice_id, sequence", ids):
-            payments.setdefault(payment["invoice_id"], []).append(payment_from_row(payment))
+        # read in one statement once the locks are held (a statement's snapshot is taken when
+        # it starts: reading in the locking statement could miss what the batch whose lock it
+        # waited for committed)
+        details = {row["id"]: row for row in await self.connection.fetch(
+            _DETAILS_OF_INVOICES, ids)} if ids else {}
         refunds: dict[str, list[Refund]] = {}
-        for refund in await self.connection.fetch(_REFUNDS_OF_INVOICES, ids):
-            refunds.setdefault(refund["invoice_id"], []).append(refund_from_row(refund))
+        with_refunds = [invoice_id for invoice_id, row in details.items() if row["has_refunds"]]
+        if with_refunds:
+            for refund in await self.connection.fetch(_REFUNDS_OF_INVOICES, with_refunds):
+                refunds.setdefault(refund["invoice_id"], []).append(refund_from_row(refund))
         for invoice_id in wanted:
             self._invoices[invoice_id] = None
         for row in rows:
             invoice_id = row["id"]
+            detail = details[invoice_id]
+            payments = [payment_from_row(payment) for payment in detail["payments"]]
             read = self._invoices[invoice_id] = invoice_from_rows(
-                row, by_invoice.get(invoice_id, []), payments.get(invoice_id, []),
-                refunds.get(invoice_id, []))
+                row, detail["lines"], payments, refunds.get(invoice_id, []))
             self._stored_methods.update(
                 ((invoice_id, line.id), line.credit_method) for line in read.lines)
             self._stored_payments[invoice_id] = frozenset(
-                payment.sequence for payment in payments.get(invoice_id, []))
+                payment.sequence for payment in payments)
             self._stored_refunds.update(
                 (refund.refund_id, refund) for refund in refunds.get(invoice_id, []))
-        # per trigger type, what its non-void credit notes add up to (policy caps are
-        # cumulative); read under the invoices' locks, so no other batch changes it
-        for credited in await self.connection.fetch(
-                "SELECT invoice_id, trigger_type, sum(total)::bigint AS total FROM credit_notes"
-                " WHERE invoice_id = ANY($1::text[]) AND status = 'issued'"
-                " GROUP BY invoice_id, trigger_type", [row["id"] for row in rows]):
-            # sum(bigint) is numeric (a Decimal): cast back to bigint, an int of minor units
-            invoice = self._invoices[credited["invoice_id"]]
-            assert invoice is not None
-            invoice.load_credited_by_trigger(credited["trigger_type"], credited["total"])
+            # per trigger type, what its non-void credit notes add up to (policy caps are
+            # cumulative); read under the invoices' locks, so no other batch changes it
+            for trigger_type, total in zip(detail["credited_types"], detail["credited_totals"],
+                                           strict=True):
+                read.load_credited_by_trigger(trigger_type, total)
 
     async def _invoices_of_notes(self, note_ids: Sequence[str]) -> set[str]:
         """The invoices of existing credit notes (read unlocked: a note's invoice never changes)."""
@@ -374,61 +408,81 @@ class PostgresUnitOfWork:
                 if invoice else ())
 
     async def _flush(self) -> None:
-        """Write everything the batch recorded, one statement per table, parents first.
+        """Write everything the batch recorded, one set-wise write per table, parents first.
 
-        The steps run in this order: the deferred triggers and the two-step write
-        of a line whose method a void freed depend on it.
+        The steps run in this order: the deferred triggers, the BEFORE triggers
+        that read a credit note's row (its lines, journals and refunds are
+        written only by the transaction that issued or voided it) and the two-step
+        write of a line whose method a void freed depend on it. What no BEFORE
+        trigger reads and no other step writes again (the notes' lines, the
+        journals, the invoices' figures and lines, the note updates, the outbox
+        and the ledger's outcomes) goes out last, in one statement of
+        data-modifying CTEs; an empty write is no statement at all.
         """
         events = self._collect_new_events()
-        await self._write_new_invoices()
         # every invoice the batch created or saved, once (a new one may be saved too)
         touched = list({i.id: i for i in [*self._new_invoices,
                                           *self._saved_invoices.values()]}.values())
-        await self._write_payments(touched)
-        await self._write_new_notes()
+        await _execute(self.connection, self._new_invoice_writes())
+        await _execute(self.connection, [self._payment_writes(touched)])
+        await _execute(self.connection, [self._new_note_writes()])
         await self._write_refunds(touched)
-        await self._write_voids_and_journals(events)
-        await self._write_invoice_figures()
-        await self._write_note_edits(events)
-        await _insert(self.connection, _OUTBOX, self._outbox_rows(events))
-        await _update(self.connection, _OUTCOMES, [
-            (source, id_, outcome) for (source, id_), outcome in self._outcomes.items()])
+        await _execute(self.connection, [_update_sql(_VOIDS, [
+            (n.id, n.voided_by.source, n.voided_by.id) for n in self._voided if n.voided_by])])
+        await _execute(self.connection, [self._freed_line_writes()])
+        updates = [event for event in events if isinstance(event, CreditNoteUpdated)]
+        outbox = self._outbox_rows(events)
+        self._wrote_outbox = bool(outbox)
+        await _execute(self.connection, [
+            self._note_line_writes(), self._journal_writes(events), *self._figure_writes(),
+            _insert_sql(_CREDIT_NOTE_UPDATES, [
+                (u.credit_note.id, u.trigger.source, u.trigger.id, u.credit_note.memo,
+                 json.dumps(u.credit_note.metadata)) for u in updates]),
+            _insert_sql(_OUTBOX, outbox),
+            _update_sql(_OUTCOMES, [(source, id_, outcome)
+                                    for (source, id_), outcome in self._outcomes.items()])])
+        # an edit is written with its credit_note_updates row (credit_notes_edited_with_update)
+        edited = {u.credit_note.id: u.credit_note for u in updates}  # the last of each note
+        await _execute(self.connection, [_update_sql(_NOTE_EDITS, [
+            (n.id, n.memo, json.dumps(n.metadata)) for n in edited.values()])])
 
-    async def _write_new_invoices(self) -> None:
+    def _new_invoice_writes(self) -> list[_Write | None]:
         """Insert the invoices the batch created, with their lines."""
         new = self._new_invoices
-        await _insert(self.connection, _INVOICES, [
+        return [_insert_sql(_INVOICES, [
             (i.id, i.number, i.customer_id, i.currency, i.status.value, i.subtotal, i.discount,
-             i.tax, i.total, i.customer_balance_applied, i.amount_paid) for i in new])
-        await _insert(self.connection, _INVOICE_LINES, [
-            (i.id, line.id, line.position, line.description, line.quantity, line.unit_amount,
-             line.tax_rate_bps, _utc(line.period.start) if line.period else None,
-             _utc(line.period.end) if line.period else None, line.discount, line.tax)
-            for i in new for line in i.lines])
+             i.tax, i.total, i.customer_balance_applied, i.amount_paid) for i in new]),
+            _insert_sql(_INVOICE_LINES, [
+                (i.id, line.id, line.position, line.description, line.quantity,
+                 line.unit_amount, line.tax_rate_bps,
+                 _utc(line.period.start) if line.period else None,
+                 _utc(line.period.end) if line.period else None, line.discount, line.tax)
+                for i in new for line in i.lines])]
 
-    async def _write_payments(self, touched: Sequence[Invoice]) -> None:
+    def _payment_writes(self, touched: Sequence[Invoice]) -> _Write | None:
         """Insert the payments recorded on the touched invoices that are not stored yet."""
-        await _insert(self.connection, _PAYMENTS, [
+        return _insert_sql(_PAYMENTS, [
             (i.id, p.sequence, p.payment_id, p.amount, p.applied,
              p.trigger.source if p.trigger else None, p.trigger.id if p.trigger else None)
             for i in touched for p in i.payments
             if p.sequence not in self._stored_payments.get(i.id, frozenset())])
 
-    async def _write_new_notes(self) -> None:
-        """Insert the credit notes the batch issued, with their lines."""
-        notes = self._new_notes
-        await _insert(self.connection, _CREDIT_NOTES, [
+    def _new_note_writes(self) -> _Write | None:
+        """Insert the credit notes the batch issued (their lines go with the last statement)."""
+        return _insert_sql(_CREDIT_NOTES, [
             (n.id, n.invoice_id, n.sequence, n.number, n.customer_id, n.currency,
              CreditNoteStatus.ISSUED.value, n.reason.value, n.subtotal, n.tax, n.total,
              n.pre_payment_amount, n.refund_amount, n.credit_amount, n.out_of_band_amount,
              n.refund_id, n.trigger.source, n.trigger.id, n.trigger.type, n.policy, n.memo,
              json.dumps(n.metadata), _utc(n.effective_at) if n.effective_at else None)
-            for n in notes])
-        await _insert(self.connection, _CREDIT_NOTE_LINES, [
+            for n in self._new_notes])
+
+    def _note_line_writes(self) -> _Write | None:
+        return _insert_sql(_CREDIT_NOTE_LINES, [
             (n.id, position, line.invoice_line_id, line.description, line.quantity,
              line.unit_amount, line.tax_rate_bps, line.net, line.tax,
              _utc(line.covers_from) if line.covers_from else None)
-            for n in notes for position, line in enumerate(n.lines)])
+            for n in self._new_notes for position, line in enumerate(n.lines)])
 
     async def _write_refunds(self, touched: Sequence[Invoice]) -> None:
         """Insert the new refunds, write the outcomes, then the refunds' journal lines."""
@@ -436,30 +490,28 @@ class PostgresUnitOfWork:
         new_refunds, settled = self._changed_refunds(touched)
         # a requested refund is inserted pending (refunds_written_with_their_note), even one
         # this batch settled already: its outcome is the update below, as for any other
-        await _insert(connection, _REFUNDS, [
+        await _execute(connection, [_insert_sql(_REFUNDS, [
             (i.id, r.refund_id, r.payment_sequence, r.credit_note_id, r.amount,
              r.state.value if r.linked else RefundState.PENDING.value, r.linked)
-            for i, r in new_refunds])
-        await _update(connection, _REFUND_OUTCOMES, [
+            for i, r in new_refunds])])
+        await _execute(connection, [_update_sql(_REFUND_OUTCOMES, [
             (r.refund_id, r.state.value, r.failure_reason,
              r.resettled_to.value if r.resettled_to else None,
              r.settled_by.source if r.settled_by else None,
              r.settled_by.id if r.settled_by else None,
              r.settled_by.type if r.settled_by else None,
-             _utc(r.settled_at) if r.settled_at else None) for r in settled])
-        await _insert(connection, _REFUND_JOURNAL_LINES, [
+             _utc(r.settled_at) if r.settled_at else None) for r in settled])])
+        await _execute(connection, [_insert_sql(_REFUND_JOURNAL_LINES, [
             (r.refund_id, position, line.account.value, line.debit, line.credit,
              _utc(r.settled_at) if r.settled_at else None)
             for r in [*(r for _, r in new_refunds if r.linked), *settled]
-            for position, line in enumerate(refund_journal(r))])
+            for position, line in enumerate(refund_journal(r))])])
 
-    async def _write_voids_and_journals(self, events: Sequence[Event]) -> None:
-        """Mark the voided notes, then insert the issue and void journal lines."""
-        await _update(self.connection, _VOIDS, [
-            (n.id, n.voided_by.source, n.voided_by.id) for n in self._voided if n.voided_by])
+    def _journal_writes(self, events: Sequence[Event]) -> _Write | None:
+        """The issue and void journal lines (after the voids: a void journal needs its void)."""
         void_dates = {event.credit_note.id: event.effective_at for event in events
                       if isinstance(event, CreditNoteVoided)}
-        await _insert(self.connection, _JOURNAL_LINES, [
+        return _insert_sql(_JOURNAL_LINES, [
             (n.id, "issue", position, line.account.value, line.debit, line.credit,
              _utc(n.effective_at) if n.effective_at else None)
             for n in self._new_notes for position, line in enumerate(n.journal)] + [
@@ -467,38 +519,29 @@ class PostgresUnitOfWork:
              _utc(date) if (date := void_dates.get(n.id)) else None)
             for n in self._voided for position, line in enumerate(n.void_journal)])
 
-    async def _write_invoice_figures(self) -> None:
-        """Update the saved invoices' figures, then their lines' credits."""
-        connection = self.connection
+    def _freed_line_writes(self) -> _Write | None:
+        """A line whose method a void of this batch freed and a later credit fixed anew:
+        written freed first (invoice_lines_fixed refuses a switch while anything is
+        credited, as one UPDATE of both steps would be), then as the batch left it."""
+        return _update_sql(_INVOICE_LINE_CREDITS, [
+            (invoice_id, line_id, 0, 0, 0, None, "{}")
+            for invoice_id, line_id in switched_methods(
+                list(self._saved_invoices.values()), self._stored_methods, self._voided)])
+
+    def _figure_writes(self) -> list[_Write | None]:
+        """Update the saved invoices' figures, and their lines' credits."""
         # invoices new in this batch too: they were inserted as finalized, and what the
         # batch credited on them (counters, number count, coverage) is written here
         dirty = list(self._saved_invoices.values())
-        await _update(connection, _INVOICE_FIGURES, [
+        return [_update_sql(_INVOICE_FIGURES, [
             (i.id, i.status.value, i.amount_paid, i.pre_payment_credited,
              i.post_payment_credited, i.refunded, i.refunds_failed, i.credit_note_count)
-            for i in dirty])
-        # a line whose method a void of this batch freed and a later credit fixed anew:
-        # written freed first (invoice_lines_fixed refuses a switch while anything is
-        # credited, as one UPDATE of both steps would be), then as the batch left it
-        await _update(connection, _INVOICE_LINE_CREDITS, [
-            (invoice_id, line_id, 0, 0, 0, None, "{}")
-            for invoice_id, line_id in switched_methods(
-                dirty, self._stored_methods, self._voided)])
-        await _update(connection, _INVOICE_LINE_CREDITS, [
-            (i.id, line.id, line.credited_net, line.credited_tax, line.credited_quantity,
-             line.credit_method.value if line.credit_method else None,
-             _timestamps_literal(line.time_credits))
-            for i in dirty for line in i.lines])
-
-    async def _write_note_edits(self, events: Sequence[Event]) -> None:
-        """Insert the credit-note updates, then write each edited note's last memo and metadata."""
-        updates = [event for event in events if isinstance(event, CreditNoteUpdated)]
-        await _insert(self.connection, _CREDIT_NOTE_UPDATES, [
-            (u.credit_note.id, u.trigger.source, u.trigger.id, u.credit_note.memo,
-             json.dumps(u.credit_note.metadata)) for u in updates])
-        edited = {u.credit_note.id: u.credit_note for u in updates}  # the last of each note
-        await _update(self.connection, _NOTE_EDITS, [
-            (n.id, n.memo, json.dumps(n.metadata)) for n in edited.values()])
+            for i in dirty]),
+            _update_sql(_INVOICE_LINE_CREDITS, [
+                (i.id, line.id, line.credited_net, line.credited_tax, line.credited_quantity,
+                 line.credit_method.value if line.credit_method else None,
+                 _timestamps_literal(line.time_credits))
+                for i in dirty for line in i.lines])]
 
     def _changed_refunds(self, invoices: Sequence[Invoice]
                          ) -> tuple[list[tuple[Invoice, Refund]], list[Refund]]:
@@ -576,27 +619,59 @@ class _Table:
         return ", ".join(name for name, _ in self.columns)
 
 
-async def _insert(connection: Connection, table: _Table, rows: Sequence[tuple[Any, ...]]) -> None:
-    """All rows in one INSERT: column arrays unnested server-side."""
-    if rows:
-        casts = ", ".join(table.value(name, kind) for name, kind in table.columns)
-        await connection.execute(
-            f"INSERT INTO {table.name} ({table.names()}) SELECT {casts}"
-            f" FROM unnest({table.arrays()}) AS v({table.names()})",
-            *_columns(table, rows))
+#: One set-wise write: its SQL with parameters numbered from ``$1``, and their values.
+_Write = tuple[str, list[list[Any]]]
 
 
-async def _update(connection: Connection, table: _Table, rows: Sequence[tuple[Any, ...]]) -> None:
+def _insert_sql(table: _Table, rows: Sequence[tuple[Any, ...]]) -> _Write | None:
+    """All rows in one INSERT: column arrays unnested server-side (None: no rows)."""
+    if not rows:
+        return None
+    casts = ", ".join(table.value(name, kind) for name, kind in table.columns)
+    return (f"INSERT INTO {table.name} ({table.names()}) SELECT {casts}"
+            f" FROM unnest({table.arrays()}) AS v({table.names()})", _columns(table, rows))
+
+
+def _update_sql(table: _Table, rows: Sequence[tuple[Any, ...]]) -> _Write | None:
     """All rows in one UPDATE ... FROM unnest(...), matched on the leading key columns."""
-    if rows:
-        keys, values = table.columns[:table.keys], table.columns[table.keys:]
-        assignments = ", ".join([f"{name} = {table.value(name, kind)}" for name, kind in values]
-                                + ([table.extra_set] if table.extra_set else []))
-        match = " AND ".join(f"t.{name} = v.{name}" for name, _ in keys)
-        await connection.execute(
-            f"UPDATE {table.name} AS t SET {assignments}"
+    if not rows:
+        return None
+    keys, values = table.columns[:table.keys], table.columns[table.keys:]
+    assignments = ", ".join([f"{name} = {table.value(name, kind)}" for name, kind in values]
+                            + ([table.extra_set] if table.extra_set else []))
+    match = " AND ".join(f"t.{name} = v.{name}" for name, _ in keys)
+    return (f"UPDATE {table.name} AS t SET {assignments}"
             f" FROM unnest({table.arrays()}) AS v({table.names()}) WHERE {match}",
-            *_columns(table, rows))
+            _columns(table, rows))
+
+
+_PARAMETER = re.compile(r"\$(\d+)")
+
+
+def _renumbered(sql: str, offset: int) -> str:
+    return _PARAMETER.sub(lambda match: f"${int(match.group(1)) + offset}", sql)
+
+
+async def _execute(connection: Connection, writes: Sequence[_Write | None]) -> None:
+    """The writes in one statement (nothing when all are empty): the first ones as
+    data-modifying CTEs of the last, their parameters renumbered after each other's.
+
+    They run as one command: none sees another's rows (a BEFORE trigger of one must
+    not read what another writes), and no two may write the same row.
+    """
+    present = [write for write in writes if write is not None]
+    if not present:
+        return
+    parts: list[str] = []
+    arguments: list[Any] = []
+    for sql, values in present:
+        offset = len(arguments)
+        parts.append(_renumbered(sql, offset) if offset else sql)
+        arguments += values
+    *ctes, last = parts
+    with_clause = ("WITH " + ", ".join(f"w{n} AS ({cte})" for n, cte in enumerate(ctes)) + " "
+                   if ctes else "")
+    await connection.execute(with_clause + last, *arguments)
 
 
 def _columns(table: _Table, rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
@@ -682,6 +757,26 @@ def _utc(time: datetime) -> datetime:
     """A time as written: in UTC (RFC 3339 allows offsets to +-23:59, PostgreSQL +-15:59)."""
     return time.astimezone(UTC)
 
+
+#: What a locked invoice (of ``$1``) holds: its lines and payments (rows of their tables),
+#: what its issued credit notes add up to per trigger type (bigint: minor units), and
+#: whether it has refunds (read with ``_REFUNDS_OF_INVOICES`` only then).
+_DETAILS_OF_INVOICES = """
+    SELECT i.id,
+           ARRAY(SELECT l FROM invoice_lines AS l WHERE l.invoice_id = i.id
+                 ORDER BY l.position) AS lines,
+           ARRAY(SELECT p FROM payments AS p WHERE p.invoice_id = i.id
+                 ORDER BY p.sequence) AS payments,
+           c.types AS credited_types, c.totals AS credited_totals,
+           EXISTS (SELECT FROM refunds AS r WHERE r.invoice_id = i.id) AS has_refunds
+      FROM unnest($1::text[]) AS i(id)
+      CROSS JOIN LATERAL (
+          SELECT coalesce(array_agg(t.trigger_type ORDER BY t.trigger_type), '{}') AS types,
+                 coalesce(array_agg(t.total ORDER BY t.trigger_type), '{}') AS totals
+            FROM (SELECT trigger_type, sum(total)::bigint AS total FROM credit_notes
+                   WHERE invoice_id = i.id AND status = 'issued'
+                   GROUP BY trigger_type) AS t) AS c
+"""
 
 #: The refunds of some invoices (``$1``), each with its payment's id and, for a linked one,
 #: its credit note's date; in the order recorded: by credit note, then as a credit note

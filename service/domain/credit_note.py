@@ -165,15 +165,14 @@ class CreditNote:
         return journal
 
     def _journal_lines(self) -> tuple[JournalLine, ...]:
-        entries = (
-            JournalLine(Account.CONTRA_REVENUE, debit=self.subtotal),
-            JournalLine(Account.SALES_TAX_PAYABLE, debit=self.tax),
-            JournalLine(Account.ACCOUNTS_RECEIVABLE, credit=self.pre_payment_amount),
-            JournalLine(Account.REFUNDS_PAYABLE, credit=self.refund_amount),
-            JournalLine(Account.CUSTOMER_CREDIT_BALANCE, credit=self.credit_amount),
-            JournalLine(Account.OUT_OF_BAND_SETTLEMENT, credit=self.out_of_band_amount),
-        )
-        return tuple(entry for entry in entries if entry.debit or entry.credit)
+        debits = ((Account.CONTRA_REVENUE, self.subtotal), (Account.SALES_TAX_PAYABLE, self.tax))
+        credits = ((Account.ACCOUNTS_RECEIVABLE, self.pre_payment_amount),
+                   (Account.REFUNDS_PAYABLE, self.refund_amount),
+                   (Account.CUSTOMER_CREDIT_BALANCE, self.credit_amount),
+                   (Account.OUT_OF_BAND_SETTLEMENT, self.out_of_band_amount))
+        # only the lines that carry an amount are built (a line of zeros is left out)
+        return (*(JournalLine(account, debit=amount) for account, amount in debits if amount),
+                *(JournalLine(account, credit=amount) for account, amount in credits if amount))
 
     @property
     def void_journal(self) -> tuple[JournalLine, ...]:

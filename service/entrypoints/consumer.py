@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextvars
 import dataclasses
 import logging
 import time
@@ -210,11 +209,6 @@ def _credit_note_of(command: Command, outcome: Outcome) -> str | None:
     return None
 
 
-#: The running batch's retry deadline (``Pipeline._retry_deadline``), in the batch's task.
-_RETRY_DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar(
-    "creditnotes_retry_deadline", default=0.0)
-
-
 class Pipeline:
     def __init__(self, unit_of_work: Callable[[], UnitOfWork],
                  table: Mapping[str, Route],
@@ -239,20 +233,19 @@ class Pipeline:
         self._outcome_counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
         #: whether "message processed" is logged (INFO enabled), decided once a batch
         self._log_processed = True
+        #: when the running batch's retry budget is spent (``time.monotonic``)
+        self._retry_deadline = 0.0
 
-    @property
-    def _retry_deadline(self) -> float:
-        """When the running batch's retry budget is spent (``time.monotonic``).
+    def for_another_consumer(self) -> Pipeline:
+        """A pipeline with the same parts and its own per-batch state, for another subscriber.
 
-        Per batch, not per pipeline: the shards' subscribers share one pipeline and
-        run their batches at once, each in its own task, so it is a context variable
-        (a later batch must not move an earlier one's deadline).
+        Each subscriber (each shard) runs its batches with its own pipeline, so the
+        batches in flight at once never share a retry deadline, an outage's backoff
+        count, outcome counts or the log decision.
         """
-        return _RETRY_DEADLINE.get()
-
-    @_retry_deadline.setter
-    def _retry_deadline(self, deadline: float) -> None:
-        _RETRY_DEADLINE.set(deadline)
+        return Pipeline(self._unit_of_work, self._table, self._dead_letters, self._backoff,
+                        self._not_found_retry_s, self._max_message_bytes, self._metrics,
+                        self._tracer, self._attempts)
 
     async def process_batch(self, records: Sequence[Record]) -> list[Outcome | None]:
         """Apply records in one transaction, dead-lettering any that cannot be applied.

@@ -186,7 +186,7 @@ async def start_subscribers(broker: KafkaBroker, table: Mapping[str, Route],
             # FastStream neither decodes headers nor bodies: the pipeline judges each record
             parser=parse_records, decoder=decode_records,
         )
-        subscriber(_handler(pipeline, shard))
+        subscriber(_handler(pipeline.for_another_consumer(), shard))
         subscribers.append(subscriber)
     await asyncio.gather(*(subscriber.start() for subscriber in subscribers))
     warn_unaligned(subscribers, groups)

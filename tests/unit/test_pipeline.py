@@ -153,3 +153,32 @@ async def test_an_outage_raises_so_the_same_records_come_again(
 
     store.before_commit = None
     assert await pipeline.process_batch([finalized(), issue("c1")]) == [Outcome.APPLIED] * 2
+
+
+async def test_each_consumer_backs_off_on_its_own_failures_only(
+        store: FakeStore, producer: Producer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards run their batches at once: one shard's outage count never lengthens another's wait."""
+    waits: list[float] = []
+
+    async def record_sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr(asyncio, "sleep", record_sleep)
+    first = Pipeline(store.unit_of_work, routes(Settings()),
+                     DeadLetterWriter(producer, "creditnotes", "test"),  # type: ignore[arg-type]
+                     Backoff(1.0, 60.0), not_found_retry_s=0.0, max_message_bytes=100_000)
+    second = first.for_another_consumer()
+
+    def outage(uow: Any) -> None:
+        raise errors.Unavailable("PostgreSQL: connection refused")
+
+    store.before_commit = outage
+    for _ in range(3):
+        with pytest.raises(errors.Unavailable):
+            await first.process_batch([finalized()])
+    with pytest.raises(errors.Unavailable):
+        await second.process_batch([finalized("in_2")])
+    assert waits[3] == waits[0] < waits[2]  # the second starts from the first step
+    store.before_commit = None
+    assert await second.process_batch([finalized("in_2")]) == [Outcome.APPLIED]
+    assert await first.process_batch([finalized()]) == [Outcome.APPLIED]

@@ -914,6 +914,11 @@ WITH latest AS (
            json_extract_path_text(payload, 'data', 'memo') AS memo,
            (payload -> 'data' -> 'metadata')::jsonb AS metadata
     FROM outbox WHERE type = 'credit_note.issued'
+), issued_otherwise AS (
+    -- the notes whose issued event says another memo or metadata: one join, each event's
+    -- JSON read once (a correlated EXISTS read every event again for every note)
+    SELECT DISTINCT i.id FROM issued AS i JOIN credit_notes AS n ON n.id = i.id
+    WHERE i.memo IS DISTINCT FROM n.memo OR i.metadata IS DISTINCT FROM n.metadata
 )
 SELECT 'note_edit_unrecorded' AS invariant, format('credit note %s', n.number) AS subject,
        CASE WHEN l.credit_note_id IS NULL
@@ -922,16 +927,13 @@ SELECT 'note_edit_unrecorded' AS invariant, format('credit note %s', n.number) A
             ELSE 'memo or metadata differ from its latest recorded update' END AS detail
 FROM credit_notes AS n
 LEFT JOIN latest AS l ON l.credit_note_id = n.id
+LEFT JOIN issued_otherwise AS o ON o.id = n.id
 WHERE (l.credit_note_id IS NOT NULL
        AND NOT EXISTS (SELECT FROM credit_note_updates AS u
                         WHERE u.credit_note_id = n.id
                           AND u.written_xact IS NOT DISTINCT FROM l.written_xact
                           AND u.memo IS NOT DISTINCT FROM n.memo AND u.metadata = n.metadata))
-   OR (l.credit_note_id IS NULL
-       AND (n.updated_at IS NOT NULL
-            OR EXISTS (SELECT FROM issued AS i
-                        WHERE i.id = n.id AND (i.memo IS DISTINCT FROM n.memo
-                                               OR i.metadata IS DISTINCT FROM n.metadata))))
+   OR (l.credit_note_id IS NULL AND (n.updated_at IS NOT NULL OR o.id IS NOT NULL))
 """
 
 _UPDATED_EVENTS = """

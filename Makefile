@@ -35,7 +35,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-# The benchmark (bench/README.md): make bench, or make bench BENCH_ARGS=--quick
+# The benchmark (bench/README.md): make bench (3 runs, then a 1,000,000 backlog), or
+# make bench BENCH_ARGS=--quick (a smoke run); every size is a flag (BENCH_ARGS=--help)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 

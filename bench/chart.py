@@ -106,7 +106,7 @@ def draw(report: dict[str, Any], path: Path) -> None:
 
     verdicts = "   ".join(
         f"{'PASS' if target['met'] else 'MISS'}: {target['name']}"
-        for target in report["targets"])
+        for target in report["targets"] if target.get("measured") is not False)
     figure.text(0.5, 0.01, verdicts, ha="center", fontsize=7, wrap=True)
     figure.tight_layout(rect=(0, 0.04, 1, 0.96))
     figure.savefig(path, dpi=110)

@@ -118,6 +118,11 @@ a memo, metadata or other personal data.
     note's issue journal is dated by its ``effective_at``, a refund's journal
     by its outcome's ``outcome_at`` (a linked refund's by its note's
     ``effective_at``).
+16. ``totals_disagree`` (migration 0018): the totals the database keeps for its deferred
+    checks (``invoice_totals``, ``invoice_trigger_credit_totals``,
+    ``invoice_line_credit_totals``, ``payment_refund_totals``) equal the sums of the
+    history they stand for. Only triggers write them; a drift means someone with DDL
+    rights (the tables' owner, a superuser) turned triggers off or wrote them by hand.
 """
 
 from __future__ import annotations
@@ -236,6 +241,9 @@ INVARIANTS: tuple[Invariant, ...] = (
     Invariant("journal_dated_otherwise",
               "an issue journal is dated by its credit note's effective_at, a refund's by "
               "its outcome (a linked one's by its credit note)"),
+    Invariant("totals_disagree",
+              "the running totals the database keeps for its checks (migration 0018) equal "
+              "the sums of the credit notes, lines, payments and refunds they stand for"),
 )
 
 # Every query returns (invariant, subject, detail); the values come only from the database.
@@ -989,6 +997,67 @@ WHERE (r.linked OR r.outcome_at IS NOT NULL)  -- a pending one's lines: refund_j
 GROUP BY r.refund_id, r.linked, n.effective_at, r.outcome_at
 """
 
+# Each totals row against what its history adds up to. A row of zeros counts as no row (a
+# void leaves one behind). Two full passes over credit_notes and one over credit_note_lines,
+# refunds and payments: the same order of cost as _LINES.
+TOTALS_DISAGREE = """
+WITH kept (tbl, key, v) AS (
+    SELECT 'invoice_totals', ARRAY[invoice_id],
+           ARRAY[pre_payment, post_payment, paid, refunded, refunds_failed]::text[]
+      FROM invoice_totals
+    UNION ALL
+    SELECT 'invoice_trigger_credit_totals', ARRAY[invoice_id, trigger_type], ARRAY[total]::text[]
+      FROM invoice_trigger_credit_totals
+    UNION ALL
+    SELECT 'invoice_line_credit_totals', ARRAY[invoice_id, line_id],
+           ARRAY[net, tax, quantity, quantity_lines]::text[] || time_credits::text
+      FROM invoice_line_credit_totals
+    UNION ALL
+    SELECT 'payment_refund_totals', ARRAY[invoice_id, payment_sequence::text],
+           ARRAY[open]::text[]
+      FROM payment_refund_totals
+), summed (tbl, key, v) AS (
+    SELECT 'invoice_totals', ARRAY[i.id], ARRAY[
+               coalesce(n.pre, 0), coalesce(n.post, 0), coalesce(p.applied, 0),
+               coalesce(r.refunded, 0), coalesce(r.failed, 0)]::text[]
+      FROM invoices AS i
+      LEFT JOIN (SELECT invoice_id, sum(pre_payment_amount) AS pre,
+                        sum(total - pre_payment_amount) AS post
+                   FROM credit_notes WHERE status = 'issued' GROUP BY invoice_id) AS n
+             ON n.invoice_id = i.id
+      LEFT JOIN (SELECT invoice_id, sum(applied) AS applied FROM payments
+                  GROUP BY invoice_id) AS p ON p.invoice_id = i.id
+      LEFT JOIN (SELECT invoice_id, sum(amount) AS refunded,
+                        sum(amount) FILTER (WHERE status = 'failed') AS failed
+                   FROM refunds GROUP BY invoice_id) AS r ON r.invoice_id = i.id
+    UNION ALL
+    SELECT 'invoice_trigger_credit_totals', ARRAY[invoice_id, trigger_type],
+           ARRAY[sum(total)]::text[]
+      FROM credit_notes WHERE status = 'issued' GROUP BY invoice_id, trigger_type
+    UNION ALL
+    SELECT 'invoice_line_credit_totals', ARRAY[n.invoice_id, l.invoice_line_id],
+           ARRAY[sum(l.net), sum(l.tax), coalesce(sum(l.quantity), 0),
+                 count(l.quantity)]::text[]
+           || coalesce(array_agg(l.covers_from ORDER BY l.covers_from)
+                           FILTER (WHERE l.covers_from IS NOT NULL), '{}')::text
+      FROM credit_notes AS n JOIN credit_note_lines AS l ON l.credit_note_id = n.id
+     WHERE n.status = 'issued' AND l.invoice_line_id IS NOT NULL
+     GROUP BY n.invoice_id, l.invoice_line_id
+    UNION ALL
+    SELECT 'payment_refund_totals', ARRAY[invoice_id, payment_sequence::text],
+           ARRAY[coalesce(sum(amount) FILTER (WHERE status <> 'failed'), 0)]::text[]
+      FROM refunds GROUP BY invoice_id, payment_sequence
+)
+SELECT 'totals_disagree' AS invariant,
+       format('%s %s', coalesce(k.tbl, s.tbl), array_to_string(coalesce(k.key, s.key), '/'))
+           AS subject,
+       format('kept %s; its history adds up to %s', coalesce(k.v::text, 'no row'),
+              coalesce(s.v::text, 'nothing')) AS detail
+  FROM kept AS k FULL JOIN summed AS s ON s.tbl = k.tbl AND s.key = k.key
+ WHERE k.v IS DISTINCT FROM s.v
+   AND NOT (coalesce(k.v, '{}') <@ ARRAY['0', '{}'] AND coalesce(s.v, '{}') <@ ARRAY['0', '{}'])
+"""
+
 _QUERIES: tuple[str, ...] = (
     _CREDITS_EXCEED_TOTAL,
     _CREDITED_AMOUNT_DISAGREES,
@@ -1016,6 +1085,7 @@ _QUERIES: tuple[str, ...] = (
     _NOTE_EDIT_UNRECORDED,
     _UPDATED_EVENTS,
     _JOURNAL_DATED_OTHERWISE,
+    TOTALS_DISAGREE,
 )
 
 _ORDER = {invariant.code: position for position, invariant in enumerate(INVARIANTS)}

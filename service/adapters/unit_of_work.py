@@ -759,8 +759,10 @@ def _utc(time: datetime) -> datetime:
 
 
 #: What a locked invoice (of ``$1``) holds: its lines and payments (rows of their tables),
-#: what its issued credit notes add up to per trigger type (bigint: minor units), and
-#: whether it has refunds (read with ``_REFUNDS_OF_INVOICES`` only then).
+#: what its issued credit notes add up to per trigger type (bigint: minor units; kept by the
+#: database, migration 0018's invoice_trigger_credit_totals: a type whose notes are all void
+#: keeps a row of 0, left out as the sum over no notes was), and whether it has refunds
+#: (read with ``_REFUNDS_OF_INVOICES`` only then).
 _DETAILS_OF_INVOICES = """
     SELECT i.id,
            ARRAY(SELECT l FROM invoice_lines AS l WHERE l.invoice_id = i.id
@@ -773,9 +775,8 @@ _DETAILS_OF_INVOICES = """
       CROSS JOIN LATERAL (
           SELECT coalesce(array_agg(t.trigger_type ORDER BY t.trigger_type), '{}') AS types,
                  coalesce(array_agg(t.total ORDER BY t.trigger_type), '{}') AS totals
-            FROM (SELECT trigger_type, sum(total)::bigint AS total FROM credit_notes
-                   WHERE invoice_id = i.id AND status = 'issued'
-                   GROUP BY trigger_type) AS t) AS c
+            FROM invoice_trigger_credit_totals AS t
+           WHERE t.invoice_id = i.id AND t.total <> 0) AS c
 """
 
 #: The refunds of some invoices (``$1``), each with its payment's id and, for a linked one,

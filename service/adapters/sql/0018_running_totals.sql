@@ -32,8 +32,8 @@
 --
 -- The keeping triggers are named _keep_totals: they sort before every other trigger of
 -- their table, so even a check made IMMEDIATE (SET CONSTRAINTS) reads totals that already
--- count the row. This migration redefines every check function 0017 made once-per-COMMIT:
--- a check by primary key needs no memo (0017's invariant_unchecked is no longer called).
+-- count the row. A check by primary key costs the same however many rows of one invoice a
+-- transaction writes, so it runs for each of them, as before, with nothing remembered.
 
 -- 1. The tables
 CREATE TABLE invoice_totals (

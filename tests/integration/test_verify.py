@@ -382,7 +382,8 @@ CORRUPTIONS = [
                "ALTER TABLE invoices DROP CONSTRAINT credits_within_total; "
                f"UPDATE invoices SET subtotal = 400, total = 400, amount_paid = 400 WHERE id = '{B}';"
                f"UPDATE payments SET amount = 400, applied = 400 WHERE invoice_id = '{B}'",
-               "credits_exceed_total", f"invoice {B}", replica=True),
+               "credits_exceed_total", f"invoice {B}", replica=True,
+               also=(("totals_disagree", f"invoice_totals {B}"),)),
     # 2.
     Corruption("pre-payment-credited-bumped",
                f"UPDATE invoices SET pre_payment_credited = pre_payment_credited + 1 WHERE id = '{A}'",
@@ -412,7 +413,8 @@ CORRUPTIONS = [
     Corruption("payment-applied-lowered",
                "UPDATE payments SET amount = amount - 1, applied = applied - 1 "
                f"WHERE invoice_id = '{D}' AND sequence = 1",
-               "payments_disagree", f"invoice {D}", replica=True),
+               "payments_disagree", f"invoice {D}", replica=True,
+               also=(("totals_disagree", f"invoice_totals {D}"),)),
     Corruption("payment-at-finalization-given-an-id",
                "ALTER TABLE payments DROP CONSTRAINT finalization_payment; "
                f"UPDATE payments SET payment_id = 'pay_x' WHERE invoice_id = '{E}' AND sequence = 0",
@@ -434,7 +436,9 @@ CORRUPTIONS = [
                f"UPDATE refunds SET amount = amount + 1 WHERE refund_id = '{B1_REFUND}'",
                "refunds_disagree", f"credit note {B1}", replica=True,
                also=(("refunds_payable_open", f"invoice {B}"),
-                     ("refund_event_mismatched", f"refund {B1_REFUND}"))),
+                     ("refund_event_mismatched", f"refund {B1_REFUND}"),
+                     ("totals_disagree", f"invoice_totals {B}"),
+                     ("totals_disagree", f"payment_refund_totals {B}/0"))),
     Corruption("refunds-payable-credit-moved-to-the-balance",
                "UPDATE journal_lines SET credit = credit + CASE account WHEN 'refunds_payable' "
                "THEN -1 ELSE 1 END WHERE account IN ('refunds_payable', 'customer_credit_balance') "
@@ -630,7 +634,8 @@ CORRUPTIONS = [
                f"FROM invoices WHERE id = '{A}'; "
                "UPDATE invoices SET amount_paid = total - customer_balance_applied"
                f" - pre_payment_credited WHERE id = '{A}'",
-               "status_disagrees_with_amounts", f"invoice {A}", replica=True),
+               "status_disagrees_with_amounts", f"invoice {A}", replica=True,
+               also=(("totals_disagree", f"invoice_totals {A}"),)),
     # 13. a line covered by a time-based credit no credit note has
     Corruption("line-coverage-without-a-time-credit",
                "ALTER TABLE invoice_lines DROP CONSTRAINT time_credits_within_period; "
@@ -665,6 +670,10 @@ CORRUPTIONS = [
                "UPDATE refund_journal_lines SET effective_at = '2020-01-01T00:00:00Z'"
                f" WHERE refund_id = '{D1_PAY_1}'",
                "journal_dated_otherwise", f"refund {D1_PAY_1}", replica=True),
+    # 16. a running total (0018) moved by hand, triggers off: only its history says so
+    Corruption("running-total-moved-by-hand",
+               f"UPDATE invoice_totals SET paid = paid + 1 WHERE invoice_id = '{A}'",
+               "totals_disagree", f"invoice_totals {A}", replica=True),
 ]
 
 

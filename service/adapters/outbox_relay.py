@@ -11,11 +11,13 @@
   relay that has just taken the lock waits until a fence it finds has passed,
   unless the relay that wrote it is gone (each relay holds an "alive" advisory
   lock on one more connection for its whole life: a crashed replica costs no
-  wait). A batch hands no record to the producer once its deadline has passed
+  wait; after a PostgreSQL crash every relay looks gone: see below). A batch
+  hands no record to the producer once its deadline has passed
   or leadership is lost (checked before every record), so an old leader never
   publishes beside a new one. Records already handed over are not cancelled:
   they go out anyway, and marking what the broker acked (through the pool, in
-  a ``finally``) is what keeps the new leader from publishing them again.
+  a ``finally``) is what keeps the new leader from publishing them again
+  (except after a PostgreSQL crash, below: then nothing does).
 - The relay's own connections keep their sessions (``idle_session_timeout`` 0)
   and let the server drop a partitioned leader's session in about 30 s (TCP
   keepalives and ``tcp_user_timeout``), which frees the lock for another replica.
@@ -28,8 +30,16 @@
   and cleared) commit with ``synchronous_commit = off``. A
   mark lost in a PostgreSQL crash only publishes the same event ids again (the
   crash loses a suffix of the commits, so the marks lost are the last ones, and
-  the rows go out again in order); a fence lost in a crash is harmless, since
-  the crash also ended the sessions holding the relays' alive locks.
+  the rows go out again in order). A fence lost in a crash changes nothing,
+  but not because the crash is harmless to order: a PostgreSQL crash ends every
+  session, the relays' alive locks included, so after it a new leader waits for
+  no fence, lost or not, while the former leader's process may still be alive
+  with at most one unacked record per key in its producer. That record can land
+  after the new leader has published it again and newer events of the same key
+  (raw order of key K: s, s+1, s): a stale duplicate. Order by first appearance
+  of each event id stays correct (both relays send each key's rows in ``seq``
+  order, and the rows before s were acked before the crash), so consumers that
+  deduplicate by ``id`` see each key's events in order.
 - Order: rows with the same key (the invoice id, on any topic) form a chain; a
   chain hands its next row to the producer only after the broker acked the
   previous one, so a refused or timed-out row is never overtaken. Different
@@ -144,7 +154,7 @@ _PARK = """
     WHERE o.key = p.key AND o.seq > p.seq AND o.published_at IS NULL AND o.parked_at IS NULL
 """
 #: Prefixed to a statement sent alone (its own transaction): that commit does not wait
-#: for the disk (see the module's docstring for why a lost one is harmless).
+#: for the disk (see the module's docstring for what a lost one costs).
 _WITHOUT_FLUSH = ("WITH no_flush AS MATERIALIZED"
                   " (SELECT set_config('synchronous_commit', 'off', true)) ")
 _HOLDER_ALIVE = """

@@ -413,11 +413,13 @@ class PostgresUnitOfWork:
         The steps run in this order: the deferred triggers, the BEFORE triggers
         that read a credit note's row (its lines, journals and refunds are
         written only by the transaction that issued or voided it) and the two-step
-        write of a line whose method a void freed depend on it. What no BEFORE
-        trigger reads and no other step writes again (the notes' lines, the
-        journals, the invoices' figures and lines, the note updates, the outbox
-        and the ledger's outcomes) goes out last, in one statement of
-        data-modifying CTEs; an empty write is no statement at all.
+        write of a line whose method a void freed depend on it, and the notes' lines
+        go before the voids (0018's keeping trigger refuses a line of a note that is
+        not issued: the lines of a note issued and voided in one batch are put on,
+        then the void takes them off). What no BEFORE trigger reads and no other
+        step writes again (the journals, the invoices' figures and lines, the note
+        updates, the outbox and the ledger's outcomes) goes out last, in one
+        statement of data-modifying CTEs; an empty write is no statement at all.
         """
         events = self._collect_new_events()
         # every invoice the batch created or saved, once (a new one may be saved too)
@@ -426,7 +428,9 @@ class PostgresUnitOfWork:
         await _execute(self.connection, self._new_invoice_writes())
         await _execute(self.connection, [self._payment_writes(touched)])
         await _execute(self.connection, [self._new_note_writes()])
-        await self._write_refunds(touched)
+        # the notes' lines before the voids: 0018 refuses a line of a note that is not issued,
+        # so a note this batch issues and voids has its lines put on, then taken off by its void
+        await self._write_refunds(touched, self._note_line_writes())
         await _execute(self.connection, [_update_sql(_VOIDS, [
             (n.id, n.voided_by.source, n.voided_by.id) for n in self._voided if n.voided_by])])
         await _execute(self.connection, [self._freed_line_writes()])
@@ -434,7 +438,7 @@ class PostgresUnitOfWork:
         outbox = self._outbox_rows(events)
         self._wrote_outbox = bool(outbox)
         await _execute(self.connection, [
-            self._note_line_writes(), self._journal_writes(events), *self._figure_writes(),
+            self._journal_writes(events), *self._figure_writes(),
             _insert_sql(_CREDIT_NOTE_UPDATES, [
                 (u.credit_note.id, u.trigger.source, u.trigger.id, u.credit_note.memo,
                  json.dumps(u.credit_note.metadata)) for u in updates]),
@@ -468,7 +472,7 @@ class PostgresUnitOfWork:
             if p.sequence not in self._stored_payments.get(i.id, frozenset())])
 
     def _new_note_writes(self) -> _Write | None:
-        """Insert the credit notes the batch issued (their lines go with the last statement)."""
+        """Insert the credit notes the batch issued (their lines go in the next statement)."""
         return _insert_sql(_CREDIT_NOTES, [
             (n.id, n.invoice_id, n.sequence, n.number, n.customer_id, n.currency,
              CreditNoteStatus.ISSUED.value, n.reason.value, n.subtotal, n.tax, n.total,
@@ -484,13 +488,14 @@ class PostgresUnitOfWork:
              _utc(line.covers_from) if line.covers_from else None)
             for n in self._new_notes for position, line in enumerate(n.lines)])
 
-    async def _write_refunds(self, touched: Sequence[Invoice]) -> None:
-        """Insert the new refunds, write the outcomes, then the refunds' journal lines."""
+    async def _write_refunds(self, touched: Sequence[Invoice], note_lines: _Write | None) -> None:
+        """Insert the new refunds (with ``note_lines``, the new notes' lines: no trigger of
+        either reads the other), write the outcomes, then the refunds' journal lines."""
         connection = self.connection
         new_refunds, settled = self._changed_refunds(touched)
         # a requested refund is inserted pending (refunds_written_with_their_note), even one
         # this batch settled already: its outcome is the update below, as for any other
-        await _execute(connection, [_insert_sql(_REFUNDS, [
+        await _execute(connection, [note_lines, _insert_sql(_REFUNDS, [
             (i.id, r.refund_id, r.payment_sequence, r.credit_note_id, r.amount,
              r.state.value if r.linked else RefundState.PENDING.value, r.linked)
             for i, r in new_refunds])])

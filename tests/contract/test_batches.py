@@ -132,6 +132,72 @@ async def test_a_void_then_a_credit_by_amount_of_the_same_line_commits_as_one_ba
     assert await backend.figures("in_1") == ("open", 0, 2_500, 2)
 
 
+def by_quantity(id_: str, quantity: int, offset: int) -> Message:
+    return Message(IssueCreditNote(
+        Trigger("/tests", id_, "credit_note.issue"), "in_1", "other",
+        lines=(InvoiceLineByQuantity("il_1", quantity),)), Delivery("commands", 0, offset))
+
+
+def count_together(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many messages each transaction of ``apply_batch`` applied together (a refused
+    transaction is redone one message at a time: the outcomes alone would not tell)."""
+    together: list[int] = []
+    apply_together = handlers._apply_together
+
+    async def counted(messages: Sequence[Message], uow: UnitOfWork) -> Any:
+        together.append(len(messages))
+        return await apply_together(messages, uow)
+    monkeypatch.setattr(handlers, "_apply_together", counted)
+    return together
+
+
+async def test_a_note_issued_and_voided_in_one_batch_commits(
+        backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The note's lines are written before its void (0018 refuses a line of a note that is
+    not issued): the batch commits as one transaction, the note is void, nothing credited."""
+    together = count_together(monkeypatch)
+    ten = Message(FinalizeInvoice(
+        Trigger("/tests", "fin-in_1", "invoice.finalized"), "in_1", "ACME-in_1", "cus_1", "usd",
+        "open", (DraftLine("il_1", "Widget", 10, 1_000),)), Delivery("invoices", 0, 1))
+    assert [r.outcome for r in await apply_batch([ten], backend.unit_of_work)] == [
+        Outcome.APPLIED]
+    issued = by_quantity("q1", 2, 1)
+    together.clear()
+
+    results = await apply_batch([issued, void("v1", note_of(issued), 2)], backend.unit_of_work)
+
+    assert [r.outcome for r in results] == [Outcome.APPLIED, Outcome.APPLIED]
+    assert together == [2]  # one transaction for both
+    assert await backend.credit_note_status(note_of(issued)) == "void"
+    assert await backend.figures("in_1") == ("open", 0, 0, 1)
+
+
+async def test_issued_by_lines_voided_and_issued_again_in_one_batch_credits_only_the_last(
+        backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One batch credits il_1 (10 units) by 2, voids that note, credits it by 3: it commits,
+    and what is left to credit of il_1 is 7, no more, no less."""
+    ten = Message(FinalizeInvoice(
+        Trigger("/tests", "fin-in_1", "invoice.finalized"), "in_1", "ACME-in_1", "cus_1", "usd",
+        "open", (DraftLine("il_1", "Widget", 10, 1_000),)), Delivery("invoices", 0, 1))
+    assert [r.outcome for r in await apply_batch([ten], backend.unit_of_work)] == [
+        Outcome.APPLIED]
+    two, three = by_quantity("q1", 2, 1), by_quantity("q2", 3, 3)
+    together = count_together(monkeypatch)
+
+    results = await apply_batch([two, void("v1", note_of(two), 2), three], backend.unit_of_work)
+
+    assert [r.outcome for r in results] == [Outcome.APPLIED] * 3
+    assert together == [3]  # one transaction for all three
+    assert await backend.credit_note_status(note_of(two)) == "void"
+    assert await backend.credit_note_status(note_of(three)) == "issued"
+    assert await backend.figures("in_1") == ("open", 0, 3_000, 2)
+    [over] = await apply_batch([by_quantity("q3", 8, 4)], backend.unit_of_work)
+    assert over.outcome is not Outcome.APPLIED
+    [rest] = await apply_batch([by_quantity("q4", 7, 5)], backend.unit_of_work)
+    assert rest.outcome is Outcome.APPLIED
+    assert await backend.figures("in_1") == ("paid", 0, 10_000, 3)  # all credited
+
+
 async def test_a_voided_credit_note_reads_back_who_voided_it(backend: Backend) -> None:
     await add_invoice(backend, "in_1")
     issue = credit("c1", "in_1", 1_000, offset=1)

@@ -51,10 +51,13 @@ from service.domain.refunds import RefundState
 from service.handlers import Delivery, Message, Outcome, Result, apply_batch
 from service.settings import MIGRATIONS_DIR, Topics
 from tests.integration.test_database_attacks import (  # noqa: F401  (fixtures)
+    A1,
+    A2,
     A,
     Roles,
     _attempt,
     _forged_note,
+    _journal,
     ledger,
     roles,
 )
@@ -359,6 +362,124 @@ async def test_checks_made_immediate_read_totals_that_count_the_row(
     assert over is not None and f"credit notes of invoice {A} exceed its total" in over
     # the note alone disagrees with the invoice (refused at once), as with the sums before
     assert counted is not None and f"credited amount of invoice {A} disagrees" in counted
+
+
+# ------------------------------------------------- lines of a note that is not issued (0018)
+
+N8, N9 = "ACME-1001-CN-08", "ACME-1001-CN-09"
+NOT_ISSUED = "cn_ACME-1001-CN-08 is void: a line is written only while its note is issued"
+
+
+def _note_line(number: str, net: int, position: int = 0) -> str:
+    return ("INSERT INTO credit_note_lines (credit_note_id, position, invoice_line_id, description,"
+            " quantity, unit_amount, tax_rate_bps, net, tax)"
+            f" VALUES ('cn_{number}', {position}, 'il_1', 'x', NULL, {net}, 0, {net}, 0)")
+
+
+_VOID_N8 = ("UPDATE credit_notes SET status = 'void', voided_at = now(),"
+            f" voided_by_source = '/attacker', voided_by_id = 'v8' WHERE id = 'cn_{N8}'")
+
+
+async def _history_and_totals(url: str) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    superuser = await asyncpg.connect(url)
+    try:
+        return await drift(superuser), {
+            table: await superuser.fetch(f"SELECT * FROM {table} ORDER BY 1, 2")
+            for table in (*TOTALS, "credit_notes", "credit_note_lines", "invoice_lines")}
+    finally:
+        await superuser.close()
+
+
+async def test_a_void_and_a_line_of_its_note_in_one_statement_are_refused(
+        ledger: Roles) -> None:  # noqa: F811
+    """attack-b F1: note N8 issued, then ONE statement voids it and writes a line of it. The
+    void's keeping trigger took the line off, the line's found the note void and put nothing
+    on: -500 on il_1, which N9's line (+500) hid from every check, so il_1 could be credited
+    past its amount. Now the line of a note that is not issued is refused, whole transaction."""
+    before = await _history_and_totals(ledger.superuser)
+    error = await _attempt(ledger.app, (
+        _forged_note(N8, 500),
+        _journal(N8, "issue", (0, "contra_revenue", 500, 0), (1, "accounts_receivable", 0, 500)),
+        f"WITH v AS ({_VOID_N8} RETURNING id) " + _note_line(N8, 500),
+        _journal(N8, "void", (0, "contra_revenue", 0, 500), (1, "accounts_receivable", 500, 0)),
+        _forged_note(N9, 500),
+        _note_line(N9, 500),
+        _journal(N9, "issue", (0, "contra_revenue", 500, 0), (1, "accounts_receivable", 0, 500)),
+        f"UPDATE invoices SET pre_payment_credited = pre_payment_credited + 500,"
+        f" credit_note_count = 9 WHERE id = '{A}'",
+    ))
+
+    assert error is not None and NOT_ISSUED in error, error
+    assert before[0] == []
+    assert await _history_and_totals(ledger.superuser) == before
+
+
+#: Statements writing N8's void and a line of it (500 on il_1) in every order and shape; around
+#: them N8 is issued with its journal before, its void journal and the invoice's count after.
+_SHAPES = {
+    "void in a CTE, line by the main statement":
+        (f"WITH v AS ({_VOID_N8} RETURNING id) " + _note_line(N8, 500),),
+    "line in a CTE, void by the main statement":
+        (f"WITH l AS ({_note_line(N8, 500)} RETURNING 1) " + _VOID_N8,),
+    "both in CTEs":
+        (f"WITH v AS ({_VOID_N8} RETURNING id), l AS ({_note_line(N8, 500)} RETURNING 1)"
+         " SELECT 1",),
+    "void in a CTE, two lines by the main statement":
+        (f"WITH v AS ({_VOID_N8} RETURNING id) " + _note_line(N8, 200, 0)
+         + ", ('cn_ACME-1001-CN-08', 1, 'il_1', 'y', NULL, 300, 0, 300, 0)",),
+    "a line after the void, by a later statement":
+        (_VOID_N8, _note_line(N8, 500)),
+    "a line in a CTE that reads the void's row":
+        (f"WITH v AS ({_VOID_N8} RETURNING id) INSERT INTO credit_note_lines (credit_note_id,"
+         " position, invoice_line_id, description, quantity, unit_amount, tax_rate_bps, net, tax)"
+         " SELECT id, 0, 'il_1', 'x', NULL, 500, 0, 500, 0 FROM v",),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(_SHAPES))
+async def test_no_statement_shape_writes_a_line_of_a_note_that_is_not_issued(
+        ledger: Roles, shape: str) -> None:  # noqa: F811
+    """Whatever the statements (one or two, CTE first or last, one line or several), a line of a
+    note voided by the same or an earlier statement is refused, and nothing moves."""
+    before = await _history_and_totals(ledger.superuser)
+    error = await _attempt(ledger.app, (
+        _forged_note(N8, 500),
+        _journal(N8, "issue", (0, "contra_revenue", 500, 0), (1, "accounts_receivable", 0, 500)),
+        *_SHAPES[shape],
+        _journal(N8, "void", (0, "contra_revenue", 0, 500), (1, "accounts_receivable", 500, 0)),
+        f"UPDATE invoices SET credit_note_count = 8 WHERE id = '{A}'",
+    ))
+
+    assert error is not None and NOT_ISSUED in error, error
+    assert await _history_and_totals(ledger.superuser) == before
+
+
+_VOID_ELSEWHERE = {  # refused before 0018 by 0011 and 0004, and still so
+    "a line of a note voided by an earlier transaction":
+        ("INSERT INTO credit_note_lines (credit_note_id, position, invoice_line_id, description,"
+         " quantity, unit_amount, tax_rate_bps, net, tax) SELECT id, 9, 'il_1', 'x', NULL, 500,"
+         f" 0, 500, 0 FROM credit_notes WHERE number = '{A2}'",
+         "is posted: no credit_note_lines can be added to it"),
+    "a note inserted void":
+        (_forged_note(N8, 500).replace("'issued'", "'void'"),
+         "a credit note is inserted issued; it is voided later"),
+    "a line moved to a void note":
+        (f"UPDATE credit_note_lines SET credit_note_id = (SELECT id FROM credit_notes"
+         f" WHERE number = '{A2}') WHERE credit_note_id = (SELECT id FROM credit_notes"
+         f" WHERE number = '{A1}')", "permission denied"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_VOID_ELSEWHERE))
+async def test_a_void_note_gets_no_line_by_any_other_way(
+        ledger: Roles, case: str) -> None:  # noqa: F811
+    statement, refused = _VOID_ELSEWHERE[case]
+    before = await _history_and_totals(ledger.superuser)
+
+    error = await _attempt(ledger.app, (statement,))
+
+    assert error is not None and refused in error, error
+    assert await _history_and_totals(ledger.superuser) == before
 
 
 # ---------------------------------------------------------- a database already at 0016

@@ -164,8 +164,12 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- a line counts while its note is issued (a note voided in its own transaction before its
--- lines were written: they never count; 0011 writes lines only with their note)
+-- a line counts while its note is issued, and is written only then: a line of a note that is
+-- not issued (voided by an earlier statement, or by the same one: AFTER row triggers of one
+-- statement all fire at its end, so the void's trigger, which takes off every line it then
+-- sees, may already have taken this one off) is refused, never skipped. So every line is put
+-- on once while its note is issued and taken off once by the void, whatever the statements.
+-- (The unit of work writes a batch's note lines before its voids.)
 CREATE FUNCTION keep_credit_note_line_totals() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, public, pg_temp AS $$
 DECLARE
@@ -179,7 +183,11 @@ BEGIN
     END IF;
     IF TG_OP IN ('INSERT', 'UPDATE') THEN
         SELECT * INTO n FROM credit_notes WHERE id = NEW.credit_note_id;
-        IF FOUND AND n.status = 'issued' THEN
+        IF FOUND AND n.status <> 'issued' THEN
+            RAISE EXCEPTION 'credit note % is %: a line is written only while its note is issued',
+                NEW.credit_note_id, n.status USING ERRCODE = 'integrity_constraint_violation';
+        END IF;
+        IF FOUND THEN
             PERFORM line_totals_add(n.invoice_id, NEW, 1);
         END IF;
     END IF;

@@ -96,6 +96,13 @@ class Settings(BaseSettings):
     #: arithmetic). A batch holds at most what one fetch brought.
     kafka_fetch_max_bytes: int = Field(default=8 * 1_048_576, ge=1_048_576)
     kafka_max_partition_fetch_bytes: int = Field(default=1_048_576, ge=65_536)
+    #: The longest the broker may hold a consumer's fetch while it has no records
+    #: (milliseconds; aiokafka's default is 500). Kafka answers as soon as a record
+    #: arrives, so this only sets how often an idle consumer asks again; tansu holds
+    #: every fetch about this long (half of it from 500 ms), records or not, so it adds
+    #: up to this much to each record's wait. Under load every fetch still brings all
+    #: that is waiting, up to the fetch sizes above, so the batches stay as large.
+    kafka_fetch_max_wait_ms: int = Field(default=10, ge=1, le=500)
     http_port: int = 8080
     #: ``/metrics`` on a port of its own (kept off the probes' port); unset: on ``http_port``.
     metrics_port: int | None = None
@@ -176,7 +183,8 @@ class Settings(BaseSettings):
     batch_timeout_ms: int = Field(default=20, ge=1)
     #: The largest message accepted, in bytes; larger ones are dead-lettered.
     max_message_bytes: int = Field(default=1_048_576, gt=0)
-    #: The outbox relay polls this often when no NOTIFY arrives (seconds).
+    #: How often the outbox relay looks for rows without being woken (seconds): its sweep
+    #: for rows another replica committed; this replica's own commits wake it at once.
     outbox_poll_seconds: float = Field(default=1.0, gt=0)
     outbox_batch_size: int = Field(default=500, gt=0)
     #: A relay batch gives up after this long (the producer's own request timeout is

@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.errors import KafkaError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
@@ -37,6 +38,10 @@ from service.entrypoints.translators import Route
 from service.settings import Settings
 
 log = structlog.get_logger(__name__)
+
+#: The group protocols every subscriber offers, preferred first: range aligns the shards
+#: (:func:`start_subscribers`), round robin is what replicas of earlier releases offer.
+ASSIGNORS = (RangePartitionAssignor, RoundRobinPartitionAssignor)
 
 
 def broker(settings: Settings) -> KafkaBroker:
@@ -141,13 +146,20 @@ async def start_subscribers(broker: KafkaBroker, table: Mapping[str, Route],
       serialised on the row locks and ran smaller batches), consumed by
       ``consumer_shards`` subscribers: that many batches in flight.
 
-    Every subscriber uses the range assignor (aiokafka's default is round
-    robin, which deals all topics' partitions out together): each member
-    gets the same partition numbers on every topic it reads, so one shard
-    holds partition *p* of every crediting topic, an invoice's records
-    (keyed by invoice id) meet in one shard, and shards never wait on each
-    other's row locks. The group agrees on one protocol, so all its members
-    must use it.
+    Every subscriber offers the range assignor first, then round robin
+    (:data:`ASSIGNORS`). Range gives each member the same partition numbers
+    on every topic it reads, so one shard holds partition *p* of every
+    crediting topic, an invoice's records (keyed by invoice id) meet in one
+    shard, and shards never wait on each other's row locks. Round robin
+    (aiokafka's default, which deals all topics' partitions out together) is
+    offered so that a rolling upgrade works: the group agrees on one protocol
+    every member supports, and replicas of releases before the shards offer
+    only round robin; a member with no protocol in common with the group is
+    refused (``InconsistentGroupProtocolError``). While old and new replicas
+    share the group, the shards are unaligned (slower, never wrong: row locks
+    serialise); once every member is new, Kafka's coordinator chooses range
+    (each member votes for its first protocol all support). tansu 0.6 instead
+    keeps the protocol of the group's first member for the broker's lifetime.
 
     They are started together, after the broker (FastStream starts registered
     subscribers one by one, and every join rebalances the group).
@@ -177,12 +189,14 @@ async def start_subscribers(broker: KafkaBroker, table: Mapping[str, Route],
             batch_timeout_ms=settings.batch_timeout_ms,
             group_id=settings.consumer_group, auto_offset_reset="earliest",
             ack_policy=AckPolicy.NACK_ON_ERROR, max_poll_interval_ms=poll_interval_ms,
-            partition_assignment_strategy=(RangePartitionAssignor,), listener=shard,
+            partition_assignment_strategy=ASSIGNORS, listener=shard,
             session_timeout_ms=settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms, persistent=False,
             # bounded memory: a batch holds at most what one fetch brought
             fetch_max_bytes=settings.kafka_fetch_max_bytes,
             max_partition_fetch_bytes=settings.kafka_max_partition_fetch_bytes,
+            # a record arriving while a fetch is held waits for the next (tansu holds each)
+            fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
             # FastStream neither decodes headers nor bodies: the pipeline judges each record
             parser=parse_records, decoder=decode_records,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, cast
@@ -28,8 +29,15 @@ pytestmark = pytest.mark.integration
 class Idle:
     """A pipeline that takes every batch and does nothing (only the assignment matters)."""
 
+    def __init__(self) -> None:
+        #: (topic, partition, offset) of every record handed over, across its subscribers
+        self.taken: set[tuple[str, int, int]] = set()
+
+    def for_another_consumer(self) -> Idle:
+        return self
+
     async def process_batch(self, records: Any) -> None:
-        return None
+        self.taken.update((record.topic, record.partition, record.offset) for record in records)
 
 
 def table(settings: Settings) -> Mapping[str, Route]:
@@ -49,11 +57,12 @@ class Replica:
         self.settings = settings
         self.broker = subscribers.broker(settings)
         self.subscribers: list[Any] = []
+        self.pipeline = Idle()
 
     async def start(self) -> None:
         await self.broker.start()
         self.subscribers = await subscribers.start_subscribers(
-            self.broker, table(self.settings), cast(Pipeline, Idle()), self.settings)
+            self.broker, table(self.settings), cast(Pipeline, self.pipeline), self.settings)
 
     async def stop(self) -> None:
         await self.broker.stop()
@@ -120,6 +129,94 @@ async def test_every_shard_owns_the_same_partition_numbers_on_every_crediting_to
     # the invoices and refund-results consumers are in the same group, on the same protocol
     for replica in replicas:
         assert len(replica.subscribers) == 2 + 3
+
+
+# --- rolling upgrades: a group of old (round robin only) and new members -------------------
+
+
+def protocols_chosen(caplog: pytest.LogCaptureFixture) -> set[str]:
+    """The protocols the group's leaders assigned with, from aiokafka's log (tansu's
+    DescribeGroups leaves the protocol empty)."""
+    prefix = "Elected group leader -- performing partition assignments using "
+    return {record.getMessage().removeprefix(prefix) for record in caplog.records
+            if record.getMessage().startswith(prefix)}
+
+
+async def test_a_replica_of_the_previous_release_and_a_new_one_share_the_group(
+        settings: Settings, replicas: list[Replica], caplog: pytest.LogCaptureFixture) -> None:
+    """A rolling upgrade: the previous release's member offers only aiokafka's default round
+    robin; a new replica (range first, round robin second) joins the same group and is not
+    refused. Both get partitions and both consume what lands on them, and nothing is
+    consumed twice: the group fell back to round robin, the protocol both support."""
+    caplog.set_level(logging.INFO, logger="aiokafka.consumer.group_coordinator")
+    topics = crediting(settings)
+    old = AIOKafkaConsumer(*topics, bootstrap_servers=settings.kafka_bootstrap_servers,
+                           group_id=settings.consumer_group, auto_offset_reset="earliest",
+                           enable_auto_commit=False,
+                           session_timeout_ms=settings.kafka_session_timeout_ms,
+                           heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms)
+    await old.start()
+    try:
+        await old.getmany(timeout_ms=100)  # joins the group before the new replica
+        new = Replica(settings.model_copy(update={"consumer_shards": 1}))
+        replicas.append(new)
+        await new.start()
+
+        deadline = time.monotonic() + 45
+        while True:
+            old_owns = owned(old)
+            new_owns = [owned(consumer) for consumer in new.shard_consumers()]
+            every = sorted((topic, p) for shard in [old_owns, *new_owns]
+                           for topic, parts in shard.items() for p in parts)
+            if old_owns and all(new_owns) and every == sorted(
+                    (topic, p) for topic in topics for p in range(DEV_PARTITIONS)):
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no shared assignment: old {old_owns}, new {new_owns}")
+            await old.getmany(timeout_ms=200)
+
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers,
+                                    enable_idempotence=False, acks="all")
+        await producer.start()
+        try:
+            for topic in topics:
+                for partition in range(DEV_PARTITIONS):
+                    await producer.send_and_wait(topic, b"{}", partition=partition)
+        finally:
+            await producer.stop()
+        old_took: set[tuple[str, int, int]] = set()
+        deadline = time.monotonic() + 30
+        while len(old_took) + len(new.pipeline.taken) < len(topics) * DEV_PARTITIONS:
+            if time.monotonic() > deadline:
+                break
+            fetched = await old.getmany(timeout_ms=200)
+            old_took.update((r.topic, r.partition, r.offset)
+                            for records in fetched.values() for r in records)
+    finally:
+        await old.stop()
+
+    assert protocols_chosen(caplog) == {"roundrobin"}
+    assert old_took and new.pipeline.taken, "one of the two members consumed nothing"
+    assert not old_took & new.pipeline.taken, "a record was consumed by both"
+    assert {(t, p) for t, p, _ in old_took} == {(t, p) for t, parts in old_owns.items()
+                                                 for p in parts}
+    assert len(old_took | new.pipeline.taken) == len(topics) * DEV_PARTITIONS
+
+
+async def test_a_group_of_new_replicas_agrees_on_range(
+        settings: Settings, replicas: list[Replica], caplog: pytest.LogCaptureFixture) -> None:
+    """Replicas of this release offer round robin too, yet alone in a group they get range
+    (each shard the same partition numbers on every crediting topic)."""
+    caplog.set_level(logging.INFO, logger="aiokafka.consumer.group_coordinator")
+    for _ in range(2):
+        replica = Replica(settings.model_copy(update={"consumer_shards": 2}))
+        replicas.append(replica)
+        await replica.start()
+    shards = await settled_assignment(replicas, crediting(settings))
+    assert len(shards) == 4
+    for shard in shards:
+        assert len({frozenset(partitions) for partitions in shard.values()}) == 1, shard
+    assert protocols_chosen(caplog) == {"range"}
 
 
 async def test_crediting_topics_of_different_partition_counts_are_reported_once_at_start(

@@ -79,8 +79,11 @@ def build(settings: Settings, pool: asyncpg.Pool,
           tracer_provider: trace.TracerProvider, metrics: Metrics | None = None) -> Parts:
     """Every part of the service, wired to the others; nothing connects yet.
 
-    A unit of work that committed outbox rows wakes this process's relay at once
-    (no NOTIFY: migration 0017); the relay's poll finds what other replicas committed.
+    A unit of work that committed outbox rows wakes the relay at once: this
+    process's relay in-process when it leads, otherwise the leader (another
+    replica) with a coalesced NOTIFY sent after the commit, outside the batch's
+    transaction (migration 0017: no NOTIFY at commit); the leader's poll sweeps up
+    whatever a lost NOTIFY leaves.
     """
     producer = KafkaProducer(settings)
     broker = subscribers.broker(settings)
@@ -178,6 +181,9 @@ class Service:
             stack.push_async_callback(_quietly, parts.producer.stop)
             stack.push_async_callback(_quietly, parts.probe.close)
             stack.push_async_callback(parts.http.stop)
+            # after the consumers and the relay's task have ended, before the pool closes:
+            # a wake-up NOTIFY still in flight is awaited (or cancelled), never left pending
+            stack.push_async_callback(parts.relay.close)
             stack.push_async_callback(_finish, tasks, settings.shutdown_timeout_seconds)
             stack.push_async_callback(_quietly, parts.broker.stop)
             stack.callback(self._stopping, stopping)

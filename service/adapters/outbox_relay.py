@@ -21,11 +21,17 @@
 - The relay's own connections keep their sessions (``idle_session_timeout`` 0)
   and let the server drop a partitioned leader's session in about 30 s (TCP
   keepalives and ``tcp_user_timeout``), which frees the lock for another replica.
-- It is woken in-process (:meth:`OutboxRelay.wake`) by the service's units of
-  work as soon as one commits outbox rows, and by ``NOTIFY creditnotes_outbox``
-  from ``creditnotes outbox retry``; no trigger notifies on insert any more (a
-  NOTIFY serialises concurrent commits: migration 0017). It also polls, which
-  sweeps up rows another replica committed.
+- It is woken by the service's units of work as soon as one commits outbox
+  rows (:meth:`OutboxRelay.wake`): in-process when this replica's relay leads;
+  otherwise with ``NOTIFY creditnotes_outbox``, which the leader LISTENs to,
+  sent after the commit in a statement of its own on the relay's alive
+  connection (never inside a batch's transaction: a NOTIFY serialises
+  concurrent commits, which is why migration 0017 dropped the trigger that
+  notified on insert). Those NOTIFYs are coalesced: at most one in flight, and
+  commits during it cause exactly one more, so the last commit is always
+  followed by one; one that fails is logged (debug) and left to the leader's
+  poll, which also sweeps up anything else. ``creditnotes outbox retry`` wakes
+  it with a NOTIFY too.
 - Its own writes cost no disk flush: the "published" marks and the fence (set
   and cleared) commit with ``synchronous_commit = off``. A
   mark lost in a PostgreSQL crash only publishes the same event ids again (the
@@ -98,6 +104,8 @@ _CHANNEL = "creditnotes_outbox"
 #: How long marking and clearing the fence may take after a batch's publish deadline.
 _MARK_MARGIN_SECONDS = 5.0
 _LOCK_QUERY_TIMEOUT_SECONDS = 5.0
+#: How long a wake-up NOTIFY may take before it is given up (the leader's poll remains).
+_NOTIFY_TIMEOUT_SECONDS = 2.0
 #: Kafka's legal topic names; aiokafka would wait for metadata that never comes
 _LEGAL_TOPIC = re.compile(r"(?!\.{1,2}$)[a-zA-Z0-9._-]{1,249}")
 #: The relay's own connections (lock, alive): never closed for idling (a managed
@@ -232,11 +240,19 @@ class OutboxRelay:
         self._alive_lost = asyncio.Event()
         #: set while this relay leads
         self.leading = asyncio.Event()
+        #: the NOTIFY in flight that wakes another replica's leader, if any
+        self._notifier: asyncio.Task[None] | None = None
+        #: a commit happened while that NOTIFY was in flight: send one more
+        self._notify_again = False
+        self._closed = False
+        #: NOTIFYs sent to wake the leader (for tests and debugging)
+        self.notifies_sent = 0
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Relay until ``stopping`` is set; survives database and broker outages."""
         backoff = Backoff(self._poll_seconds, self._max_backoff)
         failures = 0
+        self._closed = False
         try:
             while not stopping.is_set():
                 try:
@@ -254,6 +270,7 @@ class OutboxRelay:
                                   retry_in_s=backoff.seconds_before(failures))
                     await _sleep_unless(stopping, backoff.seconds_before(failures))
         finally:
+            await self.close()
             if self._alive is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._alive.close(), 5)
@@ -469,8 +486,44 @@ class OutboxRelay:
                   error=type(error).__name__, size=len(row["payload"].encode()))
 
     def wake(self) -> None:
-        """Publish now: a unit of work of this process committed outbox rows."""
+        """Publish now: a unit of work of this process committed outbox rows.
+
+        Leading, this relay wakes itself. Otherwise it NOTIFYs the leader, after
+        the commit, outside any transaction, without waiting: at most one NOTIFY
+        in flight, and a commit during it asks for one more (sent once it ends).
+        """
         self._wake.set()
+        if self.leading.is_set() or self._closed:
+            return
+        if self._notifier is not None and not self._notifier.done():
+            self._notify_again = True
+            return
+        self._notifier = asyncio.get_running_loop().create_task(
+            self._notify_leader(), name="outbox-relay-notify")
+
+    async def _notify_leader(self) -> None:
+        while not self._closed and not self.leading.is_set():
+            self._notify_again = False  # a commit from now on asks for one more
+            connection = self._alive
+            try:
+                if connection is None or connection.is_closed() or self._alive_lost.is_set():
+                    raise ConnectionError("the relay's alive connection is not open")
+                await asyncio.wait_for(connection.execute("SELECT pg_notify($1, '')", _CHANNEL),
+                                       _NOTIFY_TIMEOUT_SECONDS)
+                self.notifies_sent += 1
+            except Exception as error:  # the leader's poll publishes the rows anyway
+                log.debug("outbox relay wake-up not sent, the leader's poll will publish",
+                          error=type(error).__name__)
+            if not self._notify_again:
+                return
+
+    async def close(self) -> None:
+        """Send no more wake-ups; ends the one in flight (within its timeout)."""
+        self._closed = True
+        notifier, self._notifier = self._notifier, None
+        if notifier is not None and not notifier.done():
+            with contextlib.suppress(Exception):  # a timeout cancels it
+                await asyncio.wait_for(notifier, _NOTIFY_TIMEOUT_SECONDS)
 
     def _on_notify(self, *_: Any) -> None:
         self._wake.set()

@@ -183,8 +183,9 @@ class Settings(BaseSettings):
     batch_timeout_ms: int = Field(default=20, ge=1)
     #: The largest message accepted, in bytes; larger ones are dead-lettered.
     max_message_bytes: int = Field(default=1_048_576, gt=0)
-    #: How often the outbox relay looks for rows without being woken (seconds): its sweep
-    #: for rows another replica committed; this replica's own commits wake it at once.
+    #: How often the outbox relay looks for rows without being woken (seconds): every
+    #: replica's commits wake it at once (its own in-process, another's with a NOTIFY);
+    #: the poll publishes what a lost NOTIFY leaves.
     outbox_poll_seconds: float = Field(default=1.0, gt=0)
     outbox_batch_size: int = Field(default=500, gt=0)
     #: A relay batch gives up after this long (the producer's own request timeout is

@@ -33,7 +33,9 @@ import psutil
 from service.settings import Settings
 
 #: tansu holds each consumer-group join for about half the session timeout (see devstack).
-EMBEDDED_GROUP_TIMEOUTS = {"kafka_session_timeout_ms": 2_000, "kafka_heartbeat_interval_ms": 300}
+#: tansu: short group timeouts, and a short fetch wait (it holds every fetch about that long)
+EMBEDDED_GROUP_TIMEOUTS = {"kafka_session_timeout_ms": 2_000, "kafka_heartbeat_interval_ms": 300,
+                           "kafka_fetch_max_wait_ms": 10}
 TOPIC_FIELDS = ("invoices", "returns", "sla_breaches", "downgrades", "cancellations",
                 "credit_note_commands", "credit_note_events", "invoice_events", "refund_requests")
 CEILING_INPUTS = ("credit-note-commands", "returns", "sla-breaches", "cancellations")
@@ -174,7 +176,8 @@ class BenchStack:
         for name, value in dumped.items():
             if name.startswith("topic_") or name in {
                     "database_url", "kafka_bootstrap_servers", "consumer_group",
-                    "kafka_session_timeout_ms", "kafka_heartbeat_interval_ms"}:
+                    "kafka_session_timeout_ms", "kafka_heartbeat_interval_ms",
+                    "kafka_fetch_max_wait_ms"}:
                 env[f"CREDITNOTES_{name.upper()}"] = str(value)
         env["CREDITNOTES_LOG_LEVEL"] = "WARNING"
         env["CREDITNOTES_LOG_FORMAT"] = "json"

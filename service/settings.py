@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     #: every fetch about this long (half of it from 500 ms), records or not, so it adds
     #: up to this much to each record's wait. Under load every fetch still brings all
     #: that is waiting, up to the fetch sizes above, so the batches stay as large.
-    kafka_fetch_max_wait_ms: int = Field(default=10, ge=1, le=500)
+    kafka_fetch_max_wait_ms: int = Field(default=500, ge=1, le=500)
     http_port: int = 8080
     #: ``/metrics`` on a port of its own (kept off the probes' port); unset: on ``http_port``.
     metrics_port: int | None = None

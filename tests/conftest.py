@@ -57,6 +57,7 @@ async def settings(servers: Servers, database_url: str) -> Settings:
         shutdown_timeout_seconds=5.0,
         kafka_session_timeout_ms=2_000,
         kafka_heartbeat_interval_ms=300,
+        kafka_fetch_max_wait_ms=10,  # tansu holds every fetch about this long
         allow_any_source=True,  # tests publish from their own sources; allow-lists opt in
         **{f"topic_{name}": prefix + name.replace("_", "-") for name in names},
     )

@@ -18,9 +18,11 @@ import asyncpg
 
 from service.settings import Settings
 
-#: tansu holds each consumer-group join for about half the session timeout.
+#: tansu holds each consumer-group join for about half the session timeout, and every
+#: fetch for about its whole wait even when records arrive (Kafka answers at once).
 EMBEDDED_BROKER_GROUP_TIMEOUTS = {"kafka_session_timeout_ms": 2_000,
-                                  "kafka_heartbeat_interval_ms": 300}
+                                  "kafka_heartbeat_interval_ms": 300,
+                                  "kafka_fetch_max_wait_ms": 10}
 
 
 @contextlib.contextmanager

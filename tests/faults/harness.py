@@ -89,6 +89,7 @@ class Deployment:
             "LOG_FORMAT": "json",
             # tansu holds each join for about half the session timeout
             "KAFKA_SESSION_TIMEOUT_MS": "2000",
+            "KAFKA_FETCH_MAX_WAIT_MS": "10",
             "KAFKA_HEARTBEAT_INTERVAL_MS": "300",
             # a command may be read before its invoice (another topic, another consumer),
             # and a kill may delay the invoice; it must wait, never be dead-lettered

@@ -138,6 +138,7 @@ def test_the_wheel_migrates_a_fresh_database_then_runs_until_sigterm(
             CREDITNOTES_ALLOW_ANY_SOURCE="true",
             CREDITNOTES_KAFKA_SESSION_TIMEOUT_MS="2000",
             CREDITNOTES_KAFKA_HEARTBEAT_INTERVAL_MS="300",
+            CREDITNOTES_KAFKA_FETCH_MAX_WAIT_MS="10",
             **{f"CREDITNOTES_TOPIC_{name.upper()}": getattr(topics, name)
                for name in Topics.model_fields})
         with subprocess.Popen([str(installed.creditnotes), "run"], cwd=installed.elsewhere,

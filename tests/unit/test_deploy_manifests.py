@@ -690,7 +690,8 @@ def test_fetch_limits_keep_a_flood_of_large_records_under_the_memory_limit(
     buffered and one in flight, every record decoded once more while it is applied, beside
     the service's own footprint."""
     settings = service_settings(manifests, monkeypatch)
-    consumers, copies = 2 + settings.consumer_shards, 3  # the fetched bytes, their decoded form, a dead-letter copy
+    consumers = 2 + settings.consumer_shards
+    copies = 3  # the fetched bytes, their decoded form, a dead-letter copy
     records = consumers * 2 * settings.kafka_fetch_max_bytes * copies
     limit = quantity(manifests.service_container()["resources"]["limits"]["memory"])
     assert records + BASELINE_BYTES < 0.75 * limit, (records, limit)

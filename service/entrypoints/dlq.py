@@ -38,7 +38,7 @@ import secrets
 import struct
 import sys
 import unicodedata
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -258,11 +258,13 @@ def input_topic_of(dlq_topic: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _consumer(settings: Settings) -> AsyncIterator[AIOKafkaConsumer]:
+async def _consumer(settings: Settings, fetch_max_wait_ms: int = 500
+                    ) -> AsyncIterator[AIOKafkaConsumer]:
     """A consumer in no group: reading commits nothing and changes nothing."""
     consumer = AIOKafkaConsumer(**connection_options(settings), enable_auto_commit=False,
                                 auto_offset_reset="earliest",
-                                max_partition_fetch_bytes=1_048_576)
+                                max_partition_fetch_bytes=1_048_576,
+                                fetch_max_wait_ms=fetch_max_wait_ms)
     try:
         try:
             await consumer.start()
@@ -285,7 +287,8 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str,
 
 
 async def _chunks(consumer: AIOKafkaConsumer, tp: TopicPartition,
-                  start: int | None = None) -> AsyncIterator[list[DeadLetter]]:
+                  start: int | None = None, quiet: int = _QUIET_MS
+                  ) -> AsyncIterator[list[DeadLetter]]:
     """One partition from ``start`` (its beginning when None) to the end it had when
     the read began, in chunks: records written meanwhile are not chased, so a steady
     writer (the service during a poison flood, or anyone) cannot keep a run going.
@@ -308,11 +311,11 @@ async def _chunks(consumer: AIOKafkaConsumer, tp: TopicPartition,
             asked_again = True
             end = max(end, (await consumer.end_offsets([tp]))[tp])
             continue
-        records = (await consumer.getmany(tp, timeout_ms=_QUIET_MS, max_records=CHUNK)
+        records = (await consumer.getmany(tp, timeout_ms=quiet, max_records=CHUNK)
                    ).get(tp, [])
         if records:
             yield _letters(tp, records)
-    rest = (await consumer.getmany(tp, timeout_ms=_QUIET_MS)).get(tp, [])
+    rest = (await consumer.getmany(tp, timeout_ms=quiet)).get(tp, [])
     for first in range(0, len(rest), CHUNK):
         yield _letters(tp, rest[first:first + CHUNK])
 
@@ -320,6 +323,62 @@ async def _chunks(consumer: AIOKafkaConsumer, tp: TopicPartition,
 def _letters(tp: TopicPartition, records: Sequence[Any]) -> list[DeadLetter]:
     return [DeadLetter(tp.topic, r.partition, r.offset, r.timestamp, r.key, r.value,
                        tuple(r.headers)) for r in records]
+
+
+# --------------------------------------------------------------------------- the console's reads
+
+
+@contextlib.asynccontextmanager
+async def reader(settings: Settings) -> AsyncIterator[AIOKafkaConsumer]:
+    """A consumer in no group for the console's reads: its fetches held no longer than the
+    service's own (``kafka_fetch_max_wait_ms``), so a read ends soon after the end."""
+    async with _consumer(settings, settings.kafka_fetch_max_wait_ms) as consumer:
+        yield consumer
+
+
+def quiet_ms(settings: Settings) -> int:
+    """How long a console read waits for records that may still come past the end."""
+    return min(_QUIET_MS, max(100, 4 * settings.kafka_fetch_max_wait_ms))
+
+
+async def partitions_of(consumer: AIOKafkaConsumer, dlq_topic: str,
+                        settings: Settings) -> list[TopicPartition]:
+    """The partitions of a dead-letter topic (``OpsError`` if it is none, or not there)."""
+    input_topic_of(dlq_topic)
+    return await _partitions(consumer, dlq_topic, settings)
+
+
+async def read_from(consumer: AIOKafkaConsumer, tp: TopicPartition, start: int | None,
+                    quiet: int) -> AsyncGenerator[list[DeadLetter], None]:
+    """One partition from ``start`` to its end, in chunks (as ``list`` reads it)."""
+    async for chunk in _chunks(consumer, tp, start, quiet):
+        yield chunk
+
+
+async def scan(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition],
+               quiet: int) -> AsyncGenerator[list[DeadLetter], None]:
+    """Every record of these partitions, all read together (one wait at the end, not one
+    per partition), up to the ends they had when the scan began; in chunks."""
+    if not tps:
+        return
+    consumer.assign(list(tps))
+    await consumer.seek_to_beginning(*tps)
+    ends = await consumer.end_offsets(list(tps))
+    idle = 0
+    while idle < 3:
+        behind = [tp for tp in tps if await consumer.position(tp) < ends[tp]]
+        if not behind:
+            break
+        found = await consumer.getmany(*behind, timeout_ms=quiet, max_records=CHUNK)
+        idle = 0 if any(found.values()) else idle + 1
+        for tp, records in found.items():
+            if records:
+                yield _letters(tp, records)
+    # one last poll takes what the broker already has past the ends (see _chunks)
+    found = await consumer.getmany(*tps, timeout_ms=quiet)
+    for tp, records in found.items():
+        for first in range(0, len(records), CHUNK):
+            yield _letters(tp, records[first:first + CHUNK])
 
 
 # --------------------------------------------------------------------------- list and show
@@ -534,6 +593,13 @@ class ReplayOptions:
     filters: Filters = Filters()
     dry_run: bool = False
     force: bool = False
+    #: Only these dead letters, by ``(partition, offset)`` (the console's selection);
+    #: None: every one the filters match. Both apply.
+    positions: frozenset[tuple[int, int]] | None = None
+
+    def selects(self, record: DeadLetter) -> bool:
+        return self.filters.match(record) and (
+            self.positions is None or (record.partition, record.offset) in self.positions)
 
 
 class _Replay:
@@ -590,7 +656,7 @@ class _Replay:
         if digest in self.digests or (row is not None and row.state != CLAIMED):
             summary.already_replayed += 1  # (or an exact copy of one replayed just now)
             return
-        if not self.options.filters.match(record):
+        if not self.options.selects(record):
             summary.filtered_out += 1
             return
         checked = check_headers(record, self.input_topic)
@@ -666,13 +732,32 @@ class _Replay:
             await self.audit.confirm(acked)
 
 
+def _selected(partitions: Sequence[TopicPartition],
+              positions: frozenset[tuple[int, int]] | None
+              ) -> list[tuple[TopicPartition, int | None, int | None]]:
+    """Each partition to read, from where and to which offset (None: all of it): with a
+    selection, only its partitions, from its first offset there to its last."""
+    if positions is None:
+        return [(tp, None, None) for tp in partitions]
+    spans: list[tuple[TopicPartition, int | None, int | None]] = []
+    for tp in partitions:
+        offsets = [offset for partition, offset in positions if partition == tp.partition]
+        if offsets:
+            spans.append((tp, min(offsets), max(offsets)))
+    return spans
+
+
 def _short(digest: str) -> bytes:
     return bytes.fromhex(digest[:32])
 
 
 async def replay(settings: Settings, dlq_topic: str, options: ReplayOptions,
-                 out: IO[str] = sys.stdout) -> ReplaySummary:
-    """Republish matching dead letters to their own input topic, each at most once."""
+                 out: IO[str] = sys.stdout, operator: str | None = None) -> ReplaySummary:
+    """Republish matching dead letters to their own input topic, each at most once.
+
+    ``operator`` is who the audit rows name (``replayed_by``): the console passes
+    ``console:<user>``; the command line, the login name of whoever runs it.
+    """
     input_topic = input_topic_of(dlq_topic)
     if input_topic not in settings.topics.inputs():
         raise OpsError(f"{dlq_topic!r} is not the dead-letter topic of an input topic of this "
@@ -681,7 +766,8 @@ async def replay(settings: Settings, dlq_topic: str, options: ReplayOptions,
     connection = await _connect(settings)
     producer: KafkaProducer | None = None
     try:
-        audit = ReplayAudit(connection, run=secrets.token_hex(6), operator=getpass.getuser())
+        audit = ReplayAudit(connection, run=secrets.token_hex(6),
+                            operator=operator if operator is not None else getpass.getuser())
         async with _consumer(settings) as consumer:
             partitions = await _partitions(consumer, dlq_topic, settings)
             if input_topic not in await consumer.topics():
@@ -691,9 +777,11 @@ async def replay(settings: Settings, dlq_topic: str, options: ReplayOptions,
                 producer = KafkaProducer(settings)
                 await producer.start()
             run = _Replay(settings, dlq_topic, input_topic, options, audit, producer, out)
-            for tp in partitions:
-                async for chunk in _chunks(consumer, tp):
+            for tp, start, last in _selected(partitions, options.positions):
+                async for chunk in _chunks(consumer, tp, start):
                     await run.chunk(chunk)
+                    if last is not None and chunk[-1].offset >= last:
+                        break
         return run.summary
     finally:
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -162,6 +162,16 @@ def describe(error: ValidationError) -> str:
         where = ".".join(_safe_location(item["loc"], item["type"])) or "message"
         problems.append(f"{where}: {_safe_text(item)}")
     return "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else "")
+
+
+def first_field(error: ValidationError) -> str | None:
+    """The path of the first field a validation error names, as :func:`describe` words it
+    (``lines.0.quantity``; a key that came from the message is ``<key>``), or None when the
+    error is the whole message's."""
+    for item in error.errors(include_input=False, include_url=False):
+        where = ".".join(_safe_location(item["loc"], item["type"]))
+        return where or None
+    return None
 
 
 #: Error types whose pydantic message quotes part of the input.
@@ -357,6 +367,28 @@ class Route:
     translators: Mapping[str, Translator]
     allowed_sources: frozenset[str] | None = None
 
+    def allows(self, source: str) -> bool:
+        """Whether ``source`` may publish here (no allow-list: anyone)."""
+        return self.allowed_sources is None or source_allowed(source, self.allowed_sources)
+
+
+def source_allowed(source: str, allowed: Iterable[str]) -> bool:
+    """``source`` is on the list, or under an entry that ends in ``/*``.
+
+    ``/console/*`` admits ``/console/alice`` (the ops console publishes as
+    ``<prefix>/<user>``) and anything deeper, but not ``/console`` itself nor
+    ``/consoles/x``: the prefix is matched up to and including its slash, and
+    something must follow it.
+    """
+    for entry in allowed:
+        if entry.endswith("/*"):
+            prefix = entry[:-1]
+            if len(source) > len(prefix) and source.startswith(prefix):
+                return True
+        elif source == entry:
+            return True
+    return False
+
 
 def routes(settings: Settings) -> dict[str, Route]:
     """Every input topic: its message types, how each becomes a command, its allowed sources."""
@@ -411,8 +443,7 @@ def _frozen(sources: list[str] | None) -> frozenset[str] | None:
 
 def translate(event: wire.CloudEvent, topic: str, table: Mapping[str, Route]) -> Command:
     route = table.get(topic)
-    if route is not None and route.allowed_sources is not None and (
-            event.source not in route.allowed_sources):
+    if route is not None and not route.allows(event.source):
         raise errors.UnauthorizedSource(f"the event's source may not publish on topic {topic}")
     translator = route.translators.get(event.type) if route is not None else None
     if translator is None:

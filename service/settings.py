@@ -6,6 +6,7 @@ environment anywhere else.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from importlib import resources
 from pathlib import Path
@@ -45,6 +46,21 @@ class Topics(BaseModel):
     def all(self) -> list[str]:
         inputs = self.inputs()
         return inputs + self.outputs() + [f"{topic}.dlq" for topic in inputs]
+
+
+ConsoleRole = Literal["viewer", "operator"]
+
+
+class ConsoleToken(BaseModel):
+    """One API token of the console: its user, role and the sha256 of the token (hex).
+
+    Only the hash is configured (``creditnotes console token`` makes a pair), so the
+    settings, their ``repr`` and the logs never hold a token that works.
+    """
+
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._@+-]+$")
+    role: ConsoleRole
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 #: The contract's topic names: the defaults of the ``topic_*`` settings.
@@ -215,6 +231,30 @@ class Settings(BaseSettings):
     migrations_dir: Path = MIGRATIONS_DIR
     service_version: str = "0.1.0"
 
+    #: The ops console (``creditnotes console``, docs/security.md): its own process and port.
+    console_port: int = Field(default=8081, ge=0, le=65_535)
+    console_host: str = "0.0.0.0"  # noqa: S104  (a container's port; the ingress fronts it)
+    #: API tokens, hashed (JSON: ``[{"name": ..., "role": "viewer"|"operator", "sha256": ...}]``).
+    console_tokens: list[ConsoleToken] = Field(default_factory=list)
+    #: Peers (IPs or CIDRs) whose ``console_proxy_user_header`` names the user; from any
+    #: other address that header is ignored. Proxy users are viewers unless listed in
+    #: ``console_proxy_operators``.
+    console_trusted_proxies: list[str] = Field(default_factory=list)
+    console_proxy_user_header: str = Field(default="X-Forwarded-User", min_length=1)
+    console_proxy_operators: list[str] = Field(default_factory=list)
+    #: Signs session cookies and CSRF tokens. Unset: a random one per process (sessions
+    #: end at a restart and do not cross replicas).
+    console_session_secret: SecretStr | None = None
+    console_session_minutes: int = Field(default=480, ge=1)
+    #: The session cookie's ``Secure`` flag (HTTPS only); ``dev``, ``demo`` and tests: False.
+    console_secure_cookies: bool = True
+    #: Writes per user per minute (and login attempts per address); more get 429.
+    console_write_rate_per_minute: int = Field(default=30, ge=1)
+    #: How long a write waits for its command's outcome before answering 202.
+    console_wait_seconds: float = Field(default=5.0, ge=0, le=60)
+    #: A console command's CloudEvents ``source``: ``<prefix>/<user, percent-encoded>``.
+    console_source_prefix: str = Field(default="/console", pattern=r"^/[^\s]*$")
+
     @model_validator(mode="after")
     def _sasl_needs_credentials(self) -> Settings:
         if self.kafka_security_protocol.startswith("SASL") and not (
@@ -235,6 +275,25 @@ class Settings(BaseSettings):
                 f"consumers, the outbox relay and retention; set the pool size to at least "
                 f"{needed}, or run fewer shards")
         return self
+
+    @field_validator("console_trusted_proxies")
+    @classmethod
+    def _networks(cls, proxies: list[str]) -> list[str]:
+        for proxy in proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"not an IP address or CIDR network: {proxy!r}") from None
+        return proxies
+
+    @field_validator("console_tokens")
+    @classmethod
+    def _distinct_tokens(cls, tokens: list[ConsoleToken]) -> list[ConsoleToken]:
+        if len({token.name for token in tokens}) != len(tokens):
+            raise ValueError("two console tokens have the same name")
+        if len({token.sha256 for token in tokens}) != len(tokens):
+            raise ValueError("two console tokens have the same sha256")
+        return tokens
 
     @field_validator("database_url")
     @classmethod

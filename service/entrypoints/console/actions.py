@@ -314,13 +314,14 @@ def check_key(key: str | None) -> str:
     return key
 
 
-async def issue(deps: Deps, user: User, key: str | None, data: Mapping[str, Any]
-                ) -> CommandResult:
+async def issue(deps: Deps, user: User, key: str | None, data: Any) -> CommandResult:
     """``credit_note.issue`` with ``data`` (the contract's, ``invoice_id`` included)."""
     invoice_id = data.get("invoice_id") if isinstance(data, Mapping) else None
     target = invoice_id if isinstance(invoice_id, str) else None
     async with _audited(deps, user, "issue", target, key, data) as attempt:
         key = check_key(key)
+        if not isinstance(data, Mapping):
+            raise refused("invalid_message", "the body is a JSON object")
         if target is None:
             raise refused("invalid_message", "invoice_id is required: a string", "invoice_id")
         _checked(deps.settings, source_of(deps.settings, user), key, "credit_note.issue",
@@ -340,7 +341,7 @@ async def void(deps: Deps, user: User, key: str | None, credit_note_id: str) -> 
 
 
 async def update(deps: Deps, user: User, key: str | None, credit_note_id: str,
-                 changes: Mapping[str, Any]) -> CommandResult:
+                 changes: Any) -> CommandResult:
     """``credit_note.update``: ``changes`` holds ``memo`` (null clears it) and/or
     ``metadata`` (merged key by key; a key set to null is removed), as the contract says."""
     return await _on_credit_note(deps, user, key, "update", "credit_note.update",

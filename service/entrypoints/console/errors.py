@@ -15,7 +15,12 @@ CODES: dict[str, tuple[int, str]] = {
     "csrf_failed": (403, "a POST from a session or proxy identity without the right CSRF token"),
     "rate_limited": (429, "too many writes by this user this minute (see Retry-After)"),
     "request_too_large": (413, "the request body is larger than the console accepts"),
-    "invalid_request": (400, "a query parameter, path or body that is not what the route takes"),
+    "invalid_request": (422, "a query parameter, path or body that is not what the route "
+                             "takes (field names it)"),
+    "bad_request": (400, "a request the server cannot read"),
+    "not_found": (404, "no route at this path"),
+    "method_not_allowed": (405, "the route does not take this method"),
+    "internal_error": (500, "the console failed; the log has the details"),
     "idempotency_key_required": (400, "a write without an Idempotency-Key header"),
     "idempotency_key_invalid": (400, "an Idempotency-Key that is not 1-200 printable ASCII"),
     "idempotency_key_reused": (409, "this user sent this Idempotency-Key before with another "

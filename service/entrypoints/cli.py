@@ -1,5 +1,5 @@
-"""The ``creditnotes`` command line (docs/contract.md): run, migrate, dev, demo, publish,
-dlq, outbox, prune, verify, preview, invoice show."""
+"""The ``creditnotes`` command line (docs/contract.md): run, console, migrate, dev, demo,
+publish, dlq, outbox, prune, verify, preview, invoice show."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import structlog
 from pydantic import ValidationError
@@ -26,6 +27,9 @@ from service.logging import configure_logging
 from service.main import CREATING_THE_POOL, Service, SourcesNotConfigured
 from service.settings import Settings, redact_url
 
+if TYPE_CHECKING:
+    from service.entrypoints.console.server import Console
+
 log = structlog.get_logger(__name__)
 
 
@@ -33,6 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="creditnotes", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="run the service (consumers, outbox relay, health endpoints)")
+    console = commands.add_parser(
+        "console", help="run the ops console and its HTTP API (a process of its own, on "
+                        "CREDITNOTES_CONSOLE_PORT)")
+    console_commands = console.add_subparsers(dest="console_command")
+    token = console_commands.add_parser(
+        "token", help="make an API token: print it once, and its entry for "
+                      "CREDITNOTES_CONSOLE_TOKENS (which holds only its sha256)")
+    token.add_argument("--name", required=True, help="the user, e.g. ada (letters, digits, ._@+-)")
+    token.add_argument("--role", required=True, choices=["viewer", "operator"],
+                       help="viewer reads and previews; operator also issues, voids, edits "
+                            "and replays")
     commands.add_parser("migrate", help="apply database migrations (idempotent)")
     for name, text in (("dev", "embedded PostgreSQL and broker, migrate, create topics, run"),
                        ("demo", "run the worked examples of docs/rules.md end to end and check them")):
@@ -122,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_format, settings.log_level)
     handlers: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
-        "run": run, "migrate": migrate_command, "dev": dev, "demo": demo, "dlq": dead_letters,
+        "run": run, "console": console_command, "migrate": migrate_command, "dev": dev,
+        "demo": demo, "dlq": dead_letters,
         "verify": verify, "preview": preview_credit_note, "invoice": show_invoice,
         "prune": prune_now, "outbox": outbox_rows, "publish": publish_events}
     if args.command not in OPS_COMMANDS:
@@ -200,6 +216,63 @@ def run(_: argparse.Namespace, settings: Settings) -> int:
         print(f"creditnotes: cannot start: Kafka at {settings.kafka_bootstrap_servers}:"
               f" {_one_line(error)}", file=sys.stderr)
         return 3
+    return 0
+
+
+def console_command(args: argparse.Namespace, settings: Settings) -> int:
+    if args.console_command == "token":
+        return console_token(args.name, args.role)
+    if not settings.console_tokens and not settings.console_trusted_proxies:
+        print("creditnotes console: refusing to start: nobody could sign in; set "
+              "CREDITNOTES_CONSOLE_TOKENS (make one with `creditnotes console token --name N "
+              "--role operator`) or CREDITNOTES_CONSOLE_TRUSTED_PROXIES", file=sys.stderr)
+        return 2
+    from service.entrypoints.console.server import serve_console
+
+    async def console_until_signalled() -> None:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stopping.set)
+        await serve_console(settings, stopping)
+
+    try:
+        asyncio.run(console_until_signalled())
+    except (*NETWORK_ERRORS, *DATABASE_ERRORS) as error:
+        if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
+            print(f"creditnotes console: cannot start: port {settings.console_port} is in use"
+                  " (CREDITNOTES_CONSOLE_PORT)", file=sys.stderr)
+        elif isinstance(error, DATABASE_ERRORS) or CREATING_THE_POOL in getattr(
+                error, "__notes__", ()):
+            print(f"creditnotes console: cannot start: PostgreSQL at"
+                  f" {redact_url(settings.database_url)}: {_one_line(error)}", file=sys.stderr)
+        else:
+            print(f"creditnotes console: cannot start: {_one_line(error)}", file=sys.stderr)
+        return 3
+    except BROKER_ERRORS as error:
+        print(f"creditnotes console: cannot start: Kafka at {settings.kafka_bootstrap_servers}:"
+              f" {_one_line(error)}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def console_token(name: str, role: str) -> int:
+    """Print a fresh token once, and the entry of CREDITNOTES_CONSOLE_TOKENS that admits it."""
+    import json
+
+    from service.entrypoints.console.auth import hash_token, new_token, valid_name
+
+    if not valid_name(name):
+        print(f"creditnotes console token: not a user name: {name!r} (1-100 letters, digits "
+              "and ._@+-)", file=sys.stderr)
+        return 2
+    token = new_token()
+    entry = json.dumps({"name": name, "role": role, "sha256": hash_token(token)})
+    print(f"token  {token}")
+    print(f"entry  {entry}")
+    print(f"Give the token to {name} (it is shown only now); add the entry to the JSON list "
+          "in CREDITNOTES_CONSOLE_TOKENS, e.g.\n"
+          f"  CREDITNOTES_CONSOLE_TOKENS='[{entry}]'", file=sys.stderr)
     return 0
 
 
@@ -343,16 +416,32 @@ def show_invoice(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def serve(settings: Settings,
-                 task: Callable[[], Awaitable[bool]] | None = None) -> bool:
-    """Run the service until SIGINT/SIGTERM, or until ``task`` (run alongside) finishes."""
+                 task: Callable[[], Awaitable[bool]] | None = None,
+                 console: Console | None = None,
+                 on_console_ready: Callable[[Console], None] | None = None) -> bool:
+    """Run the service until SIGINT/SIGTERM, or until ``task`` (run alongside) finishes.
+
+    With ``console`` (``dev``, ``demo``), the console runs in the same loop and stops
+    with the service; ``on_console_ready`` is called once it listens. A console that
+    cannot start stops the service and raises its error.
+    """
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopping.set)
     service = Service(settings)
     running = asyncio.create_task(service.run(stopping))
+    consoling = (asyncio.create_task(console.run(stopping), name="console")
+                 if console is not None else None)
     result = True
     try:
+        if console is not None and consoling is not None:
+            await asyncio.wait([running, consoling, asyncio.ensure_future(console.ready.wait())],
+                               return_when=asyncio.FIRST_COMPLETED)
+            if consoling.done():
+                consoling.result()  # a console that could not start: its error
+            if console.ready.is_set() and on_console_ready is not None:
+                on_console_ready(console)
         if task is not None:
             await asyncio.wait([running, asyncio.ensure_future(service.ready.wait())],
                                return_when=asyncio.FIRST_COMPLETED)
@@ -364,6 +453,9 @@ async def serve(settings: Settings,
         stopping.set()
         with contextlib.suppress(asyncio.CancelledError):
             await running
+        if consoling is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await consoling
     return result
 
 

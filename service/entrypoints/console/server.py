@@ -21,6 +21,7 @@ from service.adapters.kafka_producer import KafkaProducer
 from service.entrypoints.console.app import create_app
 from service.entrypoints.console.auth import Authenticator
 from service.entrypoints.console.deps import ConsoleDeps
+from service.main import CREATING_THE_POOL
 from service.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -75,8 +76,12 @@ class Console:
         async with contextlib.AsyncExitStack() as stack:
             sock = bind(settings.console_host, settings.console_port)
             stack.callback(sock.close)
-            pool = await asyncpg.create_pool(settings.database_url, min_size=1,
-                                             max_size=self.pool_size)
+            try:
+                pool = await asyncpg.create_pool(settings.database_url, min_size=1,
+                                                 max_size=self.pool_size)
+            except OSError as error:
+                error.add_note(CREATING_THE_POOL)
+                raise
             stack.push_async_callback(pool.close)
             producer = KafkaProducer(settings)
             stack.push_async_callback(_quietly, producer.stop)

@@ -175,6 +175,7 @@
     const exponent = parseInt(form.dataset.exponent, 10);
     let timer = null;
     let sequence = 0;
+    let previewed = null;
 
     function problem(message) {
       error.textContent = message || "";
@@ -200,6 +201,7 @@
         return;
       }
       problem("");
+      previewed = null;
       const response = await fetch(form.dataset.previewUrl, {
         method: "POST", credentials: "same-origin",
         headers: { "Content-Type": "application/json", "Accept": "application/json",
@@ -216,9 +218,18 @@
         return;
       }
       issue.hidden = !renderPreview(box, body, currency, exponent);
+      previewed = JSON.stringify(data);
+    }
+
+    // What the form asks now, as text ("" when it does not parse): a change event that
+    // changes nothing (a field losing focus) must not hide the Issue button under a click.
+    function asked() {
+      try { return JSON.stringify(issueData(form, exponent)); } catch (failure) { return ""; }
     }
 
     function soon() {
+      const now = asked();
+      if (now !== "" && now === previewed) { return; }
       issue.hidden = true;
       window.clearTimeout(timer);
       timer = window.setTimeout(function () { preview().catch(function () { problem("preview failed"); }); }, 300);

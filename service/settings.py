@@ -242,9 +242,10 @@ class Settings(BaseSettings):
     console_trusted_proxies: list[str] = Field(default_factory=list)
     console_proxy_user_header: str = Field(default="X-Forwarded-User", min_length=1)
     console_proxy_operators: list[str] = Field(default_factory=list)
-    #: Signs session cookies and CSRF tokens. Unset: a random one per process (sessions
-    #: end at a restart and do not cross replicas).
-    console_session_secret: SecretStr | None = None
+    #: Signs session cookies and CSRF tokens (32 characters at least; the same for every
+    #: replica). Unset: a random one per process (sessions end at a restart and do not
+    #: cross replicas).
+    console_session_secret: SecretStr | None = Field(default=None, min_length=32)
     console_session_minutes: int = Field(default=480, ge=1)
     #: The session cookie's ``Secure`` flag (HTTPS only); ``dev``, ``demo`` and tests: False.
     console_secure_cookies: bool = True

@@ -40,3 +40,17 @@ async def last(connection: asyncpg.Connection) -> VerifyRun | None:
         return None
     return VerifyRun(row["started_at"], row["finished_at"], row["violations"],
                      tuple(row["invariants"]), row["ran_by"])
+
+
+async def record_run(database_url: str, started_at: datetime, violated: Sequence[str],
+                     ran_by: str) -> bool:
+    """Record one ``creditnotes verify`` on its own connection; False (nothing recorded,
+    the verdict stands) when the table is not there yet or the insert is refused."""
+    connection = await asyncpg.connect(database_url, timeout=15)
+    try:
+        await record(connection, started_at, violated, ran_by)
+    except (asyncpg.UndefinedTableError, asyncpg.InsufficientPrivilegeError):
+        return False
+    finally:
+        await connection.close()
+    return True

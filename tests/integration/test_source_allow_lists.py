@@ -86,3 +86,25 @@ async def test_only_the_payment_system_may_tell_a_refunds_outcome(
         [dead] = await kafka.expect(f"{strict.topics.refund_results}.dlq")
     assert dead.headers["dlq.error.reason"] == b"unauthorized_source"
     assert await fetch(strict, "SELECT 1 FROM processed_messages WHERE id = 'rr-spoofed'") == []
+
+
+async def test_a_prefix_entry_admits_the_consoles_users_and_nothing_beside_it(
+        settings: Settings, kafka: Kafka) -> None:
+    """``/console/*`` on credit-note-commands: ``/console/<user>`` is read, ``/console``
+    itself and ``/consoles/x`` are dead-lettered ``unauthorized_source``."""
+    strict = settings.model_copy(update={**ALLOW_LISTS, "allowed_sources_credit_note_commands":
+                                         ["/support/console", "/console/*"]})
+    async with RunningService(strict):
+        await kafka.publish(strict.topics.invoices, cloudevent(
+            "invoice.finalized", invoice_data("in_1001"), source="/billing", id_="inv-1"))
+        for n, source in enumerate(("/console/otto", "/console", "/consoles/otto")):
+            await kafka.publish(strict.topics.credit_note_commands, cloudevent(
+                "credit_note.issue", {"invoice_id": "in_1001", "amount": 100},
+                source=source, id_=f"cmd-{n}"))
+        dead = await kafka.expect(f"{strict.topics.credit_note_commands}.dlq", count=2)
+        while not await fetch(strict, "SELECT 1 FROM credit_notes"):
+            await kafka.settle(0.1)
+    assert sorted(record.event["source"] for record in dead) == ["/console", "/consoles/otto"]
+    assert {record.headers["dlq.error.reason"] for record in dead} == {b"unauthorized_source"}
+    [note] = await fetch(strict, "SELECT trigger_source FROM credit_notes")
+    assert note["trigger_source"] == "/console/otto"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import io
 import json
@@ -95,6 +96,9 @@ class Deps(Protocol):
 
     @property
     def producer(self) -> KafkaProducer: ...
+
+    @property
+    def metrics(self) -> Any: ...  # ConsoleMetrics: commands_published counts by type
 
 
 @asynccontextmanager
@@ -539,6 +543,7 @@ class _Attempt:
             try:
                 await deps.producer.send(settings.topics.credit_note_commands, value=value,
                                          key=invoice_id.encode(), headers=[CONTENT_TYPE])
+                deps.metrics.commands_published.labels(event_type).inc()
             except _READ_ERRORS as error:
                 await self._finish(audit_id, f"failed:{type(error).__name__}")
                 raise refused("unavailable", "the command could not be published "
@@ -789,31 +794,33 @@ def policy_caps(settings: Settings) -> dict[str, int]:
 
 async def consumer_lag(settings: Settings) -> list[views.LagView]:
     """Per input topic partition: the service's consumer group's committed offset, the
-    end, and the records between (the group's view, whichever replica holds them)."""
-    from aiokafka.admin import AIOKafkaAdminClient
+    end, and the records between (the group's view, whichever replica holds them).
 
-    admin = AIOKafkaAdminClient(**connection_options(settings),
-                                client_id="creditnotes-console")
-    await admin.start()
+    The committed offsets are asked of the group's coordinator by a consumer that names
+    the group but never subscribes: it joins nothing, commits nothing, moves nobody's
+    partitions (aiokafka's admin client cannot read tansu's answer to OffsetFetch).
+    """
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(**connection_options(settings), group_id=settings.consumer_group,
+                                enable_auto_commit=False, client_id="creditnotes-console")
+    await consumer.start()
     try:
-        committed = await admin.list_consumer_group_offsets(settings.consumer_group)
-    finally:
-        await admin.close()
-    async with dlq.reader(settings) as consumer:
         existing = await consumer.topics()
         tps = [TopicPartition(topic, partition) for topic in settings.topics.inputs()
                if topic in existing
                for partition in sorted(consumer.partitions_for_topic(topic) or ())]
         ends = await consumer.end_offsets(tps) if tps else {}
         starts = await consumer.beginning_offsets(tps) if tps else {}
+        committed = {tp: await consumer.committed(tp) for tp in tps}
+    finally:
+        await consumer.stop()
     lag = []
     for tp in tps:
-        done = committed.get(tp)
-        offset = done.offset if done is not None and done.offset >= 0 else None
-        lag.append(views.LagView(topic=tp.topic, partition=tp.partition, committed=offset,
-                                 end=ends[tp],
-                                 lag=max(ends[tp] - (offset if offset is not None
-                                                     else starts[tp]), 0)))
+        offset = committed[tp]
+        lag.append(views.LagView(
+            topic=tp.topic, partition=tp.partition, committed=offset, end=ends[tp],
+            lag=max(ends[tp] - (offset if offset is not None else starts[tp]), 0)))
     return lag
 
 
@@ -833,6 +840,9 @@ async def flow_health(deps: Deps) -> FlowHealth:
         lag_error = str(error)
     except _READ_ERRORS as error:
         lag_error = f"the broker cannot be read ({type(error).__name__})"
+    groups: list[ReasonGroup] | None = None
+    with contextlib.suppress(ConsoleError):  # the broker: said by dead_letters None
+        groups = await dead_letter_groups(settings)
     return FlowHealth(
         consumer_group=settings.consumer_group, lag=lag,
         lag_total=sum(item.lag for item in lag) if lag_error is None else None,
@@ -840,7 +850,8 @@ async def flow_health(deps: Deps) -> FlowHealth:
         outbox_oldest_seconds=figures.outbox.oldest_seconds,
         outbox_parked=figures.outbox.parked,
         rejections=[views.ReasonCountView(**item.__dict__) for item in figures.rejections],
-        dead_letters=[views.ReasonCountView(**item.__dict__) for item in figures.dead_letters],
+        dead_letters=groups,
+        dead_lettered=[views.ReasonCountView(**item.__dict__) for item in figures.dead_letters],
         policies=[views.PolicyView(**item.__dict__,
                                    invoices_at_cap=figures.invoices_at_cap.get(
                                        item.trigger_type, 0))

@@ -353,8 +353,13 @@ class FlowHealth(View):
     outbox_backlog: int
     outbox_oldest_seconds: float
     outbox_parked: int
+    #: the ledger's business rejections, by input topic and reason
     rejections: list[ReasonCountView]
-    dead_letters: list[ReasonCountView]
+    #: what the dead-letter topics hold, by topic and reason (None: the broker was unreadable)
+    dead_letters: list[ReasonGroup] | None
+    #: the ledger's dead-letter decisions by input topic and reason (a record refused before
+    #: its key was claimed, e.g. invalid_message, has none: see dead_letters)
+    dead_lettered: list[ReasonCountView]
     policies: list[PolicyView]
     refunds_pending: int
     refund_oldest_pending_seconds: float

@@ -45,6 +45,7 @@ from service.entrypoints.console.deps import (
     Attempt,
     ConsoleDeps,
     ConsoleRefusal,
+    csrf_token,
     error_body,
     templates,
     unauthenticated,
@@ -161,6 +162,14 @@ def _own_routes() -> APIRouter:
     async def metrics(request: Request) -> PlainTextResponse:
         return PlainTextResponse(_deps(request).metrics.render(),
                                  media_type="text/plain; version=0.0.4")
+
+    @router.get("/api/v1/me", tags=["session"], summary="Who the request is signed in as")
+    async def me(request: Request) -> dict[str, str]:
+        """The user, role and how they signed in (``token``, ``session``, ``proxy``), and the
+        CSRF token their POSTs carry (empty for a Bearer token, which needs none)."""
+        user: User = request.state.user
+        return {"name": user.name, "role": user.role, "via": user.via,
+                "csrf_token": csrf_token(request)}
 
     @router.get("/login", include_in_schema=False, response_class=HTMLResponse)
     async def login_page(request: Request, next: str = "/") -> Response:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Generator
 import asyncpg
 import structlog
 import uvicorn
+from fastapi import FastAPI
 
 from service.adapters.kafka_producer import KafkaProducer
 from service.entrypoints.console.app import create_app
@@ -56,6 +57,7 @@ class Console:
         self.ready = asyncio.Event()
         self.port: int | None = None
         self.deps: ConsoleDeps | None = None
+        self.app: FastAPI | None = None
 
     def one_time_token(self) -> str:
         """A token that opens one operator session, for ``dev`` and ``demo``."""
@@ -87,8 +89,9 @@ class Console:
             stack.push_async_callback(_quietly, producer.stop)
             await producer.start()
             self.deps = ConsoleDeps(settings, pool, producer, self.auth)
+            self.app = create_app(self.deps)
             config = uvicorn.Config(
-                create_app(self.deps), lifespan="off", log_config=None, access_log=False,
+                self.app, lifespan="off", log_config=None, access_log=False,
                 proxy_headers=False, server_header=False, ws="none",
                 timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds))
             server = _InLoopServer(config)

@@ -16,7 +16,9 @@ Writes ``schemas/json/<type>.json``, one JSON Schema (draft 2020-12) per CloudEv
   "at least" these fields, so consumers must ignore what they do not know.
 
 It also writes ``schemas/asyncapi.json``, the AsyncAPI 3.0 document FastStream
-generates for the same models (``schemas/asyncapi.py``), and the examples of the
+generates for the same models (``schemas/asyncapi.py``), ``schemas/console-openapi.json``,
+the OpenAPI document of the console's HTTP API (built from its FastAPI app, as served
+at ``/api/v1/openapi.json``), and the examples of the
 output types, ``schemas/examples/<type>.json``,
 by running the real code: the hand-written input examples in the same folder are
 translated into domain commands, applied with the domain and encoded with
@@ -39,7 +41,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
@@ -75,6 +77,8 @@ HERE = Path(__file__).resolve().parent
 SCHEMA_DIR = HERE / "json"
 EXAMPLES_DIR = HERE / "examples"
 ASYNCAPI = HERE / "asyncapi.json"
+#: The console's HTTP API (``creditnotes console``; docs/api.md).
+CONSOLE_OPENAPI = HERE / "console-openapi.json"
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 TOPICS = Topics()
 
@@ -683,7 +687,22 @@ def generated_files() -> dict[Path, str]:
                   for type_, example in output_examples().items()})
     version = Settings.model_fields["service_version"].default
     files[ASYNCAPI] = render(asyncapi.document(INPUTS, OUTPUTS, version), sort_keys=True)
+    files[CONSOLE_OPENAPI] = render(console_openapi(), sort_keys=True)
     return files
+
+
+def console_openapi() -> dict[str, Any]:
+    """The OpenAPI document of the console's JSON API, as the console serves it at
+    ``/api/v1/openapi.json`` (built from the app itself, with the default settings)."""
+    from service.entrypoints.console.app import create_app
+    from service.entrypoints.console.auth import Authenticator
+    from service.entrypoints.console.deps import ConsoleDeps
+
+    settings = Settings.model_construct()
+    deps = ConsoleDeps(settings=settings, pool=cast(Any, None), producer=cast(Any, None),
+                       auth=Authenticator(settings, secret=b"openapi"))
+    document: dict[str, Any] = create_app(deps).openapi()
+    return document
 
 
 def stale_files() -> list[str]:

@@ -94,14 +94,14 @@ def console_settings(settings: Settings, **overrides: Any) -> tuple[Settings, st
                                "console_tokens": tokens, "console_secure_cookies": False,
                                "console_wait_seconds": 10.0}
     updates.update(overrides)
-    return settings.model_copy(update=updates), viewer_token, operator_token
+    # validated as the environment would be (a secret becomes a SecretStr, a bad value fails)
+    configured = Settings(**{**settings.model_dump(), **updates})
+    return configured, viewer_token, operator_token
 
 
 @contextlib.asynccontextmanager
 async def running_console(settings: Settings, **overrides: Any) -> AsyncIterator[RunningConsole]:
     configured, viewer_token, operator_token = console_settings(settings, **overrides)
-    # model_copy skips validation: validate what a test overrides, as the environment would be
-    Settings.model_validate(configured.model_dump())
     console = Console(configured)
     stopping = asyncio.Event()
     task = asyncio.create_task(console.run(stopping))

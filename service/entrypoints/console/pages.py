@@ -448,18 +448,19 @@ def payload_lines(letter: DeadLetterView) -> list[PayloadLine]:
 
 
 def _failing_line(lines: list[str], path: list[str]) -> int | None:
-    """The index of the line holding the last key of ``path`` (``lines.0.quantity``),
-    found by following the path's names in order (numbers are list positions: skipped)."""
-    names = [part for part in path if not part.isdigit()]
+    """The index of the line holding the deepest key of ``path`` (``lines.0.quantity``)
+    found by following its names in order; numbers (list positions) and names the
+    payload lacks (a union's tag, ``invoice_line_item``) are skipped."""
     start = 0
     found = None
-    for name in names:
+    for name in path:
+        if name.isdigit():
+            continue
+        key = json.dumps(name) + ":"
         for index in range(start, len(lines)):
-            if lines[index].lstrip().startswith(json.dumps(name) + ":"):
+            if lines[index].lstrip().startswith(key):
                 found, start = index, index + 1
                 break
-        else:
-            return found
     return found
 
 
@@ -563,9 +564,16 @@ def health_figures(health: FlowHealth) -> tuple[list[Figure], list[Table]]:
         Table("Rejections by reason", ["Topic", "Reason", "Count", "Last"],
               [[row.topic, row.reason, str(row.count), _when(row.last_at)]
                for row in health.rejections], "No rejections."),
-        Table("Dead letters by reason", ["Topic", "Reason", "Count", "Last"],
+        Table("Dead letters waiting, by reason (on the broker)",
+              ["Topic", "Reason", "Count", "Oldest", "Age"],
+              [[group.topic, group.reason, str(group.count), _when(group.oldest_failed_at),
+                _duration(group.oldest_age_seconds)] for group in health.dead_letters or ()],
+              "No dead letters." if health.dead_letters is not None
+              else "Unknown: the broker cannot be read."),
+        Table("Dead-lettered by the service, by reason (its ledger)",
+              ["Topic", "Reason", "Count", "Last"],
               [[row.topic, row.reason, str(row.count), _when(row.last_at)]
-               for row in health.dead_letters], "No dead letters."),
+               for row in health.dead_lettered], "None."),
         Table("Triggers and their policy caps",
               ["Trigger", "Policy", "Credit notes", "Total (minor units)", "Invoices at the cap"],
               [[row.trigger_type, row.policy, str(row.credit_notes), str(row.total),

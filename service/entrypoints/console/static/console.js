@@ -169,7 +169,8 @@
 
   function setupPreview(form) {
     const box = document.getElementById("preview");
-    const issue = document.getElementById("issue-button");
+    // A viewer's form has no Issue button: a stand-in keeps the code below simple.
+    const issue = document.getElementById("issue-button") || { hidden: true };
     const error = document.getElementById("form-error");
     const currency = form.dataset.currency;
     const exponent = parseInt(form.dataset.exponent, 10);

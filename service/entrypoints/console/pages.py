@@ -38,6 +38,7 @@ from service.entrypoints.console.views import (
     DeadLetterView,
     FlowHealth,
     InvoiceView,
+    ReplayVerdict,
 )
 from service.entrypoints.display import exponent, money
 
@@ -515,8 +516,55 @@ async def dead_letter_replay(request: Request, deps: Deps, user: Writer,
         result = await actions.replay(deps, user, topic, selection)
     except Refusal as refusal:
         return refusal_page(request, deps, user, refusal, title)
+    sent = await _what_would_go(deps, topic, result.verdicts) if dry_run else []
     return render(request, deps, user, "replay.html", topic=topic, result=result,
-                  dry_run=dry_run, scope=scope, reason=reason, key=key, selected=selected)
+                  dry_run=dry_run, scope=scope, reason=reason, key=key, selected=selected,
+                  sent=sent)
+
+
+@dataclass(frozen=True)
+class Resend:
+    """A record a replay would send: where it goes back to, and what it says."""
+
+    position: str
+    to: str
+    key: str
+    event: str
+    data: str
+
+
+#: The most records a dry run's page shows in full (the verdict lines name them all).
+SHOWN_RESENDS = 10
+
+
+async def _what_would_go(deps: ConsoleDeps, topic: str,
+                         verdicts: list[ReplayVerdict]) -> list[Resend]:
+    """The records a dry run would replay, read again: their type, id, source and data,
+    so the confirmation shows what goes back, not only where."""
+    shown: list[Resend] = []
+    for verdict in verdicts:
+        if not verdict.verdict.startswith("would replay") or len(shown) == SHOWN_RESENDS:
+            continue
+        partition, _, offset = verdict.position.partition(":")
+        if not (partition.isdigit() and offset.isdigit()):
+            continue
+        try:
+            letter = await actions.dead_letter(deps.settings, topic, int(partition), int(offset))
+        except Refusal:
+            continue
+        if letter is None:
+            continue
+        event = letter.payload_json if isinstance(letter.payload_json, dict) else {}
+        data = event.get("data")
+        shown.append(Resend(
+            verdict.position, dlq.input_topic_of(topic) if topic.endswith(dlq.DLQ_SUFFIX)
+            else topic, letter.key,
+            dlq.shown(f"{event.get('type', '?')} id {event.get('id', '?')} from "
+                      f"{event.get('source', '?')}"),
+            "\n".join(dlq.shown(line) for line in json.dumps(
+                data, indent=2, ensure_ascii=True).splitlines()) if data is not None
+            else letter.payload or ""))
+    return shown
 
 
 # --------------------------------------------------------------------------- health

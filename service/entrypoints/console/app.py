@@ -12,6 +12,7 @@ route cannot forget it. Roles and rate limits are route dependencies (:mod:`.dep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import html
 import importlib
@@ -328,16 +329,19 @@ class SecureHeaders:
 
         try:
             await self.app(scope, receive, secured)
-        except Exception:
+        except BaseException as error:  # a CancelledError from inside a route too
             log.exception("console request failed", path=scope.get("path"))
             if started:
                 raise
             body = (b'{"error":{"code":"internal_error","message":"the console failed; '
                     b'see its log"}}')
-            await secured({"type": "http.response.start", "status": 500,
-                           "headers": [(b"content-type", b"application/json"),
-                                       (b"content-length", str(len(body)).encode())]})
-            await secured({"type": "http.response.body", "body": body})
+            with contextlib.suppress(Exception):
+                await secured({"type": "http.response.start", "status": 500,
+                               "headers": [(b"content-type", b"application/json"),
+                                           (b"content-length", str(len(body)).encode())]})
+                await secured({"type": "http.response.body", "body": body})
+            if not isinstance(error, Exception):
+                raise
 
 
 class Measured:

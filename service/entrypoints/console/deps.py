@@ -231,7 +231,7 @@ async def operator(request: Request, user: Annotated[User, Depends(viewer)]) -> 
 def csrf_checked(request: Request, user: Annotated[User, Depends(viewer)]) -> User:
     """The user of a POST whose CSRF token was checked (by the middleware, for every
     POST from a session or a proxy; a Bearer request needs none)."""
-    if request.method not in ("GET", "HEAD", "OPTIONS") and not getattr(
+    if request.method not in ("GET", "HEAD", "OPTIONS") and needs_csrf(user) and not getattr(
             request.state, "csrf_checked", False):
         raise ConsoleRefusal(403, "csrf_failed", "this request carries no valid CSRF token")
     return user

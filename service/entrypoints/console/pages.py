@@ -177,7 +177,7 @@ def minor_units(text: str, currency: str, field: str) -> int | None:
         return None
     places = exponent(currency)
     whole, _, fraction = cleaned.partition(".")
-    if (not whole.isascii() or not whole.isdigit() or len(whole) > 15
+    if (not whole.isascii() or not whole.isdigit() or len(whole) > 16
             or (fraction and (not fraction.isascii() or not fraction.isdigit()))
             or len(fraction) > places or cleaned.endswith(".")):
         raise FormProblem(field, f"not an amount with at most {places} decimals")

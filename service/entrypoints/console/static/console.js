@@ -27,7 +27,7 @@
   });
 
   // ------------------------------------------------------------------ money
-  const NUMBER = /^\s*(\d{1,15})(?:\.(\d+))?\s*$/;
+  const NUMBER = /^\s*(\d{1,16})(?:\.(\d+))?\s*$/;
 
   // "12.5" in a currency of 2 decimals -> 1250; "" -> null; anything else throws.
   function minorUnits(text, exponent, field) {

@@ -77,6 +77,22 @@ async def test_a_sign_in_posted_from_another_site_is_refused(bare_console: Runni
         assert "cn_session" not in browser.cookies
 
 
+async def test_a_browsers_same_origin_post_passes_though_its_origin_is_null(
+        bare_console: RunningConsole) -> None:
+    # with Referrer-Policy: no-referrer, Chromium sends Origin: null on a same-origin form
+    # POST, and Sec-Fetch-Site says what it is
+    same_origin = {"Origin": "null", "Sec-Fetch-Site": "same-origin"}
+    browser = bare_console.client(headers=same_origin)
+    answer = await browser.post("/login", data={"token": bare_console.operator_token})
+    assert answer.status_code == 303
+    signed_out = await browser.post("/logout",
+                                    data={"csrf_token": bare_console.csrf_token(browser)})
+    assert signed_out.status_code == 303
+    other_site = bare_console.client(headers={"Origin": "null", "Sec-Fetch-Site": "same-site"})
+    assert (await other_site.post("/login", data={"token": bare_console.operator_token})
+            ).status_code == 403
+
+
 async def test_a_session_ends_when_it_expires_or_is_tampered_with(
         bare_console: RunningConsole) -> None:
     browser = await bare_console.session(bare_console.viewer_token)

@@ -190,3 +190,19 @@ async def test_dev_prints_a_one_time_token_that_signs_in_exactly_once(
             if process.poll() is None:
                 process.kill()
     assert process.returncode == 0
+
+
+async def test_verify_records_its_run_for_the_flow_health_page(settings: Settings) -> None:
+    import asyncpg
+
+    checked = await asyncio.to_thread(run, "verify", env=environment(settings, COLUMNS="200"))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    connection = await asyncpg.connect(settings.database_url)
+    try:
+        rows = await connection.fetch("SELECT violations, invariants, ran_by, started_at, "
+                                      "finished_at FROM verify_runs")
+    finally:
+        await connection.close()
+    [row] = rows
+    assert (row["violations"], row["invariants"]) == (0, [])
+    assert row["ran_by"] and row["started_at"] <= row["finished_at"]

@@ -203,6 +203,11 @@ async def test_a_viewer_sees_no_action_buttons_and_a_forged_post_is_refused(
     page = await new_page(javascript=False)  # and the pages work without JavaScript
     await sign_in(page, console.base_url, console.viewer_token)
     await expect(page.locator("[data-role]")).to_have_text("viewer")
+    await expect(page.locator("#credit-notes")).to_contain_text("ACME-3001-CN-01")  # latest
+    await page.fill("input[name=q]", "cus_42")  # a customer: their credit notes
+    await page.press("input[name=q]", "Enter")
+    await expect(page.locator("h2")).to_contain_text("Credit notes of customer cus_42")
+    await expect(page.locator("#credit-notes")).to_contain_text("10.00 USD")
     await page.goto(f"{console.base_url}/invoices/in_3001")
     await page.fill("input[name=line-1-quantity]", "1")
     await page.click("#preview-button")  # a read: drawn on the server

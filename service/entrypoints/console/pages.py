@@ -98,7 +98,8 @@ def refusal_page(request: Request, deps: ConsoleDeps, user: User,
 
 @router.get("/", response_class=HTMLResponse)
 async def home(request: Request, deps: Deps, user: Viewer) -> HTMLResponse:
-    return render(request, deps, user, "home.html", q=None, notes=[])
+    recent = await actions.list_credit_notes(deps.pool, actions.NoteFilters(), None, 10)
+    return render(request, deps, user, "home.html", q=None, notes=[], recent=recent.items)
 
 
 @router.get("/search", response_class=HTMLResponse)
@@ -118,7 +119,7 @@ async def search(request: Request, deps: Deps, user: Viewer, q: str = "") -> Res
     notes = await actions.list_credit_notes(deps.pool, actions.NoteFilters(customer_id=wanted),
                                             None, 100)
     return render(request, deps, user, "home.html", status=200 if notes.items else 404,
-                  q=wanted, notes=notes.items)
+                  q=wanted, notes=notes.items, recent=[])
 
 
 # --------------------------------------------------------------------------- invoice

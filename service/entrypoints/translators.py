@@ -169,9 +169,14 @@ def first_field(error: ValidationError) -> str | None:
     (``lines.0.quantity``; a key that came from the message is ``<key>``), or None when the
     error is the whole message's."""
     for item in error.errors(include_input=False, include_url=False):
-        where = ".".join(_safe_location(item["loc"], item["type"]))
+        where = ".".join(part for part in _safe_location(item["loc"], item["type"])
+                         if part not in _LINE_TAGS)
         return where or None
     return None
+
+
+#: The tags of a line item's union: pydantic puts the one it tried in the error's path.
+_LINE_TAGS = frozenset({"invoice_line_item", "custom_line_item"})
 
 
 #: Error types whose pydantic message quotes part of the input.

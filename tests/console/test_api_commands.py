@@ -100,7 +100,7 @@ async def kafka_commands(kafka: Kafka, settings: Settings) -> list[dict[str, Any
         await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
         found = []
-        while any(await consumer.position(tp) < ends[tp] for tp in partitions):
+        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
             for records in (await consumer.getmany(timeout_ms=200)).values():
                 found += [json.loads(r.value) for r in records]
         return found

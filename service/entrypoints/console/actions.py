@@ -387,7 +387,11 @@ async def command_status(deps: Deps, user: User, key: str) -> CommandResult:
             raise refused("command_not_found")
         note_id = earlier.target if earlier is not None and earlier.action in (
             "void", "update") else None
-        return await _result(connection, source, key, outcome, note_id)
+        result = await _result(connection, source, key, outcome, note_id)
+        if earlier is not None and earlier.outcome == console_audit.PENDING \
+                and result.status != "pending":  # its audit row learns the outcome now
+            await console_audit.finish(connection, earlier.id, _answered(result))
+        return result
 
 
 async def _result(connection: asyncpg.Connection, source: str, key: str,
@@ -459,7 +463,8 @@ def _checked(settings: Settings | None, source: str, key: str, event_type: str,
                       f"admit the console (e.g. \"{source.rsplit('/', 1)[0]}/*\")") from None
     except errors.InvalidMessage as error:
         raise refused("invalid_message", error.message,
-                      _field_of(event_type, data) or _named_field(error.message)) from None
+                      _field_of(event_type, data) or _nul_field(data)
+                      or _named_field(error.message)) from None
     except errors.Undeliverable as error:
         raise refused("invalid_message", f"{error.code}: {error.message}") from None
 
@@ -476,6 +481,32 @@ def _field_of(event_type: str, data: Mapping[str, Any]) -> str | None:
         return translators.first_field(error)
     except (ValueError, TypeError, ArithmeticError, RecursionError):
         return None
+    return None
+
+
+def _nul_field(data: Any, path: str = "", keys: bool = False) -> str | None:
+    """Where a NUL character is (PostgreSQL text cannot hold one): ``memo``,
+    ``metadata.<key>`` (a key from the body is never shown), ``lines.0.description``;
+    ``keys``: ``data``'s keys are the body's own (a dictionary field's)."""
+    def under(name: str) -> str:
+        return f"{path}.{name}" if path else name
+
+    if isinstance(data, str):
+        return (path or "message") if "\x00" in data else None
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            known = not keys and isinstance(key, str) and key in wire.FIELD_NAMES
+            if isinstance(key, str) and "\x00" in key:
+                return under("<key>")
+            found = _nul_field(value, under(key if known else "<key>"),
+                               keys=known and key in wire.DICTIONARY_FIELDS)
+            if found:
+                return found
+    if isinstance(data, list):
+        for index, value in enumerate(data):
+            found = _nul_field(value, under(str(index)))
+            if found:
+                return found
     return None
 
 
@@ -550,8 +581,11 @@ class _Attempt:
                               f"({type(error).__name__}); nothing was sent: retry with the "
                               "same Idempotency-Key") from None
         result = await self._wait(source, key, note_id, settings.console_wait_seconds)
-        answered = result.status if result.reason is None else f"{result.status}:{result.reason}"
-        await self._finish(audit_id, answered if earlier is None else f"repeat:{answered}")
+        if earlier is not None:
+            await self._finish(audit_id, f"repeat:{_answered(result)}")
+        if result.status != "pending":  # a pending row is finished by a later poll or repeat
+            await self._finish(earlier.id if earlier is not None else audit_id,
+                               _answered(result))
         return result
 
     async def _wait(self, source: str, key: str, note_id: str | None,
@@ -573,6 +607,7 @@ class _Attempt:
         async with _acquire(self.deps.pool) as connection:
             await console_audit.finish(connection, audit_id, outcome)
 
+
     async def refused(self, error: ConsoleError) -> None:
         """Audit a refusal before anything was sent (bad input, unknown target ...)."""
         if self.audited:
@@ -585,6 +620,11 @@ class _Attempt:
                 idempotency_key=key, request_digest=self.digest,
                 outcome=f"refused:{error.code}")
         self.audited = True
+
+
+def _answered(result: CommandResult) -> str:
+    """A command's outcome as its audit row keeps it."""
+    return result.status if result.reason is None else f"{result.status}:{result.reason}"
 
 
 class _audited:
@@ -652,6 +692,14 @@ async def dead_letter_groups(settings: Settings) -> list[ReasonGroup]:
                 groups.items(), key=lambda item: (-item[1][0], item[0]))]
 
 
+def _check_topic(topic: str) -> None:
+    """A dead-letter topic's name (before any broker is asked)."""
+    try:
+        dlq.input_topic_of(topic)
+    except OpsError as error:
+        raise _ops_refusal(error) from None
+
+
 def _position(text: str, field: str) -> tuple[int, int]:
     partition, _, offset = text.partition(":")
     if not (partition.isdigit() and offset.isdigit()) or len(text) > 40:
@@ -666,6 +714,7 @@ async def dead_letters(settings: Settings, topic: str, filters: DeadLetterFilter
     request reads past at most :data:`MAX_SCANNED` records (its ``next`` goes on)."""
     if not 1 <= limit <= 500:
         raise refused("invalid_request", "limit must be 1-500", "limit")
+    _check_topic(topic)
     start = _position(after, "after") if after else None
     matcher = filters.dlq()
     items: list[DeadLetterView] = []
@@ -697,6 +746,7 @@ async def dead_letters(settings: Settings, topic: str, filters: DeadLetterFilter
 async def dead_letter(settings: Settings, topic: str, partition: int, offset: int
                       ) -> DeadLetterView | None:
     """One dead letter in full: headers, payload, the failing field named."""
+    _check_topic(topic)
     try:
         async with dlq.reader(settings) as consumer:
             for tp in await dlq.partitions_of(consumer, topic, settings):

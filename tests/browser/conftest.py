@@ -57,8 +57,10 @@ async def new_page(browser: Browser) -> AsyncIterator[NewPage]:
         page = await context.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda error: errors.append(str(error)))
+        # script errors and CSP refusals ("Refused to ..."); a 4xx a test asks for is not one
         page.on("console", lambda message: errors.append(message.text)
-                if message.type == "error" else None)
+                if message.type == "error"
+                and not message.text.startswith("Failed to load resource") else None)
         page.js_errors = errors  # type: ignore[attr-defined]
         return page
 

@@ -243,6 +243,10 @@ async def test_a_viewer_sees_no_action_buttons_and_a_forged_post_is_refused(
     assert await fetch(settings, "SELECT 1 FROM processed_messages"
                                  " WHERE source LIKE '/console/%'") == []
 
+    missing = await page.goto(f"{console.base_url}/invoices/in_nope")
+    assert missing is not None and missing.status == 404
+    await expect(page.locator("#error")).to_contain_text("invoice_not_found")
+
     await page.goto(f"{console.base_url}/dead-letters")
     await expect(page.locator("#groups")).to_be_visible()
     await expect(page.locator("input[name=selected]")).to_have_count(0)

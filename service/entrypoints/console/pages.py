@@ -77,11 +77,11 @@ templates.env.filters["duration"] = _duration
 templates.env.globals["new_key"] = lambda: secrets.token_urlsafe(18)
 
 
-def render(request: Request, deps: ConsoleDeps, user: User, name: str, status: int = 200,
+def render(request: Request, deps: ConsoleDeps, user: User, name: str, status_code: int = 200,
            **context: Any) -> HTMLResponse:
     return templates.TemplateResponse(request, name, {
         "user": user, "csrf": csrf_token(request), "can_write": user.is_operator,
-        **context}, status_code=status)
+        **context}, status_code=status_code)
 
 
 def refusal_page(request: Request, deps: ConsoleDeps, user: User,
@@ -91,6 +91,13 @@ def refusal_page(request: Request, deps: ConsoleDeps, user: User,
     return render(request, deps, user, "outcome.html", refusal.status, title=title,
                   result={"status": "error", "reason": refusal.code, "message": refusal.message,
                           "field": refusal.field}, **context)
+
+
+def error_page(request: Request, deps: ConsoleDeps, user: User,
+               refusal: ConsoleRefusal | ConsoleError) -> HTMLResponse:
+    """A page that cannot be shown (nothing with that id, the broker unreadable)."""
+    return render(request, deps, user, "error.html", refusal.status, status=refusal.status,
+                  code=refusal.code, message=refusal.message, field=refusal.field)
 
 
 # --------------------------------------------------------------------------- search
@@ -118,7 +125,7 @@ async def search(request: Request, deps: Deps, user: Viewer, q: str = "") -> Res
                                 status_code=303)
     notes = await actions.list_credit_notes(deps.pool, actions.NoteFilters(customer_id=wanted),
                                             None, 100)
-    return render(request, deps, user, "home.html", status=200 if notes.items else 404,
+    return render(request, deps, user, "home.html", 200 if notes.items else 404,
                   q=wanted, notes=notes.items, recent=[])
 
 
@@ -275,7 +282,7 @@ async def invoice_page(request: Request, deps: Deps, user: Viewer,
     try:
         view = await _invoice(deps, invoice_id)
     except Refusal as refusal:
-        return refusal_page(request, deps, user, refusal, f"Invoice {invoice_id}")
+        return error_page(request, deps, user, refusal)
     return await _invoice_page(request, deps, user, view)
 
 
@@ -362,7 +369,7 @@ async def credit_note_page(request: Request, deps: Deps, user: Viewer,
     try:
         view = await _note(deps, credit_note_id)
     except Refusal as refusal:
-        return refusal_page(request, deps, user, refusal, f"Credit note {credit_note_id}")
+        return error_page(request, deps, user, refusal)
     return render(request, deps, user, "credit_note.html", view=view)
 
 
@@ -437,7 +444,7 @@ async def dead_letter_list(request: Request, deps: Deps, user: Viewer, topic: st
         filters = actions.DeadLetterFilters(reason=reason or None, key=key or None)
         page = await actions.dead_letters(deps.settings, topic, filters, after or None, 100)
     except Refusal as refusal:
-        return refusal_page(request, deps, user, refusal, f"Dead letters on {topic}")
+        return error_page(request, deps, user, refusal)
     return render(request, deps, user, "dead_letter_list.html", topic=topic, reason=reason,
                   key=key, page=page)
 
@@ -483,11 +490,10 @@ async def dead_letter_page(request: Request, deps: Deps, user: Viewer, topic: st
     try:
         letter = await actions.dead_letter(deps.settings, topic, partition, offset)
     except Refusal as refusal:
-        return refusal_page(request, deps, user, refusal, f"Dead letter on {topic}")
+        return error_page(request, deps, user, refusal)
     if letter is None:
-        return refusal_page(request, deps, user, ConsoleRefusal(
-            404, "dead_letter_not_found", f"no dead letter at {partition}:{offset} of {topic}"),
-            f"Dead letter on {topic}")
+        return error_page(request, deps, user, ConsoleRefusal(
+            404, "dead_letter_not_found", f"no dead letter at {partition}:{offset} of {topic}"))
     return render(request, deps, user, "dead_letter.html", letter=letter,
                   payload=payload_lines(letter))
 

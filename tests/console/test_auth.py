@@ -37,7 +37,7 @@ def endpoints(app: FastAPI) -> Iterator[tuple[str, str, APIRoute]]:
     """(method, path, route) of every route of the app, of every included router."""
     for route in all_routes(app.router.routes):
         if isinstance(route, APIRoute):
-            for method in sorted(route.methods - {"HEAD"}):
+            for method in sorted((route.methods or set()) - {"HEAD"}):
                 yield method, filled(route.path), route
 
 

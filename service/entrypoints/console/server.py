@@ -29,6 +29,8 @@ log = structlog.get_logger(__name__)
 
 #: The console's own connections: page and API reads, audit rows, outcome polls.
 CONSOLE_POOL_SIZE = 5
+#: Connections and requests at once; more are answered 503 by uvicorn.
+MAX_CONNECTIONS = 100
 
 
 class _InLoopServer(uvicorn.Server):
@@ -93,6 +95,7 @@ class Console:
             config = uvicorn.Config(
                 self.app, lifespan="off", log_config=None, access_log=False,
                 proxy_headers=False, server_header=False, ws="none",
+                limit_concurrency=MAX_CONNECTIONS,
                 timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds))
             server = _InLoopServer(config)
             serving = asyncio.create_task(server.serve(sockets=[sock]), name="console")

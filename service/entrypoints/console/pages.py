@@ -13,6 +13,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -160,7 +161,7 @@ def timeline(view: InvoiceView, dead_letters: list[DeadLetterView]) -> list[Mome
                                            f"{money(payment.amount, currency)}"
                                            + (f" from {source}" if source else "")))
     for note in view.credit_notes:
-        href = f"/credit-notes/{note.id}"
+        href = f"/credit-notes/{quote(note.id, safe='')}"
         moments.append(Moment(note.effective_at, (
             f"in: {note.trigger.type} from {note.trigger.source} (id {note.trigger.id}): credit note "
             f"{note.number}, {money(note.total, currency)}, reason {note.reason}"), href,
@@ -176,7 +177,8 @@ def timeline(view: InvoiceView, dead_letters: list[DeadLetterView]) -> list[Mome
     for letter in dead_letters:
         moments.append(Moment(
             letter.failed_at, f"dead-lettered on {letter.topic}: {letter.reason}",
-            f"/dead-letters/{letter.topic}/{letter.partition}/{letter.offset}", "dead_lettered",
+            f"/dead-letters/{quote(letter.topic, safe='')}/{letter.partition}/{letter.offset}",
+            "dead_lettered",
             True))
     far = datetime.max.replace(tzinfo=UTC)
     return sorted(moments, key=lambda moment: moment.at or far)

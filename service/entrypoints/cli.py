@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("run", help="run the service (consumers, outbox relay, health endpoints)")
     console = commands.add_parser(
         "console", help="run the ops console and its HTTP API (a process of its own, on "
-                        "CREDITNOTES_CONSOLE_PORT)")
+                        "CREDITNOTES_CONSOLE_PORT)",
+        epilog="exit codes: 0 stopped cleanly (SIGTERM, Ctrl-C); 2 invalid configuration, or "
+               "nobody could sign in (no CREDITNOTES_CONSOLE_TOKENS nor "
+               "CREDITNOTES_CONSOLE_TRUSTED_PROXIES); 3 its port is in use, or PostgreSQL or the "
+               "broker cannot be reached")
     console_commands = console.add_subparsers(dest="console_command")
     token = console_commands.add_parser(
         "token", help="make an API token: print it once, and its entry for "

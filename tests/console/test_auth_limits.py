@@ -4,12 +4,16 @@ real PostgreSQL."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.entrypoints.console.app import CONTENT_SECURITY_POLICY, is_api
+from service.entrypoints.console.deps import RateLimiter
 from tests.console.conftest import OPERATOR, RunningConsole
 from tests.console.test_auth import app_of, endpoints, published
 
@@ -189,3 +193,22 @@ async def test_the_audit_is_append_only_but_for_one_outcome_from_pending(
             await pool.execute(statement)  # refused even to the superuser the tests run as
     assert [r.outcome for r in await console_audit.recent(pool, 10)] == [
         "pending", "refused:csrf_failed", "applied"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(rate=st.integers(1, 5), gaps=st.lists(st.floats(0, 30, allow_nan=False), max_size=60))
+def test_the_limiter_never_allows_more_than_the_rate_in_any_minute(
+        rate: int, gaps: list[float]) -> None:
+    limiter = RateLimiter(rate)
+    now, allowed = 0.0, []
+    for gap in gaps:
+        now += gap
+        ok, retry_after, _ = limiter.check("otto", now)
+        if ok:
+            allowed.append(now)
+        else:
+            assert retry_after >= 1
+            # waiting as told is enough
+            assert copy.deepcopy(limiter).check("otto", now + retry_after)[0]
+    for at in allowed:
+        assert len([other for other in allowed if at <= other < at + 60]) <= rate

@@ -74,6 +74,10 @@ class ConsoleMetrics:
         return generate_latest(self.registry).decode()
 
 
+#: Keys (users, addresses) a limiter holds before it forgets those idle for a minute.
+MAX_TRACKED_KEYS = 10_000
+
+
 @dataclass
 class RateLimiter:
     """At most ``per_minute`` events per key in any 60 s (a sliding window, in memory:
@@ -85,6 +89,8 @@ class RateLimiter:
 
     def check(self, key: str, now: float) -> tuple[bool, int, bool]:
         """(allowed, seconds until allowed, first refusal since the last allowed)."""
+        if len(self._events) > MAX_TRACKED_KEYS:  # many addresses trying to sign in
+            self.forget_idle(now)
         window = self._events.setdefault(key, collections.deque())
         while window and window[0] <= now - 60:
             window.popleft()

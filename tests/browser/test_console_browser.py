@@ -87,6 +87,7 @@ async def test_operator_previews_issues_and_voids_a_credit_note(
     await expect(preview.locator("[data-maximum=creditable]")).to_have_text("99.00 USD")
     await expect(preview.locator("[data-maximum=refundable]")).to_have_text("30.00 USD")
     await expect(preview).to_contain_text("27.50 USD")  # 25.00 + 10% tax
+    await expect(preview).to_contain_text("69.00 USD \u2192 41.50 USD")  # still owed
     assert await fetch(settings, "SELECT 1 FROM credit_notes") == []  # a preview saves nothing
     await expect(page.locator("#issue-button")).to_be_visible()
     await screenshot(page, "issue-preview")
@@ -219,6 +220,7 @@ async def test_a_viewer_sees_no_action_buttons_and_a_forged_post_is_refused(
     await page.click("#preview-button")  # a read: drawn on the server
     await expect(page.locator("#preview [data-preview=ok]")).to_be_visible()
     await expect(page.locator("#preview [data-maximum=creditable]")).to_have_text("89.00 USD")
+    await expect(page.locator("#remaining-after")).to_have_text("59.00 USD \u2192 19.44 USD")
     await expect(page.locator("input[name=line-1-quantity]")).to_have_value("1")
     await expect(page.locator("#issue-button")).to_have_count(0)
     await expect(page.locator("#viewer-note")).to_be_visible()

@@ -163,6 +163,13 @@
       split.appendChild(element("dt", pair[0]));
       split.appendChild(element("dd", money(pair[1])));
     });
+    split.appendChild(element("dt", "Still owed on the invoice"));
+    split.appendChild(element("dd", money(result.amount_remaining_before) + " \u2192 "
+                                    + money(result.amount_remaining_after)));
+    (note.refunds || []).forEach(function (refund) {
+      split.appendChild(element("dt", "Refund on " + (refund.payment_id || "the payment at finalization")));
+      split.appendChild(element("dd", money(refund.amount) + (refund.linked ? " (already made, linked)" : "")));
+    });
     box.appendChild(split);
     return true;
   }

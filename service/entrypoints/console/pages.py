@@ -299,18 +299,20 @@ async def invoice_preview(request: Request, deps: Deps, user: Viewer,
     except Refusal as refusal:
         return refusal_page(request, deps, user, refusal, f"Invoice {invoice_id}")
     filled = {name: value for name, value in form.items() if isinstance(value, str)}
+    key = _key(form) or None  # kept on the form drawn again: Issue sends what was previewed
     try:
         data = issue_data(form, view.currency)
         preview = await actions.preview(deps.pool, invoice_id, data, settings=deps.settings,
-                                        user=user, key=_key(form) or None)
+                                        user=user, key=key)
     except FormProblem as problem:
-        return await _invoice_page(request, deps, user, view, 422, form=filled,
+        return await _invoice_page(request, deps, user, view, 422, form=filled, form_key=key,
                                    form_error=f"{problem.field}: {problem.message}")
     except Refusal as refusal:
         return await _invoice_page(request, deps, user, view, refusal.status, form=filled,
-                                   form_error=f"{refusal.code}: {refusal.message}"
+                                   form_key=key, form_error=f"{refusal.code}: {refusal.message}"
                                    + (f" ({refusal.field})" if refusal.field else ""))
-    return await _invoice_page(request, deps, user, view, form=filled, preview=preview)
+    return await _invoice_page(request, deps, user, view, form=filled, form_key=key,
+                               preview=preview)
 
 
 def _key(form: FormData) -> str:

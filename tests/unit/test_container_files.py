@@ -115,7 +115,7 @@ def compose_settings(service: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
 def test_every_published_port_is_bound_to_loopback() -> None:
     published = [(name, port) for name, service in compose()["services"].items()
                  for port in service.get("ports", [])]
-    assert {name for name, _ in published} == {"kafka", "postgres", "service"}
+    assert {name for name, _ in published} == {"kafka", "postgres", "service", "console"}
     for name, port in published:
         assert isinstance(port, str) and port.startswith("127.0.0.1:"), (name, port)
     # the broker's only listener without authentication that leaves the compose network

@@ -26,7 +26,7 @@ import json
 import re
 from functools import cache
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 from urllib.parse import unquote, urlsplit
 
 import pytest
@@ -35,6 +35,7 @@ from service.adapters import event_codec
 from service.domain import errors
 from service.domain.events import Event
 from service.entrypoints import translators
+from service.entrypoints.console.deps import ConsoleMetrics
 from service.entrypoints.metrics import Metrics
 from service.settings import Settings
 
@@ -77,11 +78,16 @@ def log_events() -> frozenset[str]:
     return frozenset(events)
 
 
+def _families() -> list[Any]:
+    """Both processes' registries: the service's and the console's (its own /metrics)."""
+    return [*Metrics().registry.collect(), *ConsoleMetrics().registry.collect()]
+
+
 @cache
 def metric_names() -> frozenset[str]:
     """Every series name ``/metrics`` can show (counters with ``_total``, histogram parts)."""
     names = set()
-    for family in Metrics().registry.collect():
+    for family in _families():
         names.add(family.name)
         if family.type == "counter":
             names.add(f"{family.name}_total")
@@ -194,7 +200,7 @@ def test_the_runbook_lists_exactly_the_log_events_the_code_writes() -> None:
 def test_the_runbook_lists_exactly_the_metrics_the_service_exports() -> None:
     documented = set(first_column(section(RUNBOOK.read_text(), "Metrics")))
     exported = {family.name + ("_total" if family.type == "counter" else "")
-                for family in Metrics().registry.collect()}
+                for family in _families()}
     assert documented - metric_names() == set(), "documented but not exported"
     assert exported - documented == set(), "exported but not in docs/operations.md's Metrics table"
 

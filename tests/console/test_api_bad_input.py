@@ -22,7 +22,7 @@ GOOD_ISSUE: dict[str, Any] = {
     "lines": [{"type": "invoice_line_item", "invoice_line_id": "il_1", "quantity": 1}],
 }
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4)
     | st.dictionaries(st.text(max_size=12), children, max_size=4),

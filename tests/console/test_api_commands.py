@@ -4,6 +4,7 @@ PostgreSQL)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -198,3 +199,29 @@ async def test_without_a_consumer_the_answer_is_202_and_the_command_can_be_polle
     # another user's command is not theirs to see
     other = await console.viewer().get(answer.headers["location"])
     assert other.status_code == 404 and other.json()["error"]["code"] == "command_not_found"
+
+
+async def test_concurrent_requests_with_one_key_have_one_effect(
+        console: RunningConsole, settings: Settings, kafka: Kafka) -> None:
+    """The same request sent five times at once: one credit note, every answer names it;
+    five different bodies at once under one key: one is taken, the others 409."""
+    await seed_invoice(settings, kafka, "in_6001", lines=LINES)
+    operator = console.operator()
+    key = new_key()
+    body = {"invoice_id": "in_6001", "amount": 500}
+    answers = await asyncio.gather(*(
+        operator.post("/api/v1/credit-notes", json=body, headers={"Idempotency-Key": key})
+        for _ in range(5)))
+    assert {answer.status_code for answer in answers} == {200}, [a.text for a in answers]
+    assert len({answer.json()["credit_note"]["id"] for answer in answers}) == 1
+    assert len(await fetch(settings, "SELECT 1 FROM credit_notes")) == 1
+
+    other = new_key()
+    answers = await asyncio.gather(*(
+        operator.post("/api/v1/credit-notes", json={**body, "amount": 100 + n},
+                      headers={"Idempotency-Key": other}) for n in range(5)))
+    codes = sorted(answer.status_code for answer in answers)
+    assert codes == [200, 409, 409, 409, 409], [a.text for a in answers]
+    taken = next(answer.json() for answer in answers if answer.status_code == 200)
+    notes = await fetch(settings, "SELECT total FROM credit_notes WHERE trigger_id = $1", other)
+    assert [row["total"] for row in notes] == [taken["credit_note"]["total"]]

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from service.entrypoints import wire
 from service.entrypoints.console import actions
 from service.entrypoints.console.deps import Deps, Viewer, Writer
-from service.entrypoints.console.errors import CODES, refused
+from service.entrypoints.console.errors import CODES, ConsoleError, refused
 from service.entrypoints.console.views import (
     CommandResult,
     CreditNoteSummary,
@@ -147,7 +147,12 @@ async def get_invoice(
     if view is None:
         raise refused("invoice_not_found", f"no invoice {invoice_id!r}")
     if dead_letters:
-        found = await actions.dead_letters_for_key(deps.settings, invoice_id)
+        try:
+            found = await actions.dead_letters_for_key(deps.settings, invoice_id)
+        except ConsoleError as error:
+            if error.code != "unavailable":
+                raise
+            return view  # the broker is down: the invoice still shows, dead_letters_read false
         view = view.model_copy(update={"dead_letters": found, "dead_letters_read": True})
     return view
 

@@ -268,7 +268,8 @@ async def health(connection: asyncpg.Connection, caps_bps: dict[str, int]) -> He
         " JOIN invoices AS i ON i.id = t.invoice_id"
         " JOIN unnest($1::text[], $2::int[]) AS c(trigger_type, bps)"
         "   ON c.trigger_type = t.trigger_type"
-        " WHERE t.total > 0 AND t.total >= i.total * c.bps / 10000"
+        # the cap as money.basis_points rounds it (half away from zero; never negative here)
+        " WHERE t.total > 0 AND t.total >= (i.total * c.bps + 5000) / 10000"
         " GROUP BY 1", list(caps_bps), list(caps_bps.values()))
     return Health(
         outbox=await backlog(connection),

@@ -150,6 +150,17 @@ async def test_flow_health_names_lag_backlog_rejections_and_dead_letters(
                for item in health["dead_lettered"]}
     assert decided == {(settings.topics.credit_note_commands, "invoice_not_found"): 2}
     assert health["outbox_parked"] == 0 and health["refunds_pending"] == 0
+    assert health["policies"] == []
+
+    # an SLA breach asking for all of an invoice gets the policy's half: capped
+    await seed_invoice(settings, kafka, "in_7001", lines=LINES)
+    await kafka.publish(settings.topics.sla_breaches, cloudevent(
+        "sla.breached", {"invoice_id": "in_7001", "sla_id": "sla-1", "credit_bps": 10_000}))
+    await wait_for_row(settings, "SELECT 1 FROM credit_notes WHERE invoice_id = 'in_7001'")
+    health = (await console.viewer().get("/api/v1/health/flow")).json()
+    [policy] = health["policies"]
+    assert (policy["trigger_type"], policy["credit_notes"], policy["total"],
+            policy["invoices_at_cap"]) == ("sla.breached", 1, 5_000, 1)
     assert health["last_verify"] is None
     verified = await creditnotes(settings, "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr

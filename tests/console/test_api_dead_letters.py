@@ -165,5 +165,5 @@ async def test_flow_health_names_lag_backlog_rejections_and_dead_letters(
     verified = await creditnotes(settings, "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
     health = (await console.viewer().get("/api/v1/health/flow")).json()
-    if health["last_verify"] is not None:  # once `verify` records its runs (cli.py)
-        assert health["last_verify"]["violations"] == 0
+    assert health["last_verify"]["violations"] == 0
+    assert health["last_verify"]["invariants"] == [] and health["last_verify"]["ran_by"]

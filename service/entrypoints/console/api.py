@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from service.entrypoints import wire
 from service.entrypoints.console import actions
-from service.entrypoints.console.deps import Deps, Viewer, Writer
+from service.entrypoints.console.deps import CsrfChecked, Deps, Viewer, Writer
 from service.entrypoints.console.errors import CODES, ConsoleError, refused
 from service.entrypoints.console.views import (
     CommandResult,
@@ -162,7 +162,7 @@ async def get_invoice(
                                 "source_not_allowed", "idempotency_key_invalid"),
              openapi_extra=_body(wire.CreditNoteIssue, "a credit_note.issue's data (the "
                                  "invoice is the path's)", drop=("invoice_id",)))
-async def preview(user: Viewer, deps: Deps, request: Request,
+async def preview(user: CsrfChecked, deps: Deps, request: Request,
                   invoice_id: Annotated[str, Path(max_length=255)],
                   key: OptionalKey = None) -> PreviewResult:
     """What issuing this would do now, on the same domain code, saving nothing: the credit

@@ -48,6 +48,7 @@ from service.entrypoints.console.deps import (
     ConsoleRefusal,
     csrf_token,
     error_body,
+    idempotency_key_of,
     templates,
     unauthenticated,
 )
@@ -467,8 +468,6 @@ class Gate:
     async def _refuse_csrf(self, deps: ConsoleDeps, scope: Scope, user: User, body: bytes,
                            send: Send) -> None:
         action, target = route_of(scope)
-        from service.entrypoints.console.deps import idempotency_key_of
-
         request = Request(scope, _replay(body, _disconnected))
         await deps.audit.refuse(Attempt(
             user.name, user.role, user.via, action, target, idempotency_key_of(request),

@@ -387,7 +387,9 @@ async def command_status(deps: Deps, user: User, key: str) -> CommandResult:
             raise refused("command_not_found")
         note_id = earlier.target if earlier is not None and earlier.action in (
             "void", "update") else None
-        result = await _result(connection, source, key, outcome, note_id)
+        invoice_id = earlier.target if earlier is not None and earlier.action == "issue" \
+            else None
+        result = await _result(connection, source, key, outcome, note_id, invoice_id)
         if earlier is not None and earlier.outcome == console_audit.PENDING \
                 and result.status != "pending":  # its audit row learns the outcome now
             await console_audit.finish(connection, earlier.id, _answered(result))
@@ -396,7 +398,7 @@ async def command_status(deps: Deps, user: User, key: str) -> CommandResult:
 
 async def _result(connection: asyncpg.Connection, source: str, key: str,
                   outcome: console_queries.CommandOutcome | None,
-                  note_id: str | None) -> CommandResult:
+                  note_id: str | None, invoice_id: str | None = None) -> CommandResult:
     location = f"/api/v1/commands/{quote(key, safe='')}"
     if outcome is None or outcome.outcome.startswith("released:"):
         return CommandResult(key=key, source=source, status="pending", location=location)
@@ -412,7 +414,7 @@ async def _result(connection: asyncpg.Connection, source: str, key: str,
                                                found.invoice_id)
             note = views.credit_note_view(found, InvoiceStatus(status) if status else None)
     if kind == "rejected":
-        rejection = await console_queries.rejection_of(connection, source, key, None)
+        rejection = await console_queries.rejection_of(connection, source, key, invoice_id)
         message = rejection[1] if rejection else None
     status_name: Literal["applied", "rejected", "dead_lettered", "duplicate"] = (
         kind if kind in ("applied", "rejected", "dead_lettered", "duplicate")  # type: ignore[assignment]
@@ -580,7 +582,8 @@ class _Attempt:
                 raise refused("unavailable", "the command could not be published "
                               f"({type(error).__name__}); nothing was sent: retry with the "
                               "same Idempotency-Key") from None
-        result = await self._wait(source, key, note_id, settings.console_wait_seconds)
+        result = await self._wait(source, key, note_id, invoice_id,
+                                  settings.console_wait_seconds)
         if earlier is not None:
             await self._finish(audit_id, f"repeat:{_answered(result)}")
         if result.status != "pending":  # a pending row is finished by a later poll or repeat
@@ -588,7 +591,7 @@ class _Attempt:
                                _answered(result))
         return result
 
-    async def _wait(self, source: str, key: str, note_id: str | None,
+    async def _wait(self, source: str, key: str, note_id: str | None, invoice_id: str,
                     seconds: float) -> CommandResult:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
@@ -597,9 +600,10 @@ class _Attempt:
             while True:
                 outcome = await console_queries.command_outcome(connection, source, key)
                 if outcome is not None and not outcome.outcome.startswith("released:"):
-                    return await _result(connection, source, key, outcome, note_id)
+                    return await _result(connection, source, key, outcome, note_id,
+                                         invoice_id)
                 if loop.time() + pause > deadline:
-                    return await _result(connection, source, key, None, note_id)
+                    return await _result(connection, source, key, None, note_id, invoice_id)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 0.2)
 

@@ -129,6 +129,15 @@ async def test_the_invoice_and_its_credit_notes_read_as_stored(
     assert {event["state"] for event in invoice["events"]} <= {"published", "pending"}
     assert invoice["dead_letters"] == [] and invoice["dead_letters_read"] is True
 
+    # the rules forbid its void: the command says so, and nothing changes
+    refused_void = await operator.post(f"/api/v1/credit-notes/{note['id']}/void",
+                                       headers={"Idempotency-Key": new_key()})
+    assert refused_void.status_code == 200, refused_void.text
+    assert (refused_void.json()["status"], refused_void.json()["reason"]) == (
+        "rejected", "not_voidable")
+    assert "cannot be voided: its invoice is paid" in refused_void.json()["message"]
+    assert "its invoice is paid" in note["can_void"]["reason"]
+
     by_number = (await operator.get(f"/api/v1/credit-notes/{note['number']}")).json()
     by_id = (await operator.get(f"/api/v1/credit-notes/{note['id']}")).json()
     assert by_number == by_id and by_id["journal"][0]["account"] == "contra_revenue"
@@ -168,3 +177,27 @@ def test_docs_name_every_route_and_reason_code() -> None:
             assert f"{method.upper()} {path}" in text, f"{method.upper()} {path}"
     for code in CODES:
         assert f"`{code}`" in text, code
+
+
+async def test_a_session_posts_with_its_csrf_token_and_not_without(
+        console: RunningConsole, settings: Settings, kafka: Kafka) -> None:
+    """What the pages' script does: a signed-in browser previews and issues through the API
+    with the session's CSRF token; without it, nothing is published."""
+    await seed_invoice(settings, kafka, "in_8001", paid=10_000)
+    browser = await console.session()
+    token = console.csrf_token(browser)
+    assert (await browser.get("/api/v1/me")).json()["csrf_token"] == token
+    before = await end_offsets(settings, settings.topics.credit_note_commands)
+    for headers in ({}, {"X-CSRF-Token": "forged"}):
+        answer = await browser.post("/api/v1/credit-notes", json={
+            "invoice_id": "in_8001", "amount": 100},
+            headers={"Idempotency-Key": new_key(), **headers})
+        assert answer.status_code == 403 and answer.json()["error"]["code"] == "csrf_failed"
+    assert await end_offsets(settings, settings.topics.credit_note_commands) == before
+    preview = await browser.post("/api/v1/invoices/in_8001/preview", json={"amount": 100},
+                                 headers={"X-CSRF-Token": token})
+    assert preview.status_code == 200 and preview.json()["credit_note"]["total"] == 100
+    issued = await browser.post("/api/v1/credit-notes", json={"invoice_id": "in_8001",
+                                                              "amount": 100},
+                                headers={"Idempotency-Key": new_key(), "X-CSRF-Token": token})
+    assert issued.status_code == 200 and issued.json()["status"] == "applied", issued.text

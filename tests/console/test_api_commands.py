@@ -8,7 +8,9 @@ import asyncio
 import json
 from typing import Any
 
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 
 from service.settings import Settings
 from tests.console.api_helpers import end_offsets, new_key, seed_invoice
@@ -225,3 +227,36 @@ async def test_concurrent_requests_with_one_key_have_one_effect(
     taken = next(answer.json() for answer in answers if answer.status_code == 200)
     notes = await fetch(settings, "SELECT total FROM credit_notes WHERE trigger_id = $1", other)
     assert [row["total"] for row in notes] == [taken["credit_note"]["total"]]
+
+
+@hypothesis.settings(max_examples=8, deadline=None, phases=[hypothesis.Phase.generate],
+                     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture,
+                                            hypothesis.HealthCheck.too_slow])
+@hypothesis.given(variants=st.lists(st.integers(0, 2), min_size=2, max_size=6))
+async def test_any_burst_under_one_key_has_one_effect_and_one_body(
+        console: RunningConsole, settings: Settings, kafka: Kafka, variants: list[int]) -> None:
+    """Requests sent at once under one key, each with one of three bodies: exactly one body
+    is taken; every request with it is answered with the one credit note, every other 409."""
+    console.deps.rate_limiter.per_minute = 100_000  # the bursts are the point here
+    if not await fetch(settings, "SELECT 1 FROM invoices WHERE id = 'in_6101'"):
+        await seed_invoice(settings, kafka, "in_6101", lines=LINES)
+    key = new_key()
+    operator = console.operator()
+    answers = await asyncio.gather(*(
+        operator.post("/api/v1/credit-notes", headers={"Idempotency-Key": key},
+                      json={"invoice_id": "in_6101", "amount": 100 + variant})
+        for variant in variants))
+    taken = {variant for variant, answer in zip(variants, answers, strict=True)
+             if answer.status_code == 200}
+    assert len(taken) == 1, [answer.text for answer in answers]
+    [winner] = taken
+    for variant, answer in zip(variants, answers, strict=True):
+        if variant == winner:
+            assert answer.status_code == 200 and answer.json()["status"] == "applied"
+        else:
+            assert answer.status_code == 409, answer.text
+            assert answer.json()["error"]["code"] == "idempotency_key_reused"
+    notes = await fetch(settings, "SELECT total FROM credit_notes WHERE trigger_id = $1", key)
+    assert [row["total"] for row in notes] == [100 + winner]
+    assert len({answer.json()["credit_note"]["id"] for answer in answers
+                if answer.status_code == 200}) == 1

@@ -72,6 +72,27 @@ def _event(row: asyncpg.Record) -> OutboxEvent:
                        data if isinstance(data, dict) else {})
 
 
+@dataclass(frozen=True)
+class Arrival:
+    """When a fact reached the service, and the upstream event that told it."""
+
+    received_at: datetime
+    trigger_source: str | None = None
+    trigger_id: str | None = None
+
+
+async def arrivals(connection: asyncpg.Connection, invoice_id: str
+                   ) -> tuple[datetime | None, dict[int, Arrival]]:
+    """When the invoice was stored, and each of its payments (by sequence) with its event."""
+    received = await connection.fetchval("SELECT created_at FROM invoices WHERE id = $1",
+                                         invoice_id)
+    rows = await connection.fetch(
+        "SELECT sequence, received_at, trigger_source, trigger_id FROM payments"
+        " WHERE invoice_id = $1", invoice_id)
+    return received, {row["sequence"]: Arrival(row["received_at"], row["trigger_source"],
+                                                row["trigger_id"]) for row in rows}
+
+
 async def credit_note(connection: asyncpg.Connection, id_or_number: str) -> CreditNote | None:
     """A credit note by its id or its number, with its lines and refunds."""
     row = await connection.fetchrow(

@@ -117,6 +117,9 @@ async def test_the_invoice_and_its_credit_notes_read_as_stored(
     assert (one["credited_quantity"], one["remaining_quantity"], one["credited_net"],
             one["remaining_net"]) == (1, 3, 2_500, 7_500)
     assert [p["applied"] for p in invoice["payments"]] == [15_000]
+    assert invoice["received_at"] <= invoice["payments"][0]["received_at"]
+    assert invoice["payments"][0]["trigger_source"] == "/tests"
+    assert invoice["payments"][0]["trigger_id"].startswith("ev-")
     assert invoice["payments"][0]["refunded"] == 2_500
     [note] = invoice["credit_notes"]
     assert (note["refund_amount"], note["refund_status"]) == (2_500, "pending")

@@ -168,7 +168,8 @@ async def invoice_view(pool: asyncpg.Pool, invoice_id: str) -> InvoiceView | Non
             return None
         notes = await queries.credit_notes_of(connection, invoice_id)
         events = await console_queries.events_of(connection, invoice_id, invoice.customer_id)
-    return views.invoice_view(invoice, notes, events)
+        received_at, arrivals = await console_queries.arrivals(connection, invoice_id)
+    return views.invoice_view(invoice, notes, events, received_at, arrivals)
 
 
 async def credit_note_view(pool: asyncpg.Pool, id_or_number: str) -> CreditNoteView | None:

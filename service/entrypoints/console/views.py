@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.adapters.console_queries import NoteRow, OutboxEvent, ReplayRow
+from service.adapters.console_queries import Arrival, NoteRow, OutboxEvent, ReplayRow
 from service.domain.credit_note import CreditNote, JournalLine
 from service.domain.invoice import Invoice, InvoiceLine, InvoiceStatus
 from service.domain.payments import FINALIZATION_SEQUENCE
@@ -81,6 +82,10 @@ class PaymentView(View):
     overpayment: int
     refunded: int
     refundable: int
+    received_at: datetime | None = None
+    #: the upstream event that told it (none for the payment recorded at finalization)
+    trigger_source: str | None = None
+    trigger_id: str | None = None
 
 
 class RefundView(View):
@@ -212,6 +217,8 @@ class InvoiceView(View):
     customer_id: str
     currency: str
     status: str
+    #: when the service stored it (its invoice.finalized)
+    received_at: datetime | None = None
     subtotal: int
     discount: int
     tax: int
@@ -389,7 +396,9 @@ def payment_label(sequence: int, payment_id: str | None) -> str:
     return "at finalization" if sequence == FINALIZATION_SEQUENCE else f"#{sequence} (no id)"
 
 
-def payment_views(invoice: Invoice) -> list[PaymentView]:
+def payment_views(invoice: Invoice, arrivals: Mapping[int, Arrival] | None = None
+                  ) -> list[PaymentView]:
+    arrivals = arrivals or {}
     refunded: dict[int, int] = {}
     for refund in invoice.refunds:
         if refund.holds_cash:
@@ -399,7 +408,8 @@ def payment_views(invoice: Invoice) -> list[PaymentView]:
                         label=payment_label(p.sequence, p.payment_id), amount=p.amount,
                         applied=p.applied, overpayment=p.overpayment,
                         refunded=refunded.get(p.sequence, 0),
-                        refundable=p.applied - refunded.get(p.sequence, 0))
+                        refundable=p.applied - refunded.get(p.sequence, 0),
+                        **(arrivals[p.sequence].__dict__ if p.sequence in arrivals else {}))
             for p in invoice.payments]
 
 
@@ -477,12 +487,14 @@ def event_view(event: OutboxEvent) -> OutboxEventView:
                            park_error=event.park_error, data=event.data)
 
 
-def invoice_view(invoice: Invoice, notes: list[CreditNote],
-                 events: list[OutboxEvent]) -> InvoiceView:
+def invoice_view(invoice: Invoice, notes: list[CreditNote], events: list[OutboxEvent],
+                 received_at: datetime | None = None,
+                 arrivals: Mapping[int, Arrival] | None = None) -> InvoiceView:
     numbers = {note.id: note.number for note in notes}
     return InvoiceView(
         id=invoice.id, number=invoice.number, customer_id=invoice.customer_id,
-        currency=invoice.currency, status=invoice.status.value, subtotal=invoice.subtotal,
+        currency=invoice.currency, status=invoice.status.value, received_at=received_at,
+        subtotal=invoice.subtotal,
         discount=invoice.discount, tax=invoice.tax, total=invoice.total,
         customer_balance_applied=invoice.customer_balance_applied,
         amount_due=invoice.amount_due, amount_paid=invoice.amount_paid,
@@ -492,7 +504,7 @@ def invoice_view(invoice: Invoice, notes: list[CreditNote],
         refunds_failed=invoice.refunds_failed, creditable=invoice.creditable,
         refundable=invoice.refundable,
         lines=[line_view(line) for line in invoice.lines],
-        payments=payment_views(invoice),
+        payments=payment_views(invoice, arrivals),
         credit_notes=[credit_note_view(note, invoice.status) for note in notes],
         refunds=[refund_view(refund, numbers.get(refund.credit_note_id))
                  for refund in invoice.refunds],

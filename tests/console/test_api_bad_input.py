@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from service.entrypoints.console.errors import CODES
 from service.settings import Settings
 from tests.console.api_helpers import end_offsets, new_key
-from tests.console.conftest import RunningConsole
+from tests.console.conftest import OPERATOR, RunningConsole
+from tests.support import fetch
 
 pytestmark = pytest.mark.integration
 
@@ -133,6 +134,8 @@ async def test_every_route_refuses_bad_input_with_a_code_and_publishes_nothing(
     operator, viewer = console.operator(), console.viewer()
     key = {"Idempotency-Key": new_key()}
     cases: list[tuple[str, str, dict[str, Any], set[str]]] = [
+        ("POST", f"/api/v1/dead-letters/{dlq}/replay", {"content": b"{{"},
+         {"invalid_request"}),
         ("GET", "/api/v1/invoices/in_none", {}, {"invoice_not_found"}),
         ("GET", "/api/v1/invoices/" + "x" * 300, {}, {"invalid_request"}),
         ("POST", "/api/v1/invoices/in_none/preview", {"content": b"{"}, {"invalid_message"}),
@@ -182,3 +185,11 @@ async def test_every_route_refuses_bad_input_with_a_code_and_publishes_nothing(
         answer = await client.request(method, path, **options)
         assert refused(answer) in codes, (method, path, answer.text)
     assert await end_offsets(settings, topic) == before
+    # every refused write is in the audit, with its reason code
+    writes = [codes for method, path, _, codes in cases
+              if method == "POST" and "preview" not in path]
+    rows = await fetch(settings, "SELECT outcome FROM console_audit WHERE actor = $1"
+                                 " ORDER BY id", OPERATOR)
+    assert len(rows) == len(writes)
+    for row, codes in zip(rows, writes, strict=True):
+        assert row["outcome"].removeprefix("refused:") in codes, (row["outcome"], codes)

@@ -70,6 +70,7 @@ __all__ = [
     "CommandResult", "CreditNoteSummary", "CreditNoteView", "DeadLetterFilters",
     "DeadLetterView", "Deps", "FlowHealth", "InvoiceView", "NoteFilters", "Page",
     "PreviewResult", "ReasonGroup", "ReplayResult", "ReplayRowView", "ReplaySelection",
+    "Unreadable",
     "command_status", "credit_note_view", "dead_letter", "dead_letter_groups", "dead_letters",
     "dead_letters_for_key", "flow_health", "invoice_view", "issue", "list_credit_notes",
     "preview", "replay", "replay_history", "update", "void",
@@ -83,6 +84,10 @@ _KEY = re.compile(r"[\x20-\x7e]{1,200}")
 _DEFAULTS = Settings.model_construct()
 #: The most dead letters one list request reads past (it answers with a cursor to go on).
 MAX_SCANNED = 10_000
+
+
+class Unreadable:
+    """A request body that is not JSON (the API hands it on, so its refusal is audited)."""
 
 
 class Deps(Protocol):
@@ -325,8 +330,7 @@ async def issue(deps: Deps, user: User, key: str | None, data: Any) -> CommandRe
     target = invoice_id if isinstance(invoice_id, str) else None
     async with _audited(deps, user, "issue", target, key, data) as attempt:
         key = check_key(key)
-        if not isinstance(data, Mapping):
-            raise refused("invalid_message", "the body is a JSON object")
+        _require_object(data)
         if target is None:
             raise refused("invalid_message", "invoice_id is required: a string", "invoice_id")
         _checked(deps.settings, source_of(deps.settings, user), key, "credit_note.issue",
@@ -362,8 +366,11 @@ async def _on_credit_note(deps: Deps, user: User, key: str | None, action: str,
     async with _audited(deps, user, action, credit_note_id, key,
                         data if body is None else body) as attempt:
         key = check_key(key)
-        if body is not None and not isinstance(body, Mapping):
-            raise refused("invalid_message", "the body is a JSON object")
+        if body is not None:
+            _require_object(body)
+            if body.get("credit_note_id", credit_note_id) != credit_note_id:
+                raise refused("invalid_message", "credit_note_id differs from the path's",
+                              "credit_note_id")
         settings = deps.settings
         _checked(settings, source_of(settings, user), key, event_type, data, credit_note_id)
         async with _acquire(deps.pool) as connection:
@@ -374,6 +381,13 @@ async def _on_credit_note(deps: Deps, user: User, key: str | None, action: str,
                           f"{credit_note_id!r}", "credit_note_id")
         return await attempt.submit(key, event_type, data, invoice_id, credit_note_id)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _require_object(data: Any) -> None:
+    if isinstance(data, Unreadable):
+        raise refused("invalid_message", "the body is not JSON")
+    if not isinstance(data, Mapping):
+        raise refused("invalid_message", "the body is a JSON object")
 
 
 async def command_status(deps: Deps, user: User, key: str) -> CommandResult:
@@ -773,11 +787,22 @@ async def dead_letter(settings: Settings, topic: str, partition: int, offset: in
     return None
 
 
-async def replay(deps: Deps, user: User, topic: str, selection: ReplaySelection
+async def replay(deps: Deps, user: User, topic: str, selection: ReplaySelection | Any
                  ) -> ReplayResult:
     """Replay (or, ``dry_run``, say what a replay would do) through ``dlq.replay``, the
     code of ``creditnotes dlq replay``: same checks, same verdicts, same audit rows, with
-    ``console:<user>`` as their operator. Never ``--force``: held-back records stay."""
+    ``console:<user>`` as their operator. Never ``--force``: held-back records stay.
+
+    ``selection`` may also be the request's JSON body, checked here (a refusal is
+    audited like any other)."""
+    if not isinstance(selection, ReplaySelection):
+        attempt = _Attempt(deps, user, "replay", topic, None,
+                           None if isinstance(selection, Unreadable) else selection)
+        try:
+            selection = _selection(selection)
+        except ConsoleError as error:
+            await attempt.refused(error)
+            raise
     action = "replay_dry_run" if selection.dry_run else "replay"
     attempt = _Attempt(deps, user, action, topic, None, selection.model_dump(mode="json"))
     operator = f"console:{user.name}"
@@ -824,6 +849,17 @@ async def replay(deps: Deps, user: User, topic: str, selection: ReplaySelection
                      else f"replayed:{summary.republished}")
             + f"/held:{summary.held}/refused:{summary.refused}")
     return result
+
+
+def _selection(data: Any) -> ReplaySelection:
+    if isinstance(data, Unreadable):
+        raise refused("invalid_request", "the body is not JSON")
+    try:
+        return ReplaySelection.model_validate(data)
+    except ValidationError as error:
+        first = error.errors(include_input=False, include_url=False)[0]
+        field = ".".join(str(part) for part in first["loc"]) or None
+        raise refused("invalid_request", f"{field or 'body'}: {first['msg']}", field) from None
 
 
 async def replay_history(pool: asyncpg.Pool, limit: int = 50) -> list[ReplayRowView]:

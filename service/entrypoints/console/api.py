@@ -97,15 +97,19 @@ def _body(model: type[BaseModel], description: str,
 
 
 async def _json(request: Request) -> Any:
+    """The body as JSON; :class:`actions.Unreadable` if it is none (the action refuses it,
+    audited). An empty body is ``None``."""
     raw = await request.body()
     try:
         return json.loads(raw) if raw else None
     except (ValueError, RecursionError):
-        raise refused("invalid_message", "the body is not JSON") from None
+        return actions.Unreadable()
 
 
 async def _object(request: Request) -> dict[str, Any]:
     data = await _json(request)
+    if isinstance(data, actions.Unreadable):
+        raise refused("invalid_message", "the body is not JSON")
     if not isinstance(data, dict):
         raise refused("invalid_message", "the body is a JSON object")
     return data
@@ -243,12 +247,7 @@ async def update(user: Writer, deps: Deps, request: Request,
                  credit_note_id: Annotated[str, Path(max_length=255)],
                  key: IdempotencyKey = None) -> JSONResponse:
     """Edit memo and metadata: publishes ``credit_note.update``."""
-    data = await _json(request)
-    if isinstance(data, dict) and "credit_note_id" in data \
-            and data["credit_note_id"] != credit_note_id:
-        raise refused("invalid_message", "credit_note_id differs from the path's",
-                      "credit_note_id")
-    return _answer(await actions.update(deps, user, key, credit_note_id, data))
+    return _answer(await actions.update(deps, user, key, credit_note_id, await _json(request)))
 
 
 @router.get("/commands/{key}", response_model=CommandResult,
@@ -306,13 +305,13 @@ async def dead_letter(user: Viewer, deps: Deps, topic: Topic,
 
 @router.post("/dead-letters/{topic}/replay", response_model=ReplayResult,
              responses=_answers("forbidden", "csrf_failed", "rate_limited", "invalid_request",
-                                "topic_not_found", "not_dead_letter_topic", "unavailable"))
-async def replay(user: Writer, deps: Deps, topic: Topic,
-                 selection: actions.ReplaySelection) -> ReplayResult:
+                                "topic_not_found", "not_dead_letter_topic", "unavailable"),
+             openapi_extra=_body(actions.ReplaySelection, "the dead letters to replay"))
+async def replay(user: Writer, deps: Deps, request: Request, topic: Topic) -> ReplayResult:
     """Replay the dead letters chosen (or all the filters match) to their own input topic,
     through the code of ``creditnotes dlq replay``; ``dry_run`` says what it would do.
     Operators only (a dry run shows payloads' verdicts too)."""
-    return await actions.replay(deps, user, topic, selection)
+    return await actions.replay(deps, user, topic, await _json(request))
 
 
 @router.get("/replays", response_model=list[ReplayRowView],

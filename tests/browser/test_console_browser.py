@@ -135,6 +135,9 @@ async def test_operator_previews_issues_and_voids_a_credit_note(
     assert [row["status"] for row in rows] == ["void"]
 
     await page.goto(f"{console.base_url}/invoices/in_1001")
+    timeline = page.locator("#timeline li")
+    await expect(timeline.first).to_contain_text("in: invoice ACME-1001 for 99.00 USD")
+    await expect(timeline.nth(1)).to_contain_text("in: payment pay_")
     await expect(page.locator("#timeline")).to_contain_text("credit_note.voided")
     await expect(page.locator("#amount-remaining")).to_have_text("69.00 USD")
     await screenshot(page, "invoice")

@@ -149,17 +149,15 @@ def timeline(view: InvoiceView, dead_letters: list[DeadLetterView]) -> list[Mome
     events, with their outbox state) and what was dead-lettered, oldest first."""
     currency = view.currency
     moments = []
-    received = getattr(view, "received_at", None)  # once views carry it (h3-requests R2)
-    if received is not None:
-        moments.append(Moment(received, f"in: invoice {view.number} for "
-                                        f"{money(view.total, currency)} received"))
+    if view.received_at is not None:
+        moments.append(Moment(view.received_at, f"in: invoice {view.number} for "
+                                                f"{money(view.total, currency)} received"))
     for payment in view.payments:
-        paid_at = getattr(payment, "received_at", None)
-        if paid_at is not None:
-            source = getattr(payment, "trigger_source", None)
-            moments.append(Moment(paid_at, f"in: payment {payment.label} of "
-                                           f"{money(payment.amount, currency)}"
-                                           + (f" from {source}" if source else "")))
+        if payment.received_at is not None:
+            source = payment.trigger_source
+            moments.append(Moment(payment.received_at, f"in: payment {payment.label} of "
+                                                       f"{money(payment.amount, currency)}"
+                                                       + (f" from {source}" if source else "")))
     for note in view.credit_notes:
         href = f"/credit-notes/{quote(note.id, safe='')}"
         moments.append(Moment(note.effective_at, (

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,7 +101,8 @@ class RateLimiter:
             return True, 0, False
         first = key not in self._refused_since
         self._refused_since.add(key)
-        return False, max(1, int(window[0] + 60 - now) + 1), first
+        # a second more than the window needs: a client that waits exactly this long is in
+        return False, max(1, math.ceil(window[0] + 60 - now) + 1), first
 
     def forget_idle(self, now: float) -> None:
         for key in [key for key, window in self._events.items()

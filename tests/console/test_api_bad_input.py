@@ -193,3 +193,24 @@ async def test_every_route_refuses_bad_input_with_a_code_and_publishes_nothing(
     assert len(rows) == len(writes)
     for row, codes in zip(rows, writes, strict=True):
         assert row["outcome"].removeprefix("refused:") in codes, (row["outcome"], codes)
+
+
+async def test_a_source_the_allow_list_refuses_is_refused_before_publishing(
+        console_factory: Any, settings: Settings) -> None:
+    """With an allow-list that does not admit the console, a write would only make a dead
+    letter: it is refused 409 and nothing is sent; with ``/console/*`` it goes on."""
+    topic = settings.topics.credit_note_commands
+    before = await end_offsets(settings, topic)
+    body = {"invoice_id": "in_none", "amount": 100}
+    async with console_factory(allowed_sources_credit_note_commands=["/support/console"]
+                               ) as closed:
+        answer = await closed.operator().post("/api/v1/credit-notes", json=body,
+                                              headers={"Idempotency-Key": new_key()})
+        assert answer.status_code == 409, answer.text
+        assert answer.json()["error"]["code"] == "source_not_allowed"
+        assert "/console/*" in answer.json()["error"]["message"]
+    async with console_factory(allowed_sources_credit_note_commands=["/console/*"]) as opened:
+        answer = await opened.operator().post("/api/v1/credit-notes", json=body,
+                                              headers={"Idempotency-Key": new_key()})
+        assert answer.json()["error"]["code"] == "invoice_not_found"  # past the allow-list
+    assert await end_offsets(settings, topic) == before

@@ -101,8 +101,10 @@ class RateLimiter:
             return True, 0, False
         first = key not in self._refused_since
         self._refused_since.add(key)
-        # a second more than the window needs: a client that waits exactly this long is in
-        return False, max(1, math.ceil(window[0] + 60 - now) + 1), first
+        # whole seconds, one more than the window needs (floats err at its edge either way):
+        # a client that waits exactly this long is let in
+        wait = window[0] + 60 - now
+        return False, max(1, math.ceil(wait - 1e-6) + 1), first
 
     def forget_idle(self, now: float) -> None:
         for key in [key for key, window in self._events.items()

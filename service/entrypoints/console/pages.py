@@ -625,10 +625,9 @@ def health_figures(health: FlowHealth) -> tuple[list[Figure], list[Table]]:
             + (f": {', '.join(verify.invariants)}" if verify.invariants else "")),
     ]
     tables = [
-        Table("Consumer lag by partition", ["Topic", "Partition", "Committed", "End", "Lag"],
-              [[lag.topic, str(lag.partition), "" if lag.committed is None else str(lag.committed),
-                str(lag.end), str(lag.lag)] for lag in health.lag],
-              health.lag_error or "No partitions."),
+        Table("Consumer lag by input topic",
+              ["Topic", "Partitions", "Records not yet read", "Partitions behind (partition: lag)"],
+              _lag_by_topic(health), health.lag_error or "No partitions."),
         Table("Rejections by reason", ["Topic", "Reason", "Count", "Last"],
               [[row.topic, row.reason, str(row.count), _when(row.last_at)]
                for row in health.rejections], "No rejections."),
@@ -649,6 +648,17 @@ def health_figures(health: FlowHealth) -> tuple[list[Figure], list[Table]]:
               "No credit notes from triggers yet."),
     ]
     return figures, tables
+
+
+def _lag_by_topic(health: FlowHealth) -> list[list[str]]:
+    """One row per input topic (a topic has many partitions): its total lag, and only the
+    partitions that are behind."""
+    topics: dict[str, list[tuple[int, int]]] = {}
+    for lag in health.lag:
+        topics.setdefault(lag.topic, []).append((lag.partition, lag.lag))
+    return [[topic, str(len(parts)), str(sum(lag for _, lag in parts)),
+             ", ".join(f"{partition}: {lag}" for partition, lag in parts if lag) or "none"]
+            for topic, parts in topics.items()]
 
 
 @router.get("/health", response_class=HTMLResponse)

@@ -143,6 +143,23 @@ async def test_operator_previews_issues_and_voids_a_credit_note(
     await screenshot(page, "invoice")
     clean(page)
 
+    # Without JavaScript: Preview is drawn on the server, then Issue sends what it showed.
+    plain = await new_page(javascript=False)
+    await sign_in(plain, console.base_url, console.operator_token)
+    await plain.goto(f"{console.base_url}/invoices/in_1001")
+    await expect(plain.locator("#issue-button")).to_be_hidden()
+    await plain.check("input[name=mode][value=amount]")
+    await plain.fill("#amount", "5")
+    await plain.click("#preview-button")
+    await expect(plain.locator("#preview [data-preview=ok]")).to_contain_text("ACME-1001-CN-02")
+    await plain.click("#issue-button")
+    await expect(plain.locator("#outcome")).to_have_attribute("data-status", "applied")
+    await expect(plain.locator("#outcome")).to_contain_text("ACME-1001-CN-02")
+    rows = await fetch(settings, "SELECT number, status, pre_payment_amount FROM credit_notes"
+                                 " WHERE invoice_id = 'in_1001' ORDER BY number")
+    assert [(row["number"], row["status"], row["pre_payment_amount"]) for row in rows] == [
+        ("ACME-1001-CN-01", "void", 2_750), ("ACME-1001-CN-02", "issued", 500)]
+
 
 async def test_a_dead_letter_is_replayed_from_the_inbox_after_a_dry_run(
         console: Any, kafka: Kafka, new_page: NewPage) -> None:

@@ -11,6 +11,7 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,7 @@ from service.adapters.migrations import migrate
 from service.devtools.devstack import create_topics
 from service.settings import MIGRATIONS_DIR, Settings
 from tests.servers import Servers, create_database, drop_database, provide_servers
-from tests.support import Kafka, RunningService
+from tests.support import Kafka, RunningService, consumer_shards
 
 
 @pytest.fixture(scope="session")
@@ -39,11 +40,14 @@ async def database_url(servers: Servers) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def settings(servers: Servers, database_url: str) -> Settings:
+async def settings(servers: Servers, database_url: str, request: pytest.FixtureRequest) -> Settings:
     prefix = f"t{uuid.uuid4().hex[:8]}-"
     names = ["invoices", "returns", "sla_breaches", "downgrades", "cancellations",
              "credit_note_commands", "refund_results", "credit_note_events", "invoice_events",
              "refund_requests", "customer_balance_events"]
+    shards = consumer_shards(request)
+    # None: Settings' own default (CREDITNOTES_CONSUMER_SHARDS, else 4)
+    shard_setting: dict[str, Any] = {} if shards is None else {"consumer_shards": shards}
     configured = Settings(
         database_url=database_url,
         kafka_bootstrap_servers=servers.bootstrap_servers,
@@ -59,6 +63,7 @@ async def settings(servers: Servers, database_url: str) -> Settings:
         kafka_heartbeat_interval_ms=300,
         kafka_fetch_max_wait_ms=10,  # tansu holds every fetch about this long
         allow_any_source=True,  # tests publish from their own sources; allow-lists opt in
+        **shard_setting,
         **{f"topic_{name}": prefix + name.replace("_", "-") for name in names},
     )
     await create_topics(configured.kafka_bootstrap_servers, configured.topics.all())

@@ -16,12 +16,32 @@ from types import TracebackType
 from typing import Any
 
 import asyncpg
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from service.devtools.stack import EMBEDDED_BROKER_GROUP_TIMEOUTS
 from service.main import Service
 from service.settings import Settings
 
 SOURCE = "/tests"
+
+
+def consumer_shards(request: pytest.FixtureRequest) -> int | None:
+    """The crediting shards of a test's service: one, unless the test is about the shards.
+
+    Every shard is one more consumer in the group (its joins held by tansu, its fetches
+    and heartbeats on the test machine's cores); one shard is how the tests that are not
+    about the shards ran before there were shards.
+    ``@pytest.mark.consumer_shards(n)`` asks for ``n``; ``@pytest.mark.consumer_shards()``
+    and the tests of the shards (any ``test_shards.py``) get None: the production default
+    (``CREDITNOTES_CONSUMER_SHARDS``, else 4).
+    """
+    marker = request.node.get_closest_marker("consumer_shards")
+    if marker is not None:
+        return int(marker.args[0]) if marker.args else None
+    if request.path.name == "test_shards.py":
+        return None
+    return 1
 
 
 def cloudevent(type_: str, data: Any, *, id_: str | None = None, source: str = SOURCE,
@@ -95,8 +115,11 @@ class Kafka:
         self.settings = settings
         self._producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers,
                                           enable_idempotence=False, acks="all")
+        # fetches held no longer than the service's own: tansu holds each one that long
+        # (aiokafka's default is 500 ms), and every poll waits for the held fetch
         self._consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
-                                          enable_auto_commit=False)
+                                          enable_auto_commit=False,
+                                          fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms)
         self.records: list[Record] = []
 
     async def __aenter__(self) -> Kafka:
@@ -174,7 +197,7 @@ async def creditnotes(settings: Settings, *args: str) -> subprocess.CompletedPro
            if not name.startswith("CREDITNOTES_")}
     for name, value in settings.model_dump().items():
         if name.startswith("topic_") or name in {"database_url", "kafka_bootstrap_servers",
-                                                 "consumer_group"}:
+                                                 "consumer_group", *EMBEDDED_BROKER_GROUP_TIMEOUTS}:
             env[f"CREDITNOTES_{name.upper()}"] = str(value)
     env["COLUMNS"] = "200"
     process = await asyncio.create_subprocess_exec(

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from service.devtools.devstack import free_port
+from service.devtools.stack import EMBEDDED_BROKER_GROUP_TIMEOUTS
 from service.settings import Settings
 from tests.integration.test_dlq_replay_security import dead_letter_headers, issue
 from tests.support import CREDITNOTES, Kafka, creditnotes
@@ -23,7 +24,8 @@ async def run_with(settings: Settings, env_extra: dict[str, str],
     env = {name: value for name, value in os.environ.items()
            if not name.startswith("CREDITNOTES_") and name != "COLUMNS"}
     for name, value in settings.model_dump().items():
-        if name.startswith("topic_") or name in {"database_url", "kafka_bootstrap_servers"}:
+        if name.startswith("topic_") or name in {"database_url", "kafka_bootstrap_servers",
+                                                 *EMBEDDED_BROKER_GROUP_TIMEOUTS}:
             env[f"CREDITNOTES_{name.upper()}"] = str(value)
     env |= env_extra
     process = await asyncio.create_subprocess_exec(

@@ -7,6 +7,8 @@ outcome at once. The database refuses any other change, and any delete. A
 command's row holds its idempotency key and a digest of the request; a user has
 one command per key (a unique index; refusals take no key).
 
+Sessions (``console_sessions``) are at the end of this module.
+
 Each function takes a connection or the pool, so a caller may run :func:`find` and
 :func:`begin` in one transaction (under an advisory lock on the user and key).
 """
@@ -101,3 +103,30 @@ async def recent(executor: Executor, limit: int = 50, *, actor: str | None = Non
          ORDER BY id DESC LIMIT $4
         """, actor, action, before_id, max(1, min(limit, 1_000)))
     return [_row(record) for record in records]
+
+
+# ------------------------------------------------------------------ sessions
+# console_sessions (0019): a browser session's row, keyed by a digest of its nonce
+# (service.entrypoints.console.auth.session_key). Signing out ends it for every replica.
+
+
+async def open_session(executor: Executor, key: str, actor: str, role: str,
+                       expires_at: datetime) -> None:
+    await executor.execute(
+        "INSERT INTO console_sessions (id, actor, role, expires_at) VALUES ($1, $2, $3, $4)",
+        key, actor, role, expires_at)
+
+
+async def session_open(executor: Executor, key: str) -> bool:
+    """Whether the session is neither signed out nor expired (one primary-key lookup)."""
+    found = await executor.fetchval(
+        "SELECT ended_at IS NULL AND expires_at > now() FROM console_sessions WHERE id = $1",
+        key)
+    return bool(found)
+
+
+async def end_session(executor: Executor, key: str) -> bool:
+    """Sign out: False when the session had ended already (or never was)."""
+    status = await executor.execute(
+        "UPDATE console_sessions SET ended_at = now() WHERE id = $1 AND ended_at IS NULL", key)
+    return bool(status.endswith(" 1"))

@@ -19,9 +19,11 @@ import importlib
 import importlib.util
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
+import asyncpg
 import structlog
 from fastapi import APIRouter, FastAPI, Form, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,13 +34,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 
-from service.adapters import migrations
+from service.adapters import console_audit, migrations
 from service.entrypoints.console.auth import (
     CSRF_FIELD,
     CSRF_HEADER,
     SESSION_COOKIE,
+    AmbiguousProxyUser,
     User,
     needs_csrf,
+    session_key,
 )
 from service.entrypoints.console.deps import (
     STATIC_DIR,
@@ -108,6 +112,8 @@ def create_app(deps: ConsoleDeps) -> FastAPI:
         app.add_exception_handler(console_error, _refusal_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_handler)  # type: ignore[arg-type]
+    for unreachable in UNREACHABLE:
+        app.add_exception_handler(unreachable, _unreachable_handler)
     app.include_router(_own_routes())
     for module in ("service.entrypoints.console.api", "service.entrypoints.console.pages"):
         router = _optional(module, "router")
@@ -180,25 +186,38 @@ def _own_routes() -> APIRouter:
     @router.post("/login", include_in_schema=False)
     async def login(request: Request, token: str = Form(""),
                     next: str = Form("/")) -> Response:
+        """A valid token always signs in; failed attempts are limited per client address
+        (``console_write_rate_per_minute`` a minute, then 429 with ``Retry-After``). The
+        address is the TCP peer, or behind a trusted proxy the client it names
+        (:meth:`~.auth.Authenticator.client_address`): one address's wrong guesses never
+        lock anyone else out, even behind an ingress that is not configured as trusted.
+        Tokens are 256 random bits: the limit bounds the log and the work a flood causes,
+        not the odds of a guess (docs/security.md)."""
         deps = _deps(request)
-        peer = request.client.host if request.client else "unknown"
+        peer = request.client.host if request.client else None
+        address = deps.auth.client_address(peer, request.headers)
         if not _same_origin(request.headers):
             return _login_page(request, _local(next), "this sign-in did not come from this "
                                "console's own page", 403)
-        allowed, retry_after, _ = deps.rate_limiter.check(f"login:{peer}", deps.clock())
-        if not allowed:
-            log.warning("console sign-in refused", peer=peer, why="rate_limited")
-            response = _login_page(request, _local(next),
-                                   f"too many attempts: try again in {retry_after} s", 429)
-            response.headers["Retry-After"] = str(retry_after)
-            return response
-        signed_in = deps.auth.login(token.strip(), deps.clock())
+        now = deps.clock()
+        signed_in = deps.auth.login(token.strip(), now)
         if signed_in is None:
-            log.warning("console sign-in refused", peer=peer, why="unknown_token")
+            allowed, retry_after, _ = deps.rate_limiter.check(f"login-failed:{address}", now)
+            if not allowed:
+                log.warning("console sign-in refused", peer=address, why="rate_limited")
+                response = _login_page(request, _local(next),
+                                       f"too many failed attempts: try again in {retry_after} s",
+                                       429)
+                response.headers["Retry-After"] = str(retry_after)
+                return response
+            log.warning("console sign-in refused", peer=address, why="unknown_token")
             return _login_page(request, _local(next), "that token is not valid", 401)
         user, cookie = signed_in
+        await console_audit.open_session(
+            deps.pool, session_key(user.nonce), user.name, user.role,
+            datetime.fromtimestamp(now + deps.auth.session_seconds(), UTC))
         await deps.audit.record(Attempt(user.name, user.role, user.via, "login"), "signed_in")
-        log.info("console sign-in", user=user.name, role=user.role, peer=peer)
+        log.info("console sign-in", user=user.name, role=user.role, peer=address)
         response = RedirectResponse(_local(next), status_code=303)
         response.set_cookie(SESSION_COOKIE, cookie, max_age=deps.auth.session_seconds(),
                             path="/", secure=deps.settings.console_secure_cookies,
@@ -207,6 +226,13 @@ def _own_routes() -> APIRouter:
 
     @router.post("/logout", include_in_schema=False)
     async def logout(request: Request) -> Response:
+        """Ends the session for good (its row in ``console_sessions``): a copy of the
+        cookie stops working at once, on every replica."""
+        user: User | None = getattr(request.state, "user", None)
+        if user is not None and user.via == "session":
+            deps = _deps(request)
+            if await console_audit.end_session(deps.pool, session_key(user.nonce)):
+                log.info("console sign-out", user=user.name)
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(SESSION_COOKIE, path="/",
                                secure=_deps(request).settings.console_secure_cookies,
@@ -264,6 +290,36 @@ def _validation_handler(request: Request, error: RequestValidationError) -> Resp
     message = str(first.get("msg", "invalid request"))
     return error_response(request, 422, "invalid_request",
                           f"{field}: {message}" if field else message, field or None)
+
+
+#: What PostgreSQL (or another server) being unreachable raises: 503 ``unavailable``.
+#: (``TimeoutError`` is an ``OSError``.) :func:`_unreachable` tells the asyncpg errors
+#: that also stand for bugs apart.
+UNREACHABLE: tuple[type[Exception], ...] = (
+    OSError, asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.TooManyConnectionsError, asyncpg.InterfaceError,
+    asyncpg.exceptions.ObjectNotInPrerequisiteStateError)
+UNAVAILABLE_MESSAGE = "the console cannot reach its database or broker; nothing was done: " \
+                      "try again shortly"
+
+
+def _unreachable(error: BaseException) -> bool:
+    if isinstance(error, asyncpg.InterfaceError):
+        return "closed" in str(error)  # not "another operation is in progress" (a bug)
+    if isinstance(error, asyncpg.exceptions.ObjectNotInPrerequisiteStateError):
+        return "accepting connections" in str(error)  # a database that refuses connections
+    return isinstance(error, UNREACHABLE)
+
+
+def _unreachable_handler(request: Request, error: Exception) -> Response:
+    if not _unreachable(error):
+        log.error("console request failed", path=request.url.path, exc_info=error)
+        return error_response(request, 500, "internal_error",
+                              "the console failed; see its log")
+    log.warning("console dependency unreachable", path=request.url.path,
+                error=f"{type(error).__name__}: {error}")
+    return error_response(request, 503, "unavailable", UNAVAILABLE_MESSAGE,
+                          headers={"Retry-After": "5"})
 
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
@@ -440,9 +496,23 @@ class Gate:
             return
         deps: ConsoleDeps = scope["app"].state.deps
         request = Request(scope, receive)
-        user = resolve_user(deps, request)
-        scope.setdefault("state", {})["user"] = user
         path = scope["path"]
+        try:
+            user = await resolve_user(deps, request)
+        except AmbiguousProxyUser:
+            log.warning("console proxy named more than one user", path=path)
+            refusal = unauthenticated()
+            await error_response(request, 401, refusal.code,
+                                 "the proxy's request names more than one user "
+                                 f"({deps.settings.console_proxy_user_header}): refused",
+                                 None, refusal.headers)(scope, receive, send)
+            return
+        except UNREACHABLE as error:
+            if not _unreachable(error):
+                raise
+            await _unreachable_handler(request, error)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["user"] = user
         if user is None:
             if not is_public(path):
                 await error_response(request, 401, (refusal := unauthenticated()).code,
@@ -479,9 +549,12 @@ class Gate:
             scope, request.receive, send)
 
 
-def resolve_user(deps: ConsoleDeps, request: Request) -> User | None:
-    """Bearer token, else a trusted proxy's header, else the session cookie. A request
-    that sends an ``Authorization`` header is that header's user or nobody."""
+async def resolve_user(deps: ConsoleDeps, request: Request) -> User | None:
+    """Bearer token, else a trusted proxy's header, else the session cookie (signed, and
+    its row in ``console_sessions`` neither signed out nor expired: one primary-key
+    lookup a request). A request that sends an ``Authorization`` header is that header's
+    user or nobody. A trusted proxy's request naming two users raises
+    :class:`~.auth.AmbiguousProxyUser`."""
     authorization = request.headers.get("authorization")
     if authorization is not None:
         scheme, _, token = authorization.partition(" ")
@@ -493,7 +566,10 @@ def resolve_user(deps: ConsoleDeps, request: Request) -> User | None:
     if proxied is not None:
         return proxied
     cookie = request.cookies.get(SESSION_COOKIE)
-    return deps.auth.by_session(cookie, deps.clock()) if cookie else None
+    user = deps.auth.by_session(cookie, deps.clock()) if cookie else None
+    if user is None or not await console_audit.session_open(deps.pool, session_key(user.nonce)):
+        return None
+    return user
 
 
 def all_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:

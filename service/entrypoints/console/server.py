@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 from collections.abc import Callable, Generator
+from typing import Any
 
 import asyncpg
 import structlog
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from service.adapters.kafka_producer import KafkaProducer
 from service.entrypoints.console.app import create_app
@@ -31,6 +34,57 @@ log = structlog.get_logger(__name__)
 CONSOLE_POOL_SIZE = 5
 #: Connections and requests at once; more are answered 503 by uvicorn.
 MAX_CONNECTIONS = 100
+#: Seconds a connection has to send a whole request head (from its opening, or from the
+#: first byte after an answer); then it is closed. uvicorn arms no timer before a first
+#: request is complete, so without it 100 half-open sockets (slowloris) keep everyone
+#: out, the probes too. A browser or an ingress sends a head in one go.
+REQUEST_HEAD_SECONDS = 5.0
+#: Seconds the pool and the producer get to close at a stop, after uvicorn's own
+#: shutdown_timeout_seconds for the requests in flight (a frozen broker or database
+#: would otherwise hold the stop for their own timeouts).
+CLOSE_SECONDS = 2.0
+
+
+class HeadDeadline(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+    """uvicorn's HTTP protocol, closing a connection whose request head is not complete
+    within :data:`REQUEST_HEAD_SECONDS` of its first byte (or of its opening)."""
+
+    head_seconds = REQUEST_HEAD_SECONDS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_of: object = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        cycle = self.cycle
+        if (cycle is None or cycle.response_complete) and (
+                self._head_timer is None or self._head_of is not cycle):
+            self._arm_head_timer()  # the first byte of the next request's head
+        super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_of = self.cycle  # a new request (a new cycle) disarms it
+        self._head_timer = self.loop.call_later(self.head_seconds, self._head_overdue)
+
+    def _head_overdue(self) -> None:
+        self._head_timer = None
+        if self.cycle is self._head_of and not self.transport.is_closing():
+            log.info("console connection closed: no complete request head",
+                     seconds=self.head_seconds, client=self.client)
+            self.transport.close()
 
 
 class _InLoopServer(uvicorn.Server):
@@ -86,7 +140,7 @@ class Console:
             except OSError as error:
                 error.add_note(CREATING_THE_POOL)
                 raise
-            stack.push_async_callback(pool.close)
+            stack.push_async_callback(_closed, pool)
             producer = KafkaProducer(settings)
             stack.push_async_callback(_quietly, producer.stop)
             await producer.start()
@@ -94,9 +148,10 @@ class Console:
             self.app = create_app(self.deps)
             config = uvicorn.Config(
                 self.app, lifespan="off", log_config=None, access_log=False,
-                proxy_headers=False, server_header=False, ws="none",
+                proxy_headers=False, server_header=False, ws="none", http=HeadDeadline,
                 limit_concurrency=MAX_CONNECTIONS,
-                timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds))
+                # whole seconds, at least 1 (uvicorn waits for ever on 0)
+                timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_timeout_seconds)))
             server = _InLoopServer(config)
             serving = asyncio.create_task(server.serve(sockets=[sock]), name="console")
             stack.push_async_callback(_stopped, server, serving)
@@ -116,16 +171,29 @@ class Console:
 
 
 async def _stopped(server: uvicorn.Server, serving: asyncio.Task[None]) -> None:
+    """uvicorn stops taking requests, gives those in flight its graceful timeout, then
+    cancels them; should its own stop hang past that, the task is cancelled."""
     server.should_exit = True
+    limit = (server.config.timeout_graceful_shutdown or 0) + CLOSE_SECONDS
     with contextlib.suppress(Exception, asyncio.CancelledError):
-        await serving
+        await asyncio.wait_for(serving, limit)
+
+
+async def _closed(pool: asyncpg.Pool) -> None:
+    """The pool closed, or (a connection that does not give up in time) terminated."""
+    try:
+        await asyncio.wait_for(pool.close(), CLOSE_SECONDS)
+    except (Exception, asyncio.CancelledError):
+        pool.terminate()
 
 
 async def _quietly(stop: Callable[[], object]) -> None:
-    with contextlib.suppress(Exception):
+    """The producer stopped within :data:`CLOSE_SECONDS` (a frozen broker holds a flush
+    for its request timeout: what is not sent by then is not sent)."""
+    with contextlib.suppress(Exception, asyncio.TimeoutError):
         result = stop()
         if asyncio.iscoroutine(result):
-            await result
+            await asyncio.wait_for(result, CLOSE_SECONDS)
 
 
 async def serve_console(settings: Settings, stopping: asyncio.Event,

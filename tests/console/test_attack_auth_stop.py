@@ -1,0 +1,103 @@
+"""Attack (/work/notes/attack-crash): `creditnotes console` told to stop (SIGTERM sets
+`stopping`) while a command's publish hangs on a frozen broker took ~30 s (aiokafka's
+request timeout: the producer's flush, the pool waiting for the request's connection).
+The stop is bounded: shutdown_timeout_seconds for the requests in flight, then
+CLOSE_SECONDS for the pool and the producer. (What the audit row says of such a
+command is the actions' side: tests/console/test_api_*.)"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import psutil
+import pytest
+
+from service.entrypoints.console.server import CLOSE_SECONDS, Console
+from service.settings import Settings
+from tests.console.api_helpers import new_key, seed_invoice
+from tests.console.conftest import console_settings
+from tests.support import Kafka, RunningService
+
+pytestmark = pytest.mark.integration
+
+STOP = 2.0
+LINES = [{"id": "il_1", "description": "Widget", "quantity": 10, "unit_amount": 1_000,
+          "tax_rate_bps": 1_000}]
+
+
+def body(invoice_id: str) -> dict[str, Any]:
+    return {"invoice_id": invoice_id, "reason": "product_unsatisfactory",
+            "lines": [{"type": "invoice_line_item", "invoice_line_id": "il_1", "quantity": 1}]}
+
+
+def broker_pid(settings: Settings) -> int:
+    port = urlsplit("//" + settings.kafka_bootstrap_servers.split(",")[0]).port
+    for connection in psutil.net_connections("tcp"):
+        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port \
+                and connection.pid:
+            return int(connection.pid)
+    raise AssertionError(f"no process listens on {port}")
+
+
+@contextlib.contextmanager
+def paused(pid: int) -> Iterator[Callable[[], None]]:
+    """The broker frozen (SIGSTOP) until resumed, at the latest on leaving."""
+    os.kill(pid, signal.SIGSTOP)
+    resumed = False
+
+    def resume() -> None:
+        nonlocal resumed
+        if not resumed:
+            os.kill(pid, signal.SIGCONT)
+            resumed = True
+    try:
+        yield resume
+    finally:
+        resume()
+
+
+async def test_stopping_with_a_publish_in_flight_is_bounded(
+        service: RunningService, settings: Settings, kafka: Kafka) -> None:
+    await seed_invoice(settings, kafka, "in_st1", lines=LINES)
+    await seed_invoice(settings, kafka, "in_st2", lines=LINES)
+    configured, _, operator_token = console_settings(
+        settings, shutdown_timeout_seconds=STOP, console_wait_seconds=2.0)
+    console = Console(configured)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(console.run(stopping))
+    await asyncio.wait_for(console.ready.wait(), 30)
+    client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{console.port}", timeout=120,
+                               headers={"Authorization": f"Bearer {operator_token}"})
+    try:
+        warm = await client.post("/api/v1/credit-notes", json=body("in_st1"),
+                                 headers={"Idempotency-Key": new_key()})
+        assert warm.status_code in (200, 202), warm.text
+        with paused(broker_pid(settings)) as resume:
+            request = asyncio.create_task(client.post(
+                "/api/v1/credit-notes", json=body("in_st2"),
+                headers={"Idempotency-Key": new_key()}))
+            await asyncio.sleep(1.0)
+            began = time.monotonic()
+            stopping.set()
+            done, _ = await asyncio.wait([task], timeout=60)
+            took = time.monotonic() - began
+            resume()
+            if not done:
+                await asyncio.wait_for(task, 60)
+        with contextlib.suppress(httpx.HTTPError):
+            await asyncio.wait_for(request, 60)  # answered or cut: either way, not held
+        assert took < STOP + 2 * CLOSE_SECONDS + 2, (
+            f"the console took {took:.1f} s to stop (shutdown {STOP} s)")
+    finally:
+        stopping.set()
+        await client.aclose()
+        if not task.done():
+            await asyncio.wait_for(task, 60)

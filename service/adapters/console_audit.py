@@ -25,6 +25,8 @@ import asyncpg
 
 PENDING = "pending"
 REFUSED = "refused:"
+#: A command whose publish failed (it may have been sent): its final outcome may follow.
+UNKNOWN = "unknown:"
 _COLUMNS = ("id, at, actor, role, via, action, target, idempotency_key, request_digest, "
             "outcome, finished_at")
 
@@ -77,10 +79,15 @@ async def begin(executor: Executor, *, actor: str, role: str, via: str, action: 
 
 
 async def finish(executor: Executor, audit_id: int, outcome: str) -> bool:
-    """Record a pending row's outcome; False when it already has one (it keeps it)."""
+    """Record a pending row's outcome, or the final outcome of an ``unknown:*`` one (a
+    publish that failed; a retry learnt what became of it); False when it has one
+    already (it keeps it). Never a refusal (the database refuses it)."""
     status = await executor.execute(
-        "UPDATE console_audit SET outcome = $2 WHERE id = $1 AND outcome = 'pending'",
-        audit_id, outcome)
+        f"""
+        UPDATE console_audit SET outcome = $2
+         WHERE id = $1 AND (outcome = '{PENDING}'
+                            OR (outcome LIKE '{UNKNOWN}%' AND $2 NOT LIKE '{UNKNOWN}%'))
+        """, audit_id, outcome)
     return bool(status.endswith(" 1"))
 
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
+from service.adapters import console_audit
 from service.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -103,5 +104,32 @@ async def test_the_app_role_cannot_rewrite_the_console_audit_verify_runs_or_sess
         assert await connection.fetchval("SELECT min(id) FROM console_audit") > 0
         runs = await connection.fetch("SELECT ran_by FROM verify_runs")
         assert [run["ran_by"] for run in runs] == ["ops"]
+    finally:
+        await connection.close()
+
+
+async def test_an_unknown_outcome_takes_its_final_one_once_never_a_refusal(
+        settings: Settings) -> None:
+    connection = await asyncpg.connect(settings.database_url)
+    try:
+        async def row(outcome: str, key: str) -> int:
+            return int(await connection.fetchval(
+                "INSERT INTO console_audit (actor, role, via, action, idempotency_key, outcome) "
+                "VALUES ('otto', 'operator', 'token', 'issue', $1, $2) RETURNING id",
+                key, outcome))
+        unknown = await row("unknown:KafkaTimeoutError", "u1")
+        for refused in ("refused:forbidden", "unknown:again", "pending"):
+            assert await as_app(connection, "UPDATE console_audit SET outcome = $2 "
+                                "WHERE id = $1", unknown, refused) is not None, refused
+        assert await console_audit.finish(connection, unknown, "unknown:other") is False
+        assert await console_audit.finish(connection, unknown, "applied") is True
+        assert await console_audit.finish(connection, unknown, "rejected:x") is False  # once
+        assert await as_app(connection, "UPDATE console_audit SET outcome = 'rejected:y' "
+                            "WHERE id = $1", unknown) is not None
+        pending = await row("pending", "u2")
+        assert await console_audit.finish(connection, pending, "unknown:OSError") is True
+        assert await console_audit.finish(connection, pending, "duplicate") is True
+        outcomes = await connection.fetch("SELECT outcome FROM console_audit ORDER BY id")
+        assert [r["outcome"] for r in outcomes] == ["applied", "duplicate"]
     finally:
         await connection.close()

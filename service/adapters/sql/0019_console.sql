@@ -4,7 +4,8 @@
 -- console_audit: one row per write attempt through the console or its API, refusals
 -- included (outcome 'refused:<code>': forbidden, csrf_failed, rate_limited, invalid
 -- input...). A command's row is inserted 'pending' before its CloudEvent is published
--- and gets its outcome once; any other row is inserted with its outcome. Nothing else
+-- and gets its outcome once (an 'unknown:*' one may still become the final one);
+-- any other row is inserted with its outcome. Nothing else
 -- ever changes and no row is deleted or truncated: the application role inserts,
 -- reads and writes that one outcome (the triggers check it for every role,
 -- superusers too).
@@ -55,14 +56,18 @@ SET search_path = pg_catalog, public, pg_temp AS $$
 BEGIN
     -- a pending row is a command that was (or is about to be) published: it ends as
     -- what became of it, never as a refusal (a refused row frees the (actor, key) slot
-    -- of the unique index, which would let a second command take the same key)
-    IF OLD.outcome <> 'pending' OR NEW.outcome = 'pending' OR NEW.outcome LIKE 'refused:%'
+    -- of the unique index, which would let a second command take the same key). An
+    -- 'unknown:<error>' row (a publish that failed: it may have been sent) takes its
+    -- final outcome once more, when a retry under its key learns it.
+    IF NOT (OLD.outcome = 'pending' OR OLD.outcome LIKE 'unknown:%')
+       OR NEW.outcome = 'pending' OR NEW.outcome LIKE 'refused:%'
+       OR (OLD.outcome LIKE 'unknown:%' AND NEW.outcome LIKE 'unknown:%')
        OR (NEW.id, NEW.at, NEW.actor, NEW.role, NEW.via, NEW.action, NEW.target,
            NEW.idempotency_key, NEW.request_digest)
           IS DISTINCT FROM
           (OLD.id, OLD.at, OLD.actor, OLD.role, OLD.via, OLD.action, OLD.target,
            OLD.idempotency_key, OLD.request_digest) THEN
-        RAISE EXCEPTION 'console audit row % gets its outcome once, from pending, never a refusal; nothing else changes',
+        RAISE EXCEPTION 'console audit row % gets its outcome once (from pending, or from unknown:*), never a refusal; nothing else changes',
             OLD.id USING ERRCODE = 'integrity_constraint_violation';
     END IF;
     NEW.finished_at := now();

@@ -236,7 +236,6 @@ def module_settings(servers: Servers, database_url: str) -> Settings:
         retry_max_backoff_seconds=0.5, outbox_poll_seconds=0.2, shutdown_timeout_seconds=5.0,
         kafka_session_timeout_ms=2_000, kafka_heartbeat_interval_ms=300,
         kafka_fetch_max_wait_ms=10, max_message_bytes=MAX_MESSAGE_BYTES, allow_any_source=True,
-        consumer_shards=1,
     )
     return settings.model_copy(
         update={f"topic_{name}": prefix + name.replace("_", "-") for name in names})

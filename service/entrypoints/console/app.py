@@ -17,6 +17,7 @@ import hashlib
 import html
 import importlib
 import importlib.util
+import json
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from datetime import UTC, datetime
@@ -364,6 +365,11 @@ def login_url(path: str, query: str = "") -> str:
 # -------------------------------------------------------------------- middleware
 
 
+STOPPED_MESSAGE = ("the console stopped before answering; a command may have been "
+                   "published: poll GET /api/v1/commands/<key>, or retry with the same "
+                   "Idempotency-Key (it takes effect once)")
+
+
 class SecureHeaders:
     """The security headers on every answer; an unhandled error still gets a JSON
     500 (API) or a page, with them."""
@@ -389,15 +395,24 @@ class SecureHeaders:
         try:
             await self.app(scope, receive, secured)
         except BaseException as error:  # a CancelledError from inside a route too
-            log.exception("console request failed", path=scope.get("path"))
+            status, extra = 500, []
+            if isinstance(error, asyncio.CancelledError):
+                # the console stopping past its graceful timeout: no traceback (rendering
+                # one per request held a stop for seconds), and a 503 that says what to do
+                log.warning("console request cancelled", path=scope.get("path"))
+                status, extra = 503, [(b"retry-after", b"5")]
+                body = json.dumps(error_body("unavailable", STOPPED_MESSAGE)).encode()
+            else:
+                log.exception("console request failed", path=scope.get("path"))
+                body = json.dumps(error_body("internal_error",
+                                             "the console failed; see its log")).encode()
             if started:
                 raise
-            body = (b'{"error":{"code":"internal_error","message":"the console failed; '
-                    b'see its log"}}')
             with contextlib.suppress(Exception):
-                await secured({"type": "http.response.start", "status": 500,
+                await secured({"type": "http.response.start", "status": status,
                                "headers": [(b"content-type", b"application/json"),
-                                           (b"content-length", str(len(body)).encode())]})
+                                           (b"content-length", str(len(body)).encode()),
+                                           *extra]})
                 await secured({"type": "http.response.body", "body": body})
             if not isinstance(error, Exception):
                 raise

@@ -42,7 +42,12 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from service.adapters import console_audit, console_queries, queries, verify_runs
 from service.adapters.kafka_producer import KafkaProducer, connection_options
-from service.adapters.unavailable import BROKER_ERRORS, DATABASE_ERRORS, NETWORK_ERRORS
+from service.adapters.unavailable import (
+    BROKER_ERRORS,
+    DATABASE_ERRORS,
+    NETWORK_ERRORS,
+    is_unavailable,
+)
 from service.domain import errors, issuing
 from service.domain.commands import IssueCreditNote, Trigger
 from service.domain.invoice import InvoiceStatus
@@ -78,8 +83,11 @@ __all__ = [
 
 #: The content type of a structured-mode CloudEvent, as ``creditnotes publish`` sends it.
 CONTENT_TYPE = ("content-type", b"application/cloudevents+json")
-#: An Idempotency-Key: 1-200 printable ASCII characters.
-_KEY = re.compile(r"[\x20-\x7e]{1,200}")
+#: An Idempotency-Key: 1-200 letters, digits and ``. _ : -``, not ``.`` first: it is
+#: routed back as one path segment (``/api/v1/commands/{key}``), so no ``/``, no ``%``,
+#: never ``.`` or ``..`` (the pages' keys, ``secrets.token_urlsafe``, fit).
+KEY_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._:-]{0,199}$"
+_KEY = re.compile(KEY_PATTERN)
 #: Topic names when no settings are given (a preview from a page without them).
 _DEFAULTS = Settings.model_construct()
 #: The most dead letters one list request reads past (it answers with a cursor to go on).
@@ -106,11 +114,36 @@ class Deps(Protocol):
     def metrics(self) -> Any: ...  # ConsoleMetrics: commands_published counts by type
 
 
+#: What PostgreSQL answers to text it cannot hold (a NUL character, an unpaired surrogate).
+_UNSTORABLE_TEXT = (asyncpg.exceptions.CharacterNotInRepertoireError,
+                    asyncpg.exceptions.UntranslatableCharacterError)
+
+
 @asynccontextmanager
 async def _acquire(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
-    """A pooled connection, typed as the queries take it."""
-    async with pool.acquire() as connection:
-        yield cast(asyncpg.Connection, connection)
+    """A pooled connection, typed as the queries take it. Text PostgreSQL refuses is a
+    ``bad_request``; PostgreSQL out of reach is ``unavailable`` (never a 500)."""
+    acquired = False
+    try:
+        async with pool.acquire() as connection:
+            acquired = True
+            yield cast(asyncpg.Connection, connection)
+    except _UNSTORABLE_TEXT:
+        raise refused("bad_request", "the request holds text PostgreSQL cannot hold (a NUL "
+                      "character)") from None
+    except (*DATABASE_ERRORS, *NETWORK_ERRORS) as error:
+        if acquired and not is_unavailable(error):
+            raise  # the statement's fault, not the server's: a bug to see
+        raise refused("unavailable", f"PostgreSQL cannot be reached ({type(error).__name__})"
+                      ) from None
+
+
+def _text(value: str | None, field: str) -> None:
+    """Refuse, naming the field, text PostgreSQL cannot hold (before it is asked)."""
+    if value is not None and ("\x00" in value or any(
+            "\ud800" <= char <= "\udfff" for char in value)):
+        raise refused("bad_request", f"{field} holds a character PostgreSQL text cannot hold "
+                      "(NUL or an unpaired surrogate)", field)
 
 
 #: What reading the broker may raise besides ``OpsError``.
@@ -166,6 +199,7 @@ async def invoice_view(pool: asyncpg.Pool, invoice_id: str) -> InvoiceView | Non
     """The invoice with its lines (credited and remaining), payments, credit notes,
     refunds and events out (with their outbox state), read in one snapshot. Its dead
     letters are on the broker: :func:`dead_letters_for_key`."""
+    _text(invoice_id, "invoice_id")
     async with _acquire(pool) as connection, connection.transaction(
             isolation="repeatable_read", readonly=True):
         invoice = await queries.load_invoice(connection, invoice_id)
@@ -180,6 +214,7 @@ async def invoice_view(pool: asyncpg.Pool, invoice_id: str) -> InvoiceView | Non
 async def credit_note_view(pool: asyncpg.Pool, id_or_number: str) -> CreditNoteView | None:
     """A credit note by id or number: lines, journal, trigger, policy, refunds, and whether
     it can be voided or edited now (and why not)."""
+    _text(id_or_number, "id_or_number")
     async with _acquire(pool) as connection, connection.transaction(
             isolation="repeatable_read", readonly=True):
         note = await console_queries.credit_note(connection, id_or_number)
@@ -197,6 +232,8 @@ async def list_credit_notes(pool: asyncpg.Pool, filters: NoteFilters, page: str 
         raise refused("invalid_request", f"limit must be 1-{console_queries.MAX_PAGE}",
                       "limit")
     after = _note_cursor(page) if page else None
+    for name in ("invoice_id", "customer_id"):
+        _text(getattr(filters, name), name)
     query = console_queries.NoteQuery(**filters.model_dump())
     async with _acquire(pool) as connection:
         rows = await console_queries.list_credit_notes(connection, query, after, limit + 1)
@@ -217,7 +254,7 @@ def _note_cursor(page: str) -> tuple[datetime, str]:
         raw = base64.urlsafe_b64decode(page + "=" * (-len(page) % 4))
         moment, note_id = json.loads(raw)
         at = datetime.fromisoformat(moment)
-        if not isinstance(note_id, str) or at.tzinfo is None:
+        if not isinstance(note_id, str) or at.tzinfo is None or "\x00" in note_id:
             raise ValueError(page)
     except (ValueError, TypeError, binascii.Error):
         raise refused("invalid_request", "page is not a cursor this list gave", "page") from None
@@ -235,6 +272,7 @@ async def preview(pool: asyncpg.Pool, invoice_id: str, data: Mapping[str, Any], 
     will (``source`` and ``id``), so its credit note and refund ids are those the
     issue gets.
     """
+    _text(invoice_id, "invoice_id")
     full = _issue_data(invoice_id, data)
     if settings is not None and user is not None:
         command = _checked(settings, source_of(settings, user), key or "preview",
@@ -317,10 +355,13 @@ def check_key(key: str | None) -> str:
     """The Idempotency-Key, or the refusal of a missing or malformed one."""
     if key is None or key == "":
         raise refused("idempotency_key_required",
-                      "send an Idempotency-Key header (1-200 printable ASCII characters): "
-                      "a retried request with the same key has one effect")
+                      "send an Idempotency-Key header (1-200 letters, digits, '.', '_', ':' "
+                      "or '-', not '.' first): a retried request with the same key "
+                      "has one effect")
     if not _KEY.fullmatch(key):
-        raise refused("idempotency_key_invalid")
+        raise refused("idempotency_key_invalid", "an Idempotency-Key is 1-200 letters, "
+                      "digits, '.', '_', ':' or '-', not '.' first (no '/': the "
+                      "key is polled at /api/v1/commands/{key})")
     return key
 
 
@@ -366,6 +407,7 @@ async def _on_credit_note(deps: Deps, user: User, key: str | None, action: str,
     async with _audited(deps, user, action, credit_note_id, key,
                         data if body is None else body) as attempt:
         key = check_key(key)
+        _text(credit_note_id, "credit_note_id")
         if body is not None:
             _require_object(body)
             if body.get("credit_note_id", credit_note_id) != credit_note_id:
@@ -396,17 +438,24 @@ async def command_status(deps: Deps, user: User, key: str) -> CommandResult:
     check_key(key)
     source = source_of(deps.settings, user)
     async with _acquire(deps.pool) as connection:
-        outcome = await console_queries.command_outcome(connection, source, key)
         earlier = await console_audit.find(connection, user.name, key)
-        if outcome is None and earlier is None:
+        if earlier is None:  # an outcome under the user's source is not theirs: not sent here
             raise refused("command_not_found")
+        outcome = await console_queries.command_outcome(connection, source, key)
+        outcome = _remembered(earlier, outcome, earlier.action, deps.settings) or outcome
+        if (outcome is None or outcome.outcome.startswith("released:")) \
+                and earlier.outcome.startswith(UNKNOWN):
+            return CommandResult(
+                key=key, source=source, status="unknown", location=_location(key),
+                reason=earlier.outcome.removeprefix(UNKNOWN) or None, message=MAYBE_SENT)
         note_id = earlier.target if earlier is not None and earlier.action in (
             "void", "update") else None
         invoice_id = earlier.target if earlier is not None and earlier.action == "issue" \
             else None
         result = await _result(connection, source, key, outcome, note_id, invoice_id)
-        if earlier is not None and earlier.outcome == console_audit.PENDING \
-                and result.status != "pending":  # its audit row learns the outcome now
+        if earlier is not None and result.status != "pending" and (
+                earlier.outcome == console_audit.PENDING
+                or earlier.outcome.startswith(UNKNOWN)):  # its audit row learns it now
             await console_audit.finish(connection, earlier.id, _answered(result))
         return result
 
@@ -414,7 +463,7 @@ async def command_status(deps: Deps, user: User, key: str) -> CommandResult:
 async def _result(connection: asyncpg.Connection, source: str, key: str,
                   outcome: console_queries.CommandOutcome | None,
                   note_id: str | None, invoice_id: str | None = None) -> CommandResult:
-    location = f"/api/v1/commands/{quote(key, safe='')}"
+    location = _location(key)
     if outcome is None or outcome.outcome.startswith("released:"):
         return CommandResult(key=key, source=source, status="pending", location=location)
     kind, _, reason = outcome.outcome.partition(":")
@@ -436,6 +485,10 @@ async def _result(connection: asyncpg.Connection, source: str, key: str,
         else "applied")
     return CommandResult(key=key, source=source, status=status_name, reason=reason or None,
                          message=message, credit_note=note, location=location)
+
+
+def _location(key: str) -> str:
+    return f"/api/v1/commands/{quote(key, safe='')}"
 
 
 def _issue_data(invoice_id: str, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -559,6 +612,8 @@ class _Attempt:
         deps, user = self.deps, self.user
         settings = deps.settings
         source = source_of(settings, user)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.console_wait_seconds  # the publish's and the wait's
         async with _acquire(deps.pool) as connection:
             async with connection.transaction():
                 # one request per user and key at a time: no two bodies under one key
@@ -566,16 +621,21 @@ class _Attempt:
                                          f"console:{user.name}:{key}")
                 earlier = await console_audit.find(connection, user.name, key)
                 reused = earlier is not None and earlier.request_digest != self.digest
+                # a command under the user's source and this key the console never sent:
+                # another writer of the topic spoke as the console (its outcome is not ours)
+                foreign = earlier is None and await console_queries.command_outcome(
+                    connection, source, key) is not None
                 audit_id: int | None = None
                 if earlier is None or reused:
                     audit_id = await console_audit.begin(
                         connection, actor=user.name, role=user.role, via=user.via,
                         action=self.action, target=self.target, idempotency_key=key,
                         request_digest=self.digest,
-                        outcome="refused:idempotency_key_reused" if reused else None)
-            if reused:
+                        outcome="refused:idempotency_key_reused" if reused or foreign
+                        else None)
+            if reused or foreign:
                 self.audited = True
-                raise refused("idempotency_key_reused",
+                raise refused("idempotency_key_reused", FOREIGN if foreign else
                               "this Idempotency-Key was sent before with another request: "
                               "use a new key for a new request")
             if audit_id is None:  # the same request again: audited as a repeat, once answered
@@ -585,47 +645,96 @@ class _Attempt:
                     request_digest=self.digest)
             self.audited = True
             outcome = await console_queries.command_outcome(connection, source, key)
+            remembered = _remembered(earlier, outcome, event_type, settings)
+            if remembered is not None:  # the ledger forgot it (retention): never again
+                result = await _result(connection, source, key, remembered, note_id,
+                                       invoice_id)
+        if remembered is not None:
+            await _shielded(self._finish(audit_id, f"repeat:{_answered(result)}"))
+            return result
         if outcome is None or outcome.outcome.startswith("released:"):
             value = json.dumps(_event(source, key, event_type, data, invoice_id),
                                ensure_ascii=False, separators=(",", ":")).encode()
-            try:
-                await deps.producer.send(settings.topics.credit_note_commands, value=value,
-                                         key=invoice_id.encode(), headers=[CONTENT_TYPE])
-                deps.metrics.commands_published.labels(event_type).inc()
-            except _READ_ERRORS as error:
-                await self._finish(audit_id, f"failed:{type(error).__name__}")
-                raise refused("unavailable", "the command could not be published "
-                              f"({type(error).__name__}); nothing was sent: retry with the "
-                              "same Idempotency-Key") from None
-        result = await self._wait(source, key, note_id, invoice_id,
-                                  settings.console_wait_seconds)
+            sent = await self._publish(audit_id, earlier is not None, event_type, value,
+                                       invoice_id.encode(), deadline)
+            if not sent:  # still in flight at the deadline: 202, the poll tells
+                result = await self._wait(source, key, note_id, invoice_id, loop.time())
+                if earlier is not None:
+                    await _shielded(self._finish(audit_id, "repeat:pending"))
+                return result
+        result = await self._wait(source, key, note_id, invoice_id, deadline)
         if earlier is not None:
-            await self._finish(audit_id, f"repeat:{_answered(result)}")
+            await _shielded(self._finish(audit_id, f"repeat:{_answered(result)}"))
         if result.status != "pending":  # a pending row is finished by a later poll or repeat
-            await self._finish(earlier.id if earlier is not None else audit_id,
-                               _answered(result))
+            await _shielded(self._finish(earlier.id if earlier is not None else audit_id,
+                                         _answered(result)))
         return result
 
-    async def _wait(self, source: str, key: str, note_id: str | None, invoice_id: str,
-                    seconds: float) -> CommandResult:
+    async def _publish(self, audit_id: int, repeat: bool, event_type: str, value: bytes,
+                       record_key: bytes, deadline: float) -> bool:
+        """Publish within the wait: True once the broker acknowledged it, False while it is
+        still in flight at the deadline (it goes on; if it fails, its audit row says so).
+        A failed publish is ``unavailable``: the record may have reached the broker."""
+        sending = asyncio.ensure_future(self._send(audit_id, repeat, event_type, value,
+                                                   record_key))
+        _IN_FLIGHT.add(sending)
+        sending.add_done_callback(_settled)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
+        try:
+            await asyncio.wait_for(asyncio.shield(sending), max(deadline - loop.time(), 0.05))
+            return True
+        except TimeoutError:
+            if not sending.done():
+                return False
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not sending.done() or (task is not None and task.cancelling()):
+                raise  # this request is cancelled: the send goes on and audits its failure
+        except Exception:  # noqa: S110  (the send's own error, said below)
+            pass
+        if not sending.cancelled() and sending.exception() is None:
+            return True  # acknowledged just as the wait ended
+        failure = "CancelledError" if sending.cancelled() else \
+            type(sending.exception()).__name__
+        raise refused("unavailable", f"publishing the command failed ({failure}); it may have "
+                      "been sent: retry with the same Idempotency-Key (one effect), or poll "
+                      "GET /api/v1/commands/{key}")
+
+    async def _send(self, audit_id: int, repeat: bool, event_type: str, value: bytes,
+                    record_key: bytes) -> None:
+        deps = self.deps
+        try:
+            await deps.producer.send(deps.settings.topics.credit_note_commands, value=value,
+                                     key=record_key, headers=[CONTENT_TYPE])
+        except BaseException as error:  # cancelled too: the row must not stay pending
+            outcome = f"{'repeat:' if repeat else ''}{UNKNOWN}{type(error).__name__}"
+            with contextlib.suppress(Exception):
+                await _shielded(self._finish(audit_id, outcome))
+            raise
+        deps.metrics.commands_published.labels(event_type).inc()
+
+    async def _wait(self, source: str, key: str, note_id: str | None, invoice_id: str,
+                    deadline: float) -> CommandResult:
+        """Poll the ledger until the outcome or the deadline; a connection is taken per
+        poll (never held while sleeping), and at most half the pool polls at once, so
+        waiting writes never starve reads or readiness."""
+        loop = asyncio.get_running_loop()
         pause = 0.02
-        async with _acquire(self.deps.pool) as connection:
-            while True:
+        pool = self.deps.pool
+        while True:
+            async with _pollers(pool), _acquire(pool) as connection:
                 outcome = await console_queries.command_outcome(connection, source, key)
                 if outcome is not None and not outcome.outcome.startswith("released:"):
                     return await _result(connection, source, key, outcome, note_id,
                                          invoice_id)
                 if loop.time() + pause > deadline:
                     return await _result(connection, source, key, None, note_id, invoice_id)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.2)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.2)
 
     async def _finish(self, audit_id: int, outcome: str) -> None:
         async with _acquire(self.deps.pool) as connection:
             await console_audit.finish(connection, audit_id, outcome)
-
 
     async def refused(self, error: ConsoleError) -> None:
         """Audit a refusal before anything was sent (bad input, unknown target ...)."""
@@ -639,6 +748,52 @@ class _Attempt:
                 idempotency_key=key, request_digest=self.digest,
                 outcome=f"refused:{error.code}")
         self.audited = True
+
+
+#: Sends still in flight after their request answered (kept from the garbage collector).
+_IN_FLIGHT: set[asyncio.Future[None]] = set()
+#: Per pool: how many outcome polls may hold a connection at once.
+_POLLERS: dict[tuple[int, int], asyncio.Semaphore] = {}
+#: The outcome of a command's audit row whose publish failed: it may have been sent.
+UNKNOWN = "unknown:"
+MAYBE_SENT = ("publishing this command failed and no outcome is known: it may have been "
+              "sent. Retry the same request with the same Idempotency-Key: it has one effect")
+FOREIGN = ("a command with this Idempotency-Key was already received from elsewhere under "
+           "this user's console source (the console did not send it): use a new key")
+
+
+def _remembered(earlier: console_audit.AuditRow | None,
+                outcome: console_queries.CommandOutcome | None, event_type: str,
+                settings: Settings) -> console_queries.CommandOutcome | None:
+    """The outcome the command's audit row kept, when the ledger has none any more
+    (``processed_messages`` pruned after its retention): a retry is answered from it and
+    never published again (the service, having forgotten, would apply it twice)."""
+    if earlier is None or (outcome is not None and not outcome.outcome.startswith("released:")):
+        return None
+    final = earlier.outcome
+    if final == console_audit.PENDING or final.startswith((UNKNOWN, "refused:")):
+        return None
+    return console_queries.CommandOutcome(
+        outcome=final, type=event_type, topic=settings.topics.credit_note_commands,
+        processed_at=earlier.finished_at or earlier.at)
+
+
+def _settled(sending: asyncio.Future[None]) -> None:
+    _IN_FLIGHT.discard(sending)
+    if not sending.cancelled():
+        sending.exception()  # retrieved: its failure is in the audit row
+
+
+def _pollers(pool: asyncpg.Pool) -> asyncio.Semaphore:
+    name = (id(pool), id(asyncio.get_running_loop()))
+    if name not in _POLLERS:
+        _POLLERS[name] = asyncio.Semaphore(max(1, pool.get_max_size() // 2))
+    return _POLLERS[name]
+
+
+async def _shielded(work: Any) -> None:
+    """Finish ``work`` (an audit write) even if the request is cancelled meanwhile."""
+    await asyncio.shield(work)
 
 
 def _answered(result: CommandResult) -> str:
@@ -817,38 +972,49 @@ async def replay(deps: Deps, user: User, topic: str, selection: ReplaySelection 
                           "replay every dead letter the filters match", "positions")
         options = dlq.ReplayOptions(filters=selection.filters.dlq(), dry_run=selection.dry_run,
                                     positions=positions)
-        out = io.StringIO()
-        try:
-            summary = await dlq.replay(deps.settings, topic, options, out, operator=operator)
-        except OpsError as error:
-            raise _ops_refusal(error) from None
-        except (*BROKER_ERRORS, *NETWORK_ERRORS, *DATABASE_ERRORS) as error:
-            raise refused("unavailable", f"the replay stopped ({type(error).__name__}); a "
-                          "record sent but not confirmed is held back as 'maybe sent' by the "
-                          "next replay") from None
+        _check_topic(topic)
+        # begun before anything is republished, finished after: a replay cut short still
+        # has its row (its outcome says how it ended)
+        async with _acquire(deps.pool) as connection:
+            row_id = await console_audit.begin(
+                connection, actor=user.name, role=user.role, via=user.via, action=action,
+                target=topic[:255], idempotency_key=None, request_digest=attempt.digest)
     except ConsoleError as error:
         await attempt.refused(error)
         raise
+    attempt.audited = True
+    out = io.StringIO()
+    try:
+        summary = await dlq.replay(deps.settings, topic, options, out, operator=operator)
+    except OpsError as error:
+        refusal = _ops_refusal(error)  # a begun row ends as what stopped it, never "refused:"
+        await _shielded(attempt._finish(row_id, f"failed:{refusal.code}"))
+        raise refusal from None
+    except (*BROKER_ERRORS, *NETWORK_ERRORS, *DATABASE_ERRORS) as error:
+        await _shielded(attempt._finish(row_id, f"failed:{type(error).__name__}"))
+        raise refused("unavailable", f"the replay stopped ({type(error).__name__}); a "
+                      "record sent but not confirmed is held back as 'maybe sent' by the "
+                      "next replay") from None
+    except BaseException as error:  # cancelled, or a bug: the row says the replay broke off
+        with contextlib.suppress(Exception):
+            await _shielded(attempt._finish(row_id, f"interrupted:{type(error).__name__}"))
+        raise
+    await _shielded(attempt._finish(
+        row_id, (f"would_replay:{summary.would_replay}" if selection.dry_run
+                 else f"replayed:{summary.republished}")
+        + f"/held:{summary.held}/refused:{summary.refused}"))
     lines = out.getvalue().splitlines()
     verdicts = []
     for line in lines:
         position, _, rest = line.partition("  ")
         verdicts.append(views.ReplayVerdict(position=position,
                                             verdict=rest.split("  failed_at=", 1)[0]))
-    result = ReplayResult(
+    return ReplayResult(
         topic=topic, dry_run=selection.dry_run, operator=operator,
         republished=summary.republished, would_replay=summary.would_replay,
         already_replayed=summary.already_replayed, filtered_out=summary.filtered_out,
         refused=summary.refused, held=summary.held, summary=summary.text(selection.dry_run),
         verdicts=verdicts, lines=lines)
-    async with _acquire(deps.pool) as connection:
-        await console_audit.begin(
-            connection, actor=user.name, role=user.role, via=user.via, action=action,
-            target=topic, idempotency_key=None, request_digest=attempt.digest,
-            outcome=(f"would_replay:{summary.would_replay}" if selection.dry_run
-                     else f"replayed:{summary.republished}")
-            + f"/held:{summary.held}/refused:{summary.refused}")
-    return result
 
 
 def _selection(data: Any) -> ReplaySelection:

@@ -40,8 +40,10 @@ from service.entrypoints.console.views import (
 router = APIRouter(prefix="/api/v1", tags=["console"])
 
 IdempotencyKey = Annotated[str | None, Header(
-    alias="Idempotency-Key", description="1-200 printable ASCII characters: the command's "
-    "CloudEvents id. A retried request with the same key has one effect.")]
+    alias="Idempotency-Key", description="1-200 letters, digits, '.', '_', ':' or '-', not "
+    "'.' first (it is polled back at /api/v1/commands/{key}): the command's "
+    "CloudEvents id. A retried request with the same key has one effect. Pattern: "
+    + actions.KEY_PATTERN)]
 OptionalKey = Annotated[str | None, Header(
     alias="Idempotency-Key", description="the key the issue will use: the preview then names "
     "the same credit note and refund ids")]
@@ -125,7 +127,8 @@ def _answer(result: CommandResult) -> JSONResponse:
 
 _WRITE = ("forbidden", "csrf_failed", "rate_limited", "request_too_large",
           "idempotency_key_required", "idempotency_key_invalid", "idempotency_key_reused",
-          "invalid_message", "message_too_large", "source_not_allowed", "unavailable")
+          "invalid_message", "message_too_large", "source_not_allowed", "unavailable",
+          "bad_request")
 _COMMAND_ANSWERS: dict[int | str, dict[str, Any]] = {
     202: {"description": "published; no outcome within CREDITNOTES_CONSOLE_WAIT_SECONDS: poll "
                          "the Location (GET /api/v1/commands/{key})",
@@ -137,11 +140,17 @@ _COMMAND_ANSWERS: dict[int | str, dict[str, Any]] = {
 # --------------------------------------------------------------------------- invoices
 
 
-@router.get("/invoices/{invoice_id}", response_model=InvoiceView,
-            responses=_answers("invoice_not_found", "invalid_request"))
+#: An invoice id is the upstream's and may hold '/': routed as the rest of the path.
+InvoiceId = Annotated[str, Path(max_length=255, description="the upstream's invoice id, "
+                                "'/' included (percent-encoded or not)")]
+
+
+@router.get("/invoices/{invoice_id:path}", response_model=InvoiceView,
+            responses=_answers("invoice_not_found", "invalid_request", "bad_request",
+                               "unavailable"))
 async def get_invoice(
         user: Viewer, deps: Deps,
-        invoice_id: Annotated[str, Path(max_length=255)],
+        invoice_id: InvoiceId,
         dead_letters: Annotated[bool, Query(
             description="read the dead letters keyed by the invoice from the broker")] = True,
 ) -> InvoiceView:
@@ -161,14 +170,14 @@ async def get_invoice(
     return view
 
 
-@router.post("/invoices/{invoice_id}/preview", response_model=PreviewResult,
+@router.post("/invoices/{invoice_id:path}/preview", response_model=PreviewResult,
              responses=_answers("csrf_failed", "invalid_message", "invoice_not_found",
-                                "source_not_allowed", "idempotency_key_invalid"),
+                                "source_not_allowed", "idempotency_key_invalid",
+                                "bad_request", "unavailable"),
              openapi_extra=_body(wire.CreditNoteIssue, "a credit_note.issue's data (the "
                                  "invoice is the path's)", drop=("invoice_id",)))
 async def preview(user: CsrfChecked, deps: Deps, request: Request,
-                  invoice_id: Annotated[str, Path(max_length=255)],
-                  key: OptionalKey = None) -> PreviewResult:
+                  invoice_id: InvoiceId, key: OptionalKey = None) -> PreviewResult:
     """What issuing this would do now, on the same domain code, saving nothing: the credit
     note, or the rejection code; and the most that can be credited and refunded. Viewers
     may preview."""
@@ -183,7 +192,7 @@ async def preview(user: CsrfChecked, deps: Deps, request: Request,
 
 
 @router.get("/credit-notes", response_model=Page[CreditNoteSummary],
-            responses=_answers("invalid_request"))
+            responses=_answers("invalid_request", "bad_request", "unavailable"))
 async def list_credit_notes(
         user: Viewer, deps: Deps,
         invoice_id: Annotated[str | None, Query(max_length=255)] = None,
@@ -209,7 +218,8 @@ async def list_credit_notes(
 
 
 @router.get("/credit-notes/{id_or_number}", response_model=CreditNoteView,
-            responses=_answers("credit_note_not_found", "invalid_request"))
+            responses=_answers("credit_note_not_found", "invalid_request", "bad_request",
+                               "unavailable"))
 async def get_credit_note(user: Viewer, deps: Deps,
                           id_or_number: Annotated[str, Path(max_length=255)]) -> CreditNoteView:
     """A credit note by id or number: lines, journal, trigger, policy, refunds, and whether
@@ -251,10 +261,12 @@ async def update(user: Writer, deps: Deps, request: Request,
 
 
 @router.get("/commands/{key}", response_model=CommandResult,
-            responses=_answers("command_not_found", "idempotency_key_invalid"))
+            responses=_answers("command_not_found", "idempotency_key_invalid",
+                               "unavailable"))
 async def command(user: Viewer, deps: Deps,
                   key: Annotated[str, Path(max_length=200)]) -> CommandResult:
-    """What became of this user's command with this Idempotency-Key (``pending``: not yet)."""
+    """What became of this user's command with this Idempotency-Key (``pending``: not yet;
+    ``unknown``: its publish failed, it may have been sent: retry with the same key)."""
     return await actions.command_status(deps, user, key)
 
 

@@ -17,14 +17,17 @@ CODES: dict[str, tuple[int, str]] = {
     "request_too_large": (413, "the request body is larger than the console accepts"),
     "invalid_request": (422, "a query parameter, path or body that is not what the route "
                              "takes (field names it)"),
-    "bad_request": (400, "a request the server cannot read"),
+    "bad_request": (400, "a request the server cannot read, or text PostgreSQL cannot hold (a "
+                         "NUL character) in a path, filter or cursor (field names it)"),
     "not_found": (404, "no route at this path"),
     "method_not_allowed": (405, "the route does not take this method"),
     "internal_error": (500, "the console failed; the log has the details"),
     "idempotency_key_required": (400, "a write without an Idempotency-Key header"),
-    "idempotency_key_invalid": (400, "an Idempotency-Key that is not 1-200 printable ASCII"),
+    "idempotency_key_invalid": (400, "an Idempotency-Key that is not 1-200 letters, digits, "
+                                     "'.', '_', ':' or '-', not '.' first"),
     "idempotency_key_reused": (409, "this user sent this Idempotency-Key before with another "
-                                    "request"),
+                                    "request, or a command under this key and the user's "
+                                    "console source was received from elsewhere"),
     "invalid_message": (422, "the command would be dead-lettered as invalid_message: the body "
                              "does not fit the contract (field names the place)"),
     "message_too_large": (413, "the command would be larger than the service accepts"),
@@ -37,8 +40,9 @@ CODES: dict[str, tuple[int, str]] = {
     "dead_letter_not_found": (404, "no dead letter at this partition and offset"),
     "topic_not_found": (404, "the broker has no such topic"),
     "not_dead_letter_topic": (400, "the topic is not the dead-letter topic of an input topic"),
-    "unavailable": (503, "PostgreSQL or the broker cannot be reached; nothing was done, or a "
-                         "command was published and its outcome can be polled"),
+    "unavailable": (503, "PostgreSQL or the broker cannot be reached, or a command's publish "
+                         "failed (it may have been sent: retry with the same Idempotency-Key, "
+                         "one effect)"),
 }
 
 

@@ -265,11 +265,13 @@ class PreviewResult(View):
 
 
 class CommandResult(View):
-    """A command's outcome as the service's ledger has it (``pending``: not yet)."""
+    """A command's outcome as the service's ledger has it (``pending``: not yet;
+    ``unknown``: its publish failed and no outcome came: it may have been sent, retry
+    with the same key)."""
 
     key: str
     source: str
-    status: Literal["applied", "rejected", "dead_lettered", "duplicate", "pending"]
+    status: Literal["applied", "rejected", "dead_lettered", "duplicate", "pending", "unknown"]
     reason: str | None = None
     message: str | None = None
     credit_note: CreditNoteView | None = None

@@ -1,6 +1,6 @@
 """Attack (hostile upstream), regression: ids are the upstream's strings and may hold
 '/'. The API routes an invoice id as the rest of the path, so an invoice "in/7" opens
-and previews, percent-encoded or not. (The pages' part: /work/notes/fb-requests.md.)"""
+and previews, percent-encoded or not, in the API and the pages (search, page, preview)."""
 
 from __future__ import annotations
 
@@ -25,3 +25,19 @@ async def test_an_invoice_whose_id_has_a_slash_can_be_opened_and_previewed(
     missing = await viewer.get("/api/v1/invoices/in/8", params={"dead_letters": "false"})
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] == "invoice_not_found"
+
+
+async def test_the_pages_open_and_preview_an_invoice_whose_id_has_a_slash(
+        console: RunningConsole, kafka: Kafka) -> None:
+    await seed_invoice(console.settings, kafka, "in/9", paid=0)
+    viewer = console.viewer()
+    search = await viewer.get("/search", params={"q": "in/9"})
+    assert search.status_code == 303, search.status_code
+    page = await viewer.get(search.headers["location"])
+    assert page.status_code == 200, page.status_code
+    assert "in/9" in page.text
+    browser = await console.session(console.operator_token)
+    preview = await browser.post("/invoices/in%2F9/preview", data={
+        "csrf_token": console.csrf_token(browser), "reason": "other", "mode": "amount",
+        "amount": "1.00"})
+    assert preview.status_code == 200, preview.text[:300]

@@ -276,7 +276,7 @@ async def _invoice_page(request: Request, deps: ConsoleDeps, user: User, view: I
                   **context)
 
 
-@router.get("/invoices/{invoice_id}", response_class=HTMLResponse, name="invoice_page")
+@router.get("/invoices/{invoice_id:path}", response_class=HTMLResponse, name="invoice_page")
 async def invoice_page(request: Request, deps: Deps, user: Viewer,
                        invoice_id: str) -> HTMLResponse:
     try:
@@ -286,7 +286,7 @@ async def invoice_page(request: Request, deps: Deps, user: Viewer,
     return await _invoice_page(request, deps, user, view)
 
 
-@router.post("/invoices/{invoice_id}/preview", response_class=HTMLResponse)
+@router.post("/invoices/{invoice_id:path}/preview", response_class=HTMLResponse)
 async def invoice_preview(request: Request, deps: Deps, user: Viewer,
                           invoice_id: str) -> HTMLResponse:
     """The preview without JavaScript: the invoice page again, with the form as it was
@@ -318,7 +318,7 @@ def _key(form: FormData) -> str:
     return key if isinstance(key, str) else ""
 
 
-@router.post("/invoices/{invoice_id}/issue", response_class=HTMLResponse)
+@router.post("/invoices/{invoice_id:path}/issue", response_class=HTMLResponse)
 async def invoice_issue(request: Request, deps: Deps, user: Writer,
                         invoice_id: str) -> HTMLResponse:
     form = await request.form()
@@ -443,6 +443,9 @@ async def dead_letter_inbox(request: Request, deps: Deps, user: Viewer) -> HTMLR
 async def dead_letter_list(request: Request, deps: Deps, user: Viewer, topic: str,
                            reason: str = "", key: str = "", after: str = "") -> HTMLResponse:
     try:
+        if len(reason) > 200 or len(key) > 1000:
+            raise ConsoleRefusal(422, "invalid_request", "reason is at most 200 characters, "
+                                 "key at most 1000", "reason" if len(reason) > 200 else "key")
         filters = actions.DeadLetterFilters(reason=reason or None, key=key or None)
         page = await actions.dead_letters(deps.settings, topic, filters, after or None, 100)
     except Refusal as refusal:
@@ -528,11 +531,11 @@ async def dead_letter_replay(request: Request, deps: Deps, user: Writer,
         if scope == "selected" and not positions:
             raise ConsoleRefusal(400, "invalid_request", "select at least one record",
                                  "selected")
-        selection = actions.ReplaySelection(
-            positions=[f"{partition}:{offset}" for partition, offset in positions or ()]
-            if scope == "selected" else None, all_matching=scope == "matching",
-            filters=actions.DeadLetterFilters(reason=str(reason) or None,
-                                              key=str(key) or None), dry_run=dry_run)
+        selection = {  # checked, and a refusal audited, by actions.replay
+            "positions": [f"{partition}:{offset}" for partition, offset in positions or ()]
+            if scope == "selected" else None, "all_matching": scope == "matching",
+            "filters": {"reason": str(reason) or None, "key": str(key) or None},
+            "dry_run": dry_run}
         result = await actions.replay(deps, user, topic, selection)
     except Refusal as refusal:
         return refusal_page(request, deps, user, refusal, title)

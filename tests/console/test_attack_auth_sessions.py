@@ -115,3 +115,33 @@ async def test_two_user_headers_from_a_trusted_proxy_are_refused(
         assert page.status_code in (303, 401) and "olga" not in page.text
         one = await client.get("/api/v1/me", headers=[("X-Forwarded-User", "olga")])
         assert one.json()["name"] == "olga"
+
+
+async def test_a_proxy_user_named_like_a_token_user_is_refused(console_factory: Any) -> None:
+    # otto has an API token: a proxy user "otto" would share his audit name, his commands'
+    # source and his Idempotency-Key scope (and could be answered his commands' outcomes)
+    async with console_factory(console_trusted_proxies=["127.0.0.1/32"],
+                               console_proxy_operators=[OPERATOR, "olga"]) as running:
+        answer = await running.client(headers={"X-Forwarded-User": OPERATOR}).get("/api/v1/me")
+        assert answer.status_code == 401, answer.text
+        assert "also has an API token" in answer.json()["error"]["message"]
+        olga = await running.client(headers={"X-Forwarded-User": "olga"}).get("/api/v1/me")
+        assert olga.json()["name"] == "olga"
+        assert (await running.operator().get("/api/v1/me")).json()["name"] == OPERATOR
+
+
+async def test_behind_tls_the_session_cookie_is_host_only(console_factory: Any) -> None:
+    async with console_factory(console_secure_cookies=True) as running:
+        answer = await running.client().post("/login", data={"token": running.viewer_token})
+        [header] = answer.headers.get_list("set-cookie")
+        name = header.split("=", 1)[0]
+        flags = {part.strip().lower() for part in header.split(";")[1:]}
+        # __Host-: the browser keeps it only if Secure, set by this host, path / (no Domain)
+        assert name == "__Host-cn_session"
+        assert {"secure", "path=/", "httponly", "samesite=strict"} <= flags
+        assert not any(flag.startswith("domain") for flag in flags)
+        cookie = header.split(";", 1)[0]
+        signed_in = running.client(headers={"Cookie": cookie})
+        assert (await signed_in.get("/api/v1/me")).json()["role"] == "viewer"
+        old_name = running.client(headers={"Cookie": cookie.replace("__Host-", "", 1)})
+        assert (await old_name.get("/api/v1/me")).status_code == 401

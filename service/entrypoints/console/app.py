@@ -39,10 +39,11 @@ from service.adapters import console_audit, migrations
 from service.entrypoints.console.auth import (
     CSRF_FIELD,
     CSRF_HEADER,
-    SESSION_COOKIE,
     AmbiguousProxyUser,
+    ProxyRefused,
     User,
     needs_csrf,
+    session_cookie,
     session_key,
 )
 from service.entrypoints.console.deps import (
@@ -220,7 +221,7 @@ def _own_routes() -> APIRouter:
         await deps.audit.record(Attempt(user.name, user.role, user.via, "login"), "signed_in")
         log.info("console sign-in", user=user.name, role=user.role, peer=address)
         response = RedirectResponse(_local(next), status_code=303)
-        response.set_cookie(SESSION_COOKIE, cookie, max_age=deps.auth.session_seconds(),
+        response.set_cookie(session_cookie(deps.settings), cookie, max_age=deps.auth.session_seconds(),
                             path="/", secure=deps.settings.console_secure_cookies,
                             httponly=True, samesite="strict")
         return response
@@ -235,7 +236,7 @@ def _own_routes() -> APIRouter:
             if await console_audit.end_session(deps.pool, session_key(user.nonce)):
                 log.info("console sign-out", user=user.name)
         response = RedirectResponse("/login", status_code=303)
-        response.delete_cookie(SESSION_COOKIE, path="/",
+        response.delete_cookie(session_cookie(_deps(request).settings), path="/",
                                secure=_deps(request).settings.console_secure_cookies,
                                httponly=True, samesite="strict")
         return response
@@ -514,13 +515,18 @@ class Gate:
         path = scope["path"]
         try:
             user = await resolve_user(deps, request)
-        except AmbiguousProxyUser:
-            log.warning("console proxy named more than one user", path=path)
+        except ProxyRefused as error:
+            header = deps.settings.console_proxy_user_header
+            if isinstance(error, AmbiguousProxyUser):
+                log.warning("console proxy named more than one user", path=path)
+                message = f"the proxy's request names more than one user ({header}): refused"
+            else:
+                log.warning("console proxy user has an API token", path=path, user=str(error))
+                message = (f"the proxy names a user ({header}) who also has an API token: "
+                           "names must not overlap")
             refusal = unauthenticated()
-            await error_response(request, 401, refusal.code,
-                                 "the proxy's request names more than one user "
-                                 f"({deps.settings.console_proxy_user_header}): refused",
-                                 None, refusal.headers)(scope, receive, send)
+            await error_response(request, 401, refusal.code, message, None, refusal.headers)(
+                scope, receive, send)
             return
         except UNREACHABLE as error:
             if not _unreachable(error):
@@ -580,7 +586,7 @@ async def resolve_user(deps: ConsoleDeps, request: Request) -> User | None:
     proxied = deps.auth.by_proxy(peer, request.headers)
     if proxied is not None:
         return proxied
-    cookie = request.cookies.get(SESSION_COOKIE)
+    cookie = request.cookies.get(session_cookie(deps.settings))
     user = deps.auth.by_session(cookie, deps.clock()) if cookie else None
     if user is None or not await console_audit.session_open(deps.pool, session_key(user.nonce)):
         return None

@@ -27,6 +27,9 @@ from service.settings import ConsoleRole, Settings
 
 Via = Literal["token", "session", "proxy"]
 SESSION_COOKIE = "cn_session"
+#: Its name when cookies are Secure: the browser then refuses it unless it was set over
+#: HTTPS, for this host only (no Domain), on path / (a sibling subdomain cannot plant one).
+SECURE_SESSION_COOKIE = "__Host-cn_session"
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
 #: A user name from a proxy header: printable ASCII without spaces, as a token's name.
@@ -60,10 +63,24 @@ def valid_name(name: str) -> bool:
     return 0 < len(name) <= MAX_NAME_LENGTH and set(name) <= _NAME_CHARACTERS
 
 
-class AmbiguousProxyUser(Exception):
+class ProxyRefused(Exception):
+    """A trusted proxy's request that names its user in a way not to be believed."""
+
+
+class AmbiguousProxyUser(ProxyRefused):
     """A trusted proxy's request names more than one user (two user headers, or a list):
     a proxy that appends to the header instead of replacing it passes the client's own
     value along, and neither may be believed."""
+
+
+class ProxyUserIsTokenUser(ProxyRefused):
+    """The proxy names a user who also has an API token: the two would share one audit
+    name, one CloudEvents source and one Idempotency-Key scope (one could answer for the
+    other's commands). Names must not overlap: rename one."""
+
+
+def session_cookie(settings: Settings) -> str:
+    return SECURE_SESSION_COOKIE if settings.console_secure_cookies else SESSION_COOKIE
 
 
 def session_key(nonce: str) -> str:
@@ -91,6 +108,7 @@ class Authenticator:
                          for proxy in settings.console_trusted_proxies]
         self._proxy_header = settings.console_proxy_user_header.lower()
         self._proxy_operators = frozenset(settings.console_proxy_operators)
+        self._token_users = frozenset(token.name for token in settings.console_tokens)
 
     # ----------------------------------------------------------------- tokens
 
@@ -182,7 +200,8 @@ class Authenticator:
 
     def by_proxy(self, peer: str | None, headers: Headers) -> User | None:
         """The user a trusted proxy names; from any other peer the header is ignored.
-        Two user headers, or one holding a list, raise :class:`AmbiguousProxyUser`."""
+        Two user headers, or one holding a list, raise :class:`AmbiguousProxyUser`; the
+        name of a token's user raises :class:`ProxyUserIsTokenUser`."""
         if not self.trusts(peer):
             return None
         given = headers.getlist(self._proxy_header)
@@ -191,6 +210,8 @@ class Authenticator:
         name = given[0].strip() if given else ""
         if not valid_name(name):
             return None
+        if name in self._token_users:
+            raise ProxyUserIsTokenUser(name)
         return User(name, "operator" if name in self._proxy_operators else "viewer", "proxy")
 
     def client_address(self, peer: str | None, headers: Headers) -> str:

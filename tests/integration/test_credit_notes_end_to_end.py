@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import structlog
@@ -179,7 +180,12 @@ async def test_payment_makes_cash_refundable_and_a_later_credit_refunds_it(
     await finalize(kafka, settings, lines=[{"id": "il_1", "quantity": 1, "unit_amount": 10_000}])
     await kafka.publish(settings.topics.invoices, cloudevent(
         "invoice.payment_succeeded", {"invoice_id": "in_1001", "amount": 10_000, "currency": "usd"}))
-    await kafka.wait_for(lambda: True)
+    # the payment and the command travel on different topics (read by different consumers):
+    # the command goes out only once the payment is applied, or it could meet an unpaid invoice
+    deadline = time.monotonic() + 30
+    while await fetchrow(settings, "SELECT 1 FROM invoices WHERE amount_paid = 10000") is None:
+        assert time.monotonic() < deadline, "the payment was never applied"
+        await asyncio.sleep(0.05)
     await issue(kafka, settings, amount=4_000, refund_amount=4_000)
 
     [refund] = await kafka.expect(settings.topics.refund_requests, "refund.requested")
